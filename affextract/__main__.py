@@ -1,0 +1,3 @@
+from affextract.cli import app
+
+app(prog_name="affextract")
