@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -164,5 +165,5 @@ def _open_image(source: Source) -> tuple[VideoInfo, Iterator[Chunk]]:
 def _first_line(e: BaseException) -> str:
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     text = lines[-1] if lines else type(e).__name__
-    # decord prefixes messages with "[time] /path/to/source.cc:line: "; keep what follows.
-    return text.split(": ", 1)[-1].strip() if text.startswith("[") else text.strip()
+    # decord prefixes messages (sometimes nested) with "[hh:mm:ss] /path/to/source.cc:line: "; keep what follows.
+    return re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text).strip()

