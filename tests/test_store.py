@@ -1,0 +1,123 @@
+import h5py
+import numpy as np
+import pytest
+
+from affextract.schema import FEATURE_NAMES
+from affextract.store import (FeatureStore, FormatError, IncompatibleError, LockedError, Provenance, escape_key,
+                              iter_videos, summarize, unescape_key)
+
+PROV = Provenance(model="m", model_sha256="0" * 64, detector='{"name": "mtcnn"}', alignment="arcface",
+                  sampling='{"fps": null}')
+ATTRS = {"source": "x", "size_bytes": 10, "mtime": 1.5, "fps": 25.0, "frames_total": 5, "width": 64, "height": 48}
+
+
+def rows(k, face=None):
+    rng = np.random.default_rng(k)
+    face = np.ones(k, bool) if face is None else face
+    feats = rng.random((k, 26)).astype(np.float32)
+    feats[~face] = np.nan
+    return (feats, face, np.arange(k, dtype=np.int32), np.arange(k) / 25.0, rng.random((k, 4)),
+            rng.random((k, 5, 2)), rng.random(k))
+
+
+def write(store, key, k, chunks=2, status="complete", error=""):
+    w = store.begin_video(key, ATTRS | {"source": key})
+    r = rows(k)
+    for part in np.array_split(np.arange(k), chunks):
+        w.append(*(a[part] for a in r))
+    w.finish(status, error)
+    return r
+
+
+@pytest.mark.parametrize("key", ["a.mp4", "dir/sub/b c.mp4", "100%/x%2F.mp4", ".hidden/v.mov"])
+def test_key_escaping_round_trip(key):
+    name = escape_key(key)
+    assert "/" not in name and unescape_key(name) == key
+
+
+def test_layout_matches_format_v1(tmp_path):
+    out = tmp_path / "out.h5"
+    with FeatureStore(out, PROV) as store:
+        r = write(store, "d/v.mp4", 7, chunks=3)
+    with h5py.File(out) as f:
+        assert f.attrs["format"] == "affextract-features" and f.attrs["format_version"] == 1
+        assert tuple(x.decode() if isinstance(x, bytes) else x for x in f.attrs["feature_names"]) == FEATURE_NAMES
+        for a in ("affextract_version", "model", "model_sha256", "detector", "alignment", "created", "updated"):
+            assert a in f.attrs
+        g = f["videos"]["d%2Fv.mp4"]
+        expect = {"features": ((26, 7), np.float32), "face": ((7,), bool), "frame": ((7,), np.int32),
+                  "time": ((7,), np.float64), "box": ((7, 4), np.float32), "landmarks": ((7, 5, 2), np.float32),
+                  "score": ((7,), np.float32)}
+        for name, (shape, dtype) in expect.items():
+            assert g[name].shape == shape and g[name].dtype == dtype, name
+        np.testing.assert_array_equal(g["features"][()], r[0].T)
+        for a in ("source", "size_bytes", "mtime", "fps", "frames_total", "width", "height"):
+            assert a in g.attrs
+        assert g.attrs["source"] == "d/v.mp4" and g.attrs["status"] == "complete"
+    key, data, attrs = next(iter_videos(out))
+    assert key == "d/v.mp4" and np.array_equal(data["frame"], np.arange(7))
+    assert not (tmp_path / "out.h5.parts").exists() and not (tmp_path / "out.h5.lock").exists()
+
+
+def test_failures_recorded_and_replaced_by_success(tmp_path):
+    out = tmp_path / "out.h5"
+    with FeatureStore(out, PROV) as store:
+        store.record_failure("bad.mp4", {"source": "bad.mp4", "size_bytes": 0, "mtime": 0.0}, "cannot decode")
+    _, summary = summarize(out)
+    assert [(s.key, s.status, s.error) for s in summary] == [("bad.mp4", "failed", "cannot decode")]
+    with FeatureStore(out, PROV) as store:
+        assert store.stored() == {}  # failures are retried
+        write(store, "bad.mp4", 3)
+    _, summary = summarize(out)
+    assert [(s.key, s.status, s.frames) for s in summary] == [("bad.mp4", "complete", 3)]
+
+
+def test_incompatible_provenance_refused_and_file_untouched(tmp_path):
+    out = tmp_path / "out.h5"
+    with FeatureStore(out, PROV) as store:
+        write(store, "a.mp4", 4)
+    before = out.read_bytes()
+    other = Provenance(**{**PROV.__dict__, "model_sha256": "1" * 64})
+    with pytest.raises(IncompatibleError, match="model_sha256.*new output file"):
+        with FeatureStore(out, other):
+            pass
+    assert out.read_bytes() == before
+
+
+def test_lock_refuses_second_writer(tmp_path):
+    out = tmp_path / "out.h5"
+    with FeatureStore(out, PROV):
+        with pytest.raises(LockedError, match="being written by another affextract run"):
+            with FeatureStore(out, PROV):
+                pass
+    with FeatureStore(out, PROV):  # released afterwards
+        pass
+
+
+def test_leftover_shards_of_a_crash_are_merged_and_partial_ones_dropped(tmp_path):
+    out = tmp_path / "out.h5"
+    store = FeatureStore(out, PROV)
+    store.__enter__()
+    write(store, "done.mp4", 5)
+    w = store.begin_video("cut.mp4", ATTRS)  # a video cut off mid-way: its shard is still *.tmp
+    w.append(*rows(2))
+    w.f.flush()
+    # simulate kill -9: no commit, no unlock (release the lock fd as the OS would)
+    import os
+    os.close(store._lock_fd)
+    assert not out.exists()
+    with FeatureStore(out, PROV) as again:
+        assert set(again.stored()) == {"done.mp4"}
+    assert not list((tmp_path / "out.h5.parts").glob("*")) if (tmp_path / "out.h5.parts").exists() else True
+
+
+def test_reader_refuses_unknown_version(tmp_path):
+    p = tmp_path / "v2.h5"
+    with h5py.File(p, "w") as f:
+        f.attrs["format"], f.attrs["format_version"] = "affextract-features", 2
+    with pytest.raises(FormatError, match="format_version 2.*reads version 1"):
+        summarize(p)
+    q = tmp_path / "other.h5"
+    h5py.File(q, "w").close()
+    with pytest.raises(FormatError, match="not an affextract feature file"):
+        summarize(q)
