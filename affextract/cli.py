@@ -33,6 +33,7 @@ def run(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     batch_size: int = typer.Option(64, min=1, help="Frames decoded, detected and run through the model together."),
     fps: Optional[float] = typer.Option(None, min=0.001, help="Analyse frames at this rate (by timestamp). Default: every frame."),
+    commit_every: float = typer.Option(60.0, min=0, help="Seconds between merges of finished videos into the output file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Extract per-frame affect features (26 values per frame) of videos into an HDF5 file."""
@@ -44,7 +45,8 @@ def run(
     if output.suffix.lower() not in (".h5", ".hdf5"):
         raise typer.BadParameter(f"the last path is the output file and must end in .h5 (got {output})")
     opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model, device=device,
-                          batch_size=batch_size, fps=fps, progress=not quiet)
+                          batch_size=batch_size, fps=fps, commit_every=commit_every,
+                          progress=not quiet)
     try:
         report = extract(inputs, output, opts)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -74,7 +76,7 @@ def _render_report(report) -> None:
             t.add_row(key, "[red]failed[/red]", err + " (retried on the next run)")
         console.print(t)
     if report.ignored:
-        console.print(f"[dim]{len(report.ignored)} files in the input folders are neither video nor image and were ignored.[/dim]")
+        console.print(f"[dim]{len(report.ignored)} file(s) in the input folders are neither video nor image: ignored.[/dim]")
 
 
 @app.command()
@@ -107,6 +109,147 @@ def info(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An 
         if k in attrs:
             p.add_row(f"[bold]{k}[/bold]", str(attrs[k]))
     out.print(p)
+
+
+@app.command(epilog="""Datasets are named kind:path[:arg]:
+
+  ferplus:ferplus.h5:train   affectnet:training.csv[:IMAGE_ROOT]   affwild2:ROOT[:Train_Set]
+
+  emotionet:aus.csv[:IMAGE_ROOT]   manifest:list.csv[:raw]
+
+Example (the shipped default weights, see docs/model_card.md):
+
+  affextract train --data ferplus:ferplus.h5:train --val ferplus:ferplus.h5:valid --derive-va --select acc_expr
+
+Several GPUs/nodes: torchrun --nproc-per-node 4 -m affextract.cli train ...""")
+def train(
+    data: list[str] = typer.Option(..., "--data", help="Training dataset kind:path[:arg]; repeat to mix datasets."),
+    val: list[str] = typer.Option([], "--val", help="Validation dataset(s) for model selection, same form."),
+    out: Path = typer.Option(Path("runs/mma"), help="Folder for checkpoint.pt, best/last .safetensors, metrics.jsonl."),
+    variant: str = typer.Option("small", help="Architecture: small (CPU-friendly default) or large."),
+    epochs: int = typer.Option(30, min=1, help="Epochs (upper bound when --time-budget is set)."),
+    time_budget: Optional[float] = typer.Option(None, min=1, help="Seconds to fit the whole run into (schedule included)."),
+    batch_size: int = typer.Option(256, min=2, help="Samples per step per process."),
+    lr: float = typer.Option(1e-4, help="Adam learning rate (the paper's 1e-4)."),
+    weight_decay: float = typer.Option(0.0, help="Decoupled weight decay (AdamW); 0 = plain Adam."),
+    warmup: float = typer.Option(1.0, min=0, help="Warm-up epochs."),
+    schedule: str = typer.Option("cosine", help="cosine or constant learning rate after warm-up."),
+    dm_form: str = typer.Option("full", help="L_DM: full soft-target BCE, or printed (Eq. 2's positive term only)."),
+    derive_va: bool = typer.Option(False, help="Fill missing valence/arousal from the expression labels (per-expression centroids)."),
+    select: str = typer.Option("score", help="Validation metric picking best.safetensors: score, acc_expr, f1_expr, ccc_va, f1_au."),
+    seed: int = typer.Option(0, help="Random seed (initialisation, data order, augmentation)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
+    no_amp: bool = typer.Option(False, "--no-amp", help="Train in fp32 on CUDA (default: bf16 autocast)."),
+) -> None:
+    """Train the MMA on labelled face datasets with the paper's loss L_CCC + L_CCE + L_BCE + L_DM."""
+    import json as _json
+    import os
+    import sys
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from affextract.datasets import DatasetError, load_spec
+    from affextract.train import TrainOptions, train as run_training
+
+    try:
+        train_sets = [load_spec(s, derive_va) for s in data]
+        val_sets = [load_spec(s, derive_va) for s in val]
+        opts = TrainOptions(out_dir=out, variant=variant, epochs=epochs, time_budget_s=time_budget,
+                            batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup,
+                            schedule=schedule, dm_form=dm_form, select=select, seed=seed, device=device,
+                            amp=not no_amp, resume=resume,
+                            metadata={"command": "affextract train " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
+                                      "derived_va": derive_va})
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    show = int(os.environ.get("RANK", 0)) == 0
+    progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[losses]}"), TimeRemainingColumn(), console=console, disable=not show)
+    task = None
+
+    def on_event(e: dict) -> None:
+        nonlocal task
+        if e["event"] == "start":
+            console.print(f"training on {e['n_train']:,} samples, {e['steps_per_epoch']} steps/epoch, "
+                          f"device {e['device']} x {e['world_size']}")
+        elif e["event"] == "step":
+            losses = " ".join(f"{k} {e[k]:.3f}" for k in ("loss", "ccc", "cce", "bce", "dm")) + f" lr {e['lr']:.1e}"
+            if task is None:
+                task = progress.add_task("train", total=e["steps"], epoch=e["epoch"], losses=losses)
+            progress.update(task, completed=e["step"], total=e["steps"], epoch=e["epoch"], losses=losses)
+        elif e["event"] == "epoch" and show:
+            v = e.get("val", {})
+            vals = " ".join(f"{k} {x:.4f}" for k, x in v.items())
+            star = " [green]*best*[/green]" if e["best_epoch"] == e["epoch"] else ""
+            progress.console.print(f"epoch {e['epoch'] + 1}/{e['epochs']} ({e['seconds']:.1f} s) "
+                                   f"loss {e['train']['loss']:.3f} | val {vals or '-'}{star}")
+
+    try:
+        with progress:
+            result = run_training(train_sets, val_sets, opts, on_event)
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    if show:
+        console.print(f"best epoch {result.best_epoch + 1}: {result.best_path}")
+        console.print(_json.dumps(result.best_metrics, indent=1))
+
+
+@app.command(epilog="""Example: affextract evaluate ferplus:ferplus.h5:test --json > scores.json""")
+def evaluate(
+    data: str = typer.Argument(..., help="Dataset kind:path[:arg], as for `train`."),
+    weights: Optional[Path] = typer.Option(None, help="MMA weights (.safetensors). Default: the shipped weights."),
+    derive_va: bool = typer.Option(False, help="Score valence/arousal against targets derived from expressions."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(512, min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout."),
+) -> None:
+    """Score MMA weights on a labelled dataset: CCC-VA, macro F1 (expressions, AUs), accuracy, confusion matrix."""
+    import json as _json
+
+    from rich.table import Table
+
+    from affextract.datasets import DatasetError, load_spec
+    from affextract.evaluate import evaluate as run_evaluation
+    from affextract.model import load_weights
+    from affextract.schema import EXPRESSIONS
+
+    try:
+        fs = load_spec(data, derive_va)
+        model, info = load_weights(weights, device)
+        report = run_evaluation(model, fs, batch_size, device)
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    out = Console()
+    if as_json:
+        print(_json.dumps(report.to_json() | {"weights": info.name, "weights_sha256": info.sha256}, indent=1))
+        return
+    t = Table(title=f"{info.name} on {report.dataset} ({report.n:,} samples)", title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("samples", justify="right")
+    for name, key, n in (("CCC-VA", "ccc_va", report.n_va), ("CCC valence", "ccc_valence", report.n_va),
+                         ("CCC arousal", "ccc_arousal", report.n_va), ("F1-Expr (macro, 7)", "f1_expr", report.n_expr),
+                         ("accuracy (most voted)", "acc_expr", report.n_expr),
+                         ("accuracy (majority > 50%)", "acc_expr_majority", report.n_expr_majority),
+                         ("F1-AU (macro, annotated AUs)", "f1_au", report.n_au)):
+        v = getattr(report, key)
+        if v is not None:
+            t.add_row(name, f"{v:.4f}", f"{n:,}")
+    out.print(t)
+    if report.confusion:
+        c = Table(title="confusion (rows: true, columns: predicted)", title_justify="left")
+        c.add_column("")
+        for e in EXPRESSIONS:
+            c.add_column(e[:5], justify="right")
+        for e, row in zip(EXPRESSIONS, report.confusion):
+            c.add_row(e, *(str(x) for x in row))
+        out.print(c)
+    if report.f1_per_au:
+        out.print("F1 per AU: " + ", ".join(f"{k} {v:.3f}" for k, v in report.f1_per_au.items()))
 
 
 if __name__ == "__main__":

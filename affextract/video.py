@@ -111,8 +111,7 @@ def open_video(source: Source, fps: float | None, batch_size: int) -> tuple[Vide
     """
     if source.is_image:
         return _open_image(source)
-    import decord
-
+    decord = import_decord()
     try:
         vr = decord.VideoReader(str(source.path), ctx=decord.cpu(0), num_threads=1)
         n = len(vr)
@@ -127,6 +126,15 @@ def open_video(source: Source, fps: float | None, batch_size: int) -> tuple[Vide
     indices = sample_indices(timestamps, fps)
     info = VideoInfo(float(vr.get_avg_fps()), n, int(first[1]), int(first[0]), len(indices))
     return info, _iter_chunks(vr, indices, timestamps, batch_size)
+
+
+def import_decord():
+    """decord, imported after OpenCV: decord's bundled zlib, loaded first, breaks OpenCV's PNG reading and writing
+    ("libpng error: bad parameters to zlib") for the rest of the process."""
+    import cv2  # noqa: F401
+    import decord
+
+    return decord
 
 
 def _iter_chunks(vr, indices: np.ndarray, timestamps: np.ndarray, batch_size: int) -> Iterator[Chunk]:

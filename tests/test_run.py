@@ -1,0 +1,186 @@
+"""`affextract run` / `info` as a user runs them: real decoder, real detector, real HDF5 files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from affextract.cli import app
+from affextract.store import FeatureStore, Provenance, check_format, summarize
+from conftest import astronaut_frames, garble_second_half, noface_frames, write_video
+
+runner = CliRunner()
+
+
+def run_cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    result.text = " ".join(result.output.split())  # rich wraps at the terminal width
+    return result
+
+
+def videos(path: Path):
+    with h5py.File(path) as f:
+        check_format(f, path)
+        return {k: {n: g[n][()] for n in g} | {"attrs": dict(g.attrs)} for k, g in f["videos"].items()}
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    """A folder as a user has it: talking-face videos, a video without faces, an image, broken files."""
+    d = tmp_path_factory.mktemp("videos")
+    (d / "sub").mkdir()
+    write_video(d / "face.mp4", astronaut_frames(30))
+    write_video(d / "sub" / "face2.avi", astronaut_frames(20, size=(256, 200)))
+    write_video(d / "noface.mp4", noface_frames(12))
+    garble_second_half(write_video(d / "garbled.mp4", astronaut_frames(40)))
+    import cv2
+    from skimage import data
+    cv2.imwrite(str(d / "still.png"), data.astronaut()[:, :, ::-1])
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "text.mp4").write_text("not a video\n")
+    (d / "readme.txt").write_text("ignored")
+    return d
+
+
+def test_run_folder_end_to_end(batch, weights, tmp_path):
+    out = tmp_path / "out.h5"
+    r = run_cli("run", batch, out, "--weights", weights, "--quiet")
+    assert r.exit_code == 1, r.output  # two files failed
+    assert "empty.mp4" in r.text and "text.mp4" in r.text and "partial" in r.text
+    v = videos(out)
+    assert set(v) == {"face.mp4", "sub%2Fface2.avi", "noface.mp4", "garbled.mp4", "still.png"}
+    face = v["face.mp4"]
+    assert face["features"].shape == (26, 30) and face["features"].dtype == np.float32
+    assert face["face"].mean() > 0.9
+    assert np.array_equal(face["frame"], np.arange(30))
+    assert np.allclose(face["time"], np.arange(30) / 25.0, atol=1e-3)
+    ok = face["face"]
+    f = face["features"][:, ok]
+    assert np.isfinite(f).all()
+    assert np.all(np.abs(f[0:2]) <= 1)  # valence, arousal (tanh)
+    assert np.allclose(f[2:9].sum(0), 1, atol=1e-4)  # expression probabilities
+    assert np.all((f[9:] >= 0) & (f[9:] <= 1))  # AU probabilities
+    assert np.isfinite(face["box"][ok]).all() and np.isfinite(face["landmarks"][ok]).all()
+    assert face["attrs"]["width"] == 320 and face["attrs"]["frames_total"] == 30
+    nf = v["noface.mp4"]
+    assert nf["features"].shape == (26, 12) and not nf["face"].any() and np.isnan(nf["features"]).all()
+    assert np.isnan(nf["box"]).all()
+    g = v["garbled.mp4"]
+    assert g["attrs"]["status"] == "partial" and 0 < g["features"].shape[1] < 40
+    assert v["still.png"]["face"].tolist() == [True]
+    _, rows = summarize(out)
+    failed = {r.key: r.error for r in rows if r.status == "failed"}
+    assert set(failed) == {"empty.mp4", "text.mp4"} and all("cannot decode" in e for e in failed.values())
+
+    info = run_cli("info", out)
+    assert info.exit_code == 0
+    for text in ("face.mp4", "partial", "failed", "model_sha256", "face found on"):
+        assert text in info.text, text
+
+    # rerun: finished videos skipped, failures retried (and fail again), nothing duplicated
+    r2 = run_cli("run", batch, out, "--weights", weights, "--quiet")
+    assert r2.exit_code == 1 and "0 extracted, 5 already done" in r2.text
+    assert videos(out).keys() == v.keys()
+
+    # a changed file is re-extracted, a new one appended
+    os.utime(batch / "face.mp4", (time.time(), time.time() + 5))
+    write_video(batch / "new.mp4", astronaut_frames(5))
+    r3 = run_cli("run", batch, out, "--weights", weights, "--quiet")
+    assert "2 extracted, 4 already done" in r3.text, r3.output
+    v3 = videos(out)
+    assert "new.mp4" in v3 and np.array_equal(v3["face.mp4"]["features"], v["face.mp4"]["features"], equal_nan=True)
+    (batch / "new.mp4").unlink()
+
+
+def test_other_weights_refused_without_touching_file(batch, weights, other_weights, tmp_path):
+    out = tmp_path / "out.h5"
+    assert run_cli("run", batch / "face.mp4", out, "--weights", weights, "-q").exit_code == 0
+    before = out.read_bytes()
+    r = run_cli("run", batch / "noface.mp4", out, "--weights", other_weights, "-q")
+    assert r.exit_code == 2 and "other settings" in r.text and "new output file" in r.text
+    assert out.read_bytes() == before
+
+
+def test_fps_subsampling(batch, weights, tmp_path):
+    out = tmp_path / "out.h5"
+    assert run_cli("run", batch / "face.mp4", out, "--weights", weights, "--fps", "5", "-q").exit_code == 0
+    v = videos(out)["face.mp4"]
+    assert v["frame"].tolist() == [0, 5, 10, 15, 20, 25] and v["features"].shape == (26, 6)
+    assert np.allclose(v["time"], v["frame"] / 25.0, atol=1e-3)
+    # a file made at another sampling rate is not extended with every frame
+    r = run_cli("run", batch / "noface.mp4", out, "--weights", weights, "-q")
+    assert r.exit_code == 2 and "sampling" in r.text
+
+
+def test_missing_weights_and_bad_output_name(batch, tmp_path):
+    r = run_cli("run", batch / "face.mp4", tmp_path / "out.h5", "--weights", tmp_path / "none.safetensors")
+    assert r.exit_code == 2 and "no such weights file" in r.text
+    r = run_cli("run", batch / "face.mp4", tmp_path / "out.csv")
+    assert r.exit_code != 0 and "must end in .h5" in r.text
+
+
+def test_concurrent_run_fails_fast(batch, weights, tmp_path):
+    out = tmp_path / "out.h5"
+    prov = Provenance("x", "y", "z", "a", "s")
+    with FeatureStore(out, prov):
+        t0 = time.monotonic()
+        r = run_cli("run", batch / "face.mp4", out, "--weights", weights, "-q")
+        assert time.monotonic() - t0 < 30
+    assert r.exit_code == 2 and "being written by another affextract run" in r.text
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "affextract", *map(str, args)]
+
+
+def test_kill_9_then_rerun_completes_without_loss_or_duplicates(weights, tmp_path):
+    d = tmp_path / "videos"
+    d.mkdir()
+    for i in range(6):
+        write_video(d / f"v{i}.mp4", astronaut_frames(24 + i))
+    out = tmp_path / "out.h5"
+    cmd = _cli("run", d, out, "--weights", weights, "--commit-every", "0", "-q", "--batch-size", "8")
+    for wait_for in ("first shard", "first merge"):
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None:
+            parts = tmp_path / "out.h5.parts"
+            if wait_for == "first shard" and parts.exists() and any(parts.glob("*.tmp")):
+                break
+            if wait_for == "first merge" and out.exists():
+                break
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        if out.exists():  # whatever was merged is readable
+            _, rows = summarize(out)
+            assert all(r.status == "complete" for r in rows)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    v = videos(out)
+    assert sorted(v) == [f"v{i}.mp4" for i in range(6)]
+    assert [v[f"v{i}.mp4"]["features"].shape[1] for i in range(6)] == [24 + i for i in range(6)]
+    assert not (tmp_path / "out.h5.parts").exists() and not (tmp_path / "out.h5.tmp").exists()
+    # identical to an uninterrupted run
+    ref = tmp_path / "ref.h5"
+    subprocess.run(_cli("run", d, ref, "--weights", weights, "-q"), check=True, capture_output=True, timeout=300)
+    r = videos(ref)
+    for k in r:
+        np.testing.assert_allclose(v[k]["features"], r[k]["features"], atol=1e-5)
+
+
+def test_real_clip_carphone(carphone, weights, tmp_path):
+    out = tmp_path / "out.h5"
+    r = run_cli("run", carphone, out, "--weights", weights, "-q")
+    assert r.exit_code == 0, r.output
+    v = videos(out)["carphone_pristine.mp4"]
+    assert v["features"].shape == (26, 120) and v["face"].mean() > 0.9
