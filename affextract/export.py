@@ -1,0 +1,126 @@
+"""`affextract export`: one table row per analysed frame, with OpenFace-like columns, as CSV or Parquet.
+
+Columns: video, frame, timestamp, success, confidence, then the 26 features by name (FEATURE_NAMES), optionally the
+face box and the 5 landmarks. Differences from OpenFace's CSV worth knowing: `frame` is the 0-based index of the frame in
+the decoded stream (OpenFace counts from 1), `confidence` is the face detector's score (NaN where no face), and rows
+without a face have NaN features instead of zeros.
+
+The file is written video by video (one CSV append or one Parquet row group each), so memory stays at one video.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from affextract.features import VideoFeatures, open_features
+from affextract.schema import FEATURE_NAMES
+
+FORMATS = ("csv", "parquet")
+BOX_COLUMNS = ("face_x1", "face_y1", "face_x2", "face_y2")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    format: str = "csv"  # csv | parquet (parquet needs pyarrow: pip install "affextract[parquet]")
+    videos: tuple[str, ...] | None = None  # keys (or unique names/stems) to export; None = every video
+    geometry: bool = False  # add the face box (face_x1..face_y2) and landmark columns (left_eye_x, ...)
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"export format {self.format!r}: use one of {', '.join(FORMATS)}")
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    output: Path
+    videos: int  # videos written
+    rows: int  # frames written (rows of the table)
+    columns: tuple[str, ...]
+
+
+def frame_table(video: VideoFeatures, geometry: bool = False) -> "pd.DataFrame":  # noqa: F821
+    """The export rows of one video (also what a user gets for one video in Python)."""
+    import pandas as pd
+
+    cols = {
+        "video": np.full(len(video), video.key, dtype=object),
+        "frame": video.frame.astype(np.int32),
+        "timestamp": video.time.astype(np.float64),
+        "success": video.face.astype(np.int8),
+        "confidence": video.score.astype(np.float32),
+    }
+    for i, name in enumerate(FEATURE_NAMES):
+        cols[name] = video.features[:, i]
+    if geometry:
+        for i, name in enumerate(BOX_COLUMNS):
+            cols[name] = video.box[:, i]
+        marks = video.landmarks.reshape(len(video), 10)
+        for i, name in enumerate(landmark_columns()):
+            cols[name] = marks[:, i]
+    return pd.DataFrame(cols)
+
+
+def landmark_columns() -> tuple[str, ...]:
+    """left_eye_x, left_eye_y, ... in the stored landmark order (image left/right)."""
+    from affextract.faces import LANDMARK_NAMES  # imported here: the faces module loads torch
+
+    return tuple(f"{n}_{c}" for n in LANDMARK_NAMES for c in "xy")
+
+
+def default_output(h5: Path, format: str) -> Path:
+    return Path(h5).with_suffix("." + format)
+
+
+def export(h5: str | Path, output: str | Path | None = None, options: ExportOptions = ExportOptions()) -> ExportReport:
+    """Write the frames of `h5` as one CSV or Parquet table at `output` (default: beside h5, .csv / .parquet)."""
+    output = Path(output) if output is not None else default_output(Path(h5), options.format)
+    if output.resolve() == Path(h5).resolve():
+        raise ValueError(f"the export would overwrite the feature file {h5}; choose another output path")
+    if options.format == "parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise RuntimeError('Parquet export needs pyarrow: pip install "affextract[parquet]" (or pip install pyarrow), '
+                               "or use --format csv") from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")  # a cut-off export never looks like a finished one
+    rows = n_videos = 0
+    columns: tuple[str, ...] = ()
+    writer = None
+    with open_features(h5) as ff:
+        keys = ff.keys if options.videos is None else [ff.find(k) for k in options.videos]
+        try:
+            for key in keys:
+                table = frame_table(ff[key], options.geometry)
+                columns = tuple(table.columns)
+                if options.format == "csv":
+                    # float32 values print with their shortest round-trip form, so the text reads back exactly.
+                    table.to_csv(tmp, mode="a" if n_videos else "w", header=n_videos == 0, index=False)
+                else:
+                    t = pa.Table.from_pandas(table, preserve_index=False)
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, t.schema)
+                    writer.write_table(t)
+                rows += len(table)
+                n_videos += 1
+            if n_videos == 0:  # still a valid, empty table with the header
+                table = frame_table(VideoFeatures.empty(), options.geometry)
+                columns = tuple(table.columns)
+                if options.format == "csv":
+                    table.to_csv(tmp, index=False)
+                else:
+                    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    if writer is not None:
+        writer.close()
+    tmp.replace(output)
+    return ExportReport(output=output, videos=n_videos, rows=rows, columns=columns)
+

@@ -1,0 +1,188 @@
+"""Reading a feature file from Python: per-video arrays and pandas DataFrames with named columns.
+
+    import affextract
+    with affextract.open_features("out.h5") as ff:
+        for video in ff:                      # one video in memory at a time
+            video.features                    # (K, 26) float32, NaN rows where no face
+            video["happiness"]                # (K,) one named feature
+        df = ff.dataframe()                   # every video: video, frame, time, face + 26 columns
+
+Arrays are frame-major, (K, 26), the transpose of the file's `features` dataset (26, K), so that rows line up with
+`frame`, `time` and `face` and with the rows of the DataFrame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import h5py
+import numpy as np
+
+from affextract.schema import AU, EXPR, FEATURE_NAMES, VA
+from affextract.store import FormatError, _str, check_format, escape_key, unescape_key
+
+
+@dataclass(frozen=True)
+class VideoFeatures:
+    """Everything stored for one video (format v1, see docs/hdf5_format.md)."""
+
+    key: str  # the video's path relative to the input root ('/'-separated), as passed to FeatureFile[...]
+    source: str  # the `source` attribute: relative path of the video file
+    features: np.ndarray  # (K, 26) float32 in FEATURE_NAMES order; NaN rows where no face was found
+    face: np.ndarray  # (K,) bool, a face was found and analysed
+    frame: np.ndarray  # (K,) int32 index of the frame in the decoded stream (0-based)
+    time: np.ndarray  # (K,) float64 seconds from the start of the stream
+    box: np.ndarray  # (K, 4) float32 x1, y1, x2, y2 of the tracked face in source pixels (NaN if none)
+    landmarks: np.ndarray  # (K, 5, 2) float32 eyes, nose, mouth corners (x, y) in source pixels
+    score: np.ndarray  # (K,) float32 detector confidence (NaN if none)
+    attrs: dict = field(default_factory=dict)  # fps, frames_total, width, height, size_bytes, mtime, status, error
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @classmethod
+    def empty(cls, key: str = "") -> "VideoFeatures":
+        """A video with no analysed frame (K = 0): gives tables their columns when there is nothing to show."""
+        return cls(key, key, np.zeros((0, 26), np.float32), np.zeros(0, bool), np.zeros(0, np.int32), np.zeros(0),
+                   np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros(0, np.float32))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """One feature over time by name, e.g. video["AU12"] -> (K,)."""
+        try:
+            return self.features[:, FEATURE_NAMES.index(name)]
+        except ValueError:
+            raise KeyError(f"no feature named {name!r}; the features are {', '.join(FEATURE_NAMES)}") from None
+
+    @property
+    def va(self) -> np.ndarray:
+        """(K, 2) valence, arousal in [-1, 1]."""
+        return self.features[:, VA]
+
+    @property
+    def expressions(self) -> np.ndarray:
+        """(K, 7) expression probabilities (schema.EXPRESSIONS order), each row sums to 1."""
+        return self.features[:, EXPR]
+
+    @property
+    def aus(self) -> np.ndarray:
+        """(K, 17) action-unit probabilities (schema.AU_NAMES order)."""
+        return self.features[:, AU]
+
+    @property
+    def status(self) -> str:
+        """complete, or partial when the stream broke part-way (the frames before the break are stored)."""
+        return self.attrs.get("status", "complete")
+
+    def dataframe(self) -> "pd.DataFrame":  # noqa: F821 (pandas is imported lazily)
+        """One row per analysed frame: video, frame, time, face, then the 26 features by name."""
+        import pandas as pd
+
+        df = pd.DataFrame({"video": self.key, "frame": self.frame, "time": self.time, "face": self.face})
+        feats = pd.DataFrame(self.features, columns=list(FEATURE_NAMES))
+        return pd.concat([df, feats], axis=1)
+
+
+class FeatureFile:
+    """An affextract HDF5 file opened for reading. Use as a context manager, or call close().
+
+    Videos are read on access, one at a time, so files larger than memory can be walked through.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such feature file (make one with `affextract run VIDEOS/ {self.path.name}`)")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise FormatError(f"{self.path} is not an HDF5 file ({e})") from None
+        try:
+            check_format(self._f, self.path)
+        except FormatError:
+            self._f.close()
+            raise
+        self.attrs: dict = {k: ([_str(x) for x in v] if isinstance(v, np.ndarray) else _str(v))
+                            for k, v in self._f.attrs.items()}  # provenance: model, detector, created, ...
+        self.feature_names: tuple[str, ...] = tuple(self.attrs["feature_names"])
+        videos = self._f.get("videos", {})
+        self.keys: list[str] = sorted(unescape_key(n) for n in videos)  # videos stored with features
+        failed = self._f.get("failed", {})
+        # Videos that could not be decoded at all: key -> error (they are retried by the next `affextract run`).
+        self.failed: dict[str, str] = {unescape_key(n): _str(g.attrs.get("error", "")) for n, g in failed.items()}
+
+    # -- lifetime ---------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "FeatureFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FeatureFile({str(self.path)!r}, {len(self.keys)} videos, model={self.attrs.get('model')!r})"
+
+    # -- access -----------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys
+
+    def __iter__(self) -> Iterator[VideoFeatures]:
+        for key in self.keys:
+            yield self[key]
+
+    def __getitem__(self, key: str) -> VideoFeatures:
+        """The video stored under `key` (its path relative to the input root, e.g. "sub/clip.mp4")."""
+        name = escape_key(key)
+        g = self._f.get("videos", {}).get(name)
+        if g is None:
+            raise KeyError(self._unknown(key))
+        d = {k: g[k][()] for k in ("features", "face", "frame", "time", "box", "landmarks", "score")}
+        attrs = {k: _str(v) for k, v in g.attrs.items()}
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
+        return VideoFeatures(key=key, source=str(attrs.get("source", key)),
+                             features=np.ascontiguousarray(d.pop("features").T), attrs=attrs, **d)
+
+    def find(self, name: str) -> str:
+        """The key of a video given its key, its source path or a unique file name / stem ("clip" for "sub/clip.mp4")."""
+        if name in self.keys:
+            return name
+        hits = [k for k in self.keys if Path(k).name == name or Path(k).stem == name or k.endswith("/" + name)]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise KeyError(f"{name!r} names several videos of {self.path}: {', '.join(hits[:5])}; give the full key")
+        raise KeyError(self._unknown(name))
+
+    def _unknown(self, key: str) -> str:
+        if key in self.failed:
+            return f"{key!r} failed to decode and has no features in {self.path}: {self.failed[key]}"
+        some = ", ".join(self.keys[:5]) + (", ..." if len(self.keys) > 5 else "")
+        return f"no video {key!r} in {self.path}; it holds {len(self.keys)} videos ({some}); see `affextract info`"
+
+    def dataframe(self, keys: Iterable[str] | None = None) -> "pd.DataFrame":  # noqa: F821
+        """One row per analysed frame of the given videos (default: all): video, frame, time, face, 26 features.
+
+        The whole table is built in memory; for very large files iterate over the videos instead.
+        """
+        import pandas as pd
+
+        keys = self.keys if keys is None else [self.find(k) for k in keys]
+        parts = [self[k].dataframe() for k in keys]
+        if not parts:
+            return VideoFeatures.empty().dataframe()
+        return pd.concat(parts, ignore_index=True)
+
+
+def open_features(path: str | Path) -> FeatureFile:
+    """Open an affextract feature file (format v1) for reading.
+
+    Raises FileNotFoundError if it does not exist and FormatError if it is not a feature file of a version this
+    affextract reads.
+    """
+    return FeatureFile(path)

@@ -1,0 +1,252 @@
+"""`affextract plot`: one video's features over time as a PNG, optionally with a contact sheet of its aligned faces.
+
+Panels share one time axis in seconds: valence and arousal (lines), the 7 expression probabilities (stacked area),
+the 17 AU probabilities (heat map). Spans without a face are shaded grey on every panel. The contact sheet re-decodes
+frames sampled along the video and shows each frame with the tracked box and landmarks above the aligned 112×112 crop
+the model saw (the stored landmarks through the same alignment `affextract run` uses), so one glance tells whether the
+right face was tracked and aligned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from affextract.features import VideoFeatures, open_features
+from affextract.schema import AU_NAMES, EXPRESSIONS
+
+# Colours chosen to read as the expression (happiness warm, sadness blue, ...); neutral grey.
+EXPRESSION_COLOURS = {"neutral": "#b0b0b0", "anger": "#d62728", "disgust": "#8c564b", "fear": "#9467bd",
+                      "happiness": "#ffbf00", "sadness": "#1f77b4", "surprise": "#17becf"}
+NO_FACE_COLOUR = "#7f7f7f"
+
+
+@dataclass(frozen=True)
+class PlotOptions:
+    crops: int = 0  # faces in the contact sheet (0 = no contact sheet; needs the source video)
+    video_path: Path | None = None  # the source video for crops; None = look for it (see find_source)
+    root: Path | None = None  # folder the video's relative path (`source` attribute) is resolved against
+    width: float = 13.0  # figure width, inches
+    dpi: int = 110  # resolution of the PNG
+
+
+class SourceNotFound(FileNotFoundError):
+    """The video a contact sheet needs cannot be found."""
+
+
+def find_source(video: VideoFeatures, h5: Path, video_path: Path | None = None, root: Path | None = None) -> Path:
+    """The source file of a stored video: `video_path` if given, else its relative path (`source` attribute) under
+    `root`, the current directory, or the h5 file's folder. Raises SourceNotFound naming every place tried."""
+    if video_path is not None:
+        if Path(video_path).is_file():
+            return Path(video_path)
+        raise SourceNotFound(f"--video-path {video_path} does not exist")
+    rel = Path(video.source)
+    bases = [root] if root is not None else [Path.cwd(), Path(h5).resolve().parent]
+    tried = list(dict.fromkeys(Path(b).absolute() / rel for b in bases))
+    for p in tried:
+        if p.is_file():
+            return p
+    raise SourceNotFound(
+        f"cannot find the source of {video.key!r} for the crops; tried {', '.join(str(p) for p in tried)}. "
+        "The feature file stores paths relative to the folder given to `affextract run`: pass that folder with "
+        "--root, or the file itself with --video-path"
+    )
+
+
+def read_frames(path: Path, indices: np.ndarray) -> np.ndarray:
+    """(n, H, W, 3) uint8 RGB frames at the given decoded-stream indices (decord, as `affextract run` decodes)."""
+    from affextract.video import IMAGE_EXTENSIONS, import_decord
+
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        import cv2
+
+        bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"{path}: cannot read the image")
+        return np.repeat(np.ascontiguousarray(bgr[:, :, ::-1])[None], len(indices), axis=0)
+    decord = import_decord()
+    try:
+        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+        return vr.get_batch([int(i) for i in indices]).asnumpy()
+    except Exception as e:
+        raise ValueError(f"{path}: cannot re-decode frames {list(indices)[:5]}...: {e}") from None
+
+
+def sample_crops(video: VideoFeatures, n: int) -> np.ndarray:
+    """Positions (rows of `video`) of up to n frames with a face, evenly spread over the video's face frames."""
+    rows = np.flatnonzero(video.face)
+    if len(rows) == 0 or n <= 0:
+        return rows[:0]
+    pick = np.unique(np.round(np.linspace(0, len(rows) - 1, min(n, len(rows)))).astype(int))
+    return rows[pick]
+
+
+def _edges(t: np.ndarray, fps: float) -> np.ndarray:
+    """(K+1,) time edges of the K analysed frames: midpoints between samples, half a step beyond the ends."""
+    if len(t) == 0:
+        return np.array([0.0, 1.0])
+    step = float(np.median(np.diff(t))) if len(t) > 1 else (1.0 / fps if fps and fps > 0 else 1.0)
+    mid = (t[1:] + t[:-1]) / 2
+    return np.concatenate([[t[0] - step / 2], mid, [t[-1] + step / 2]])
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of every run of True."""
+    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)))
+
+
+def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotOptions = PlotOptions()) -> Path:
+    """Draw the timeline of one stored video (key, relative path or unique file name) to a PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    h5 = Path(h5)
+    with open_features(h5) as ff:
+        v = ff[ff.find(video)]
+        model = ff.attrs.get("model", "?")
+    crops = None
+    if options.crops > 0:  # fail before drawing anything if the source is missing
+        src = find_source(v, h5, options.video_path, options.root)
+        rows = sample_crops(v, options.crops)
+        crops = (rows, _crops(src, v, rows))
+
+    fps = float(v.attrs.get("fps", 0) or 0)
+    t, edges = v.time, _edges(v.time, fps)
+    gaps = [(edges[a], edges[b]) for a, b in _runs(~v.face)]
+    n_crops = 0 if crops is None else len(crops[0])
+    heights = [2.0, 2.2, 3.6]
+    if crops is not None:  # frame row + crop row, each as tall as its images are at the column width
+        col = options.width * 0.9 / max(n_crops, 6)
+        aspect = crops[1][0].shape[1] / crops[1][0].shape[2] if n_crops else 0.5
+        heights += [0.2, col * (aspect + 1) + 0.5 if n_crops else 0.8]  # a spacer keeps "time (s)" clear of the frame captions
+    fig = plt.figure(figsize=(options.width, sum(heights) + 1.0), dpi=options.dpi)
+    gs = fig.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[1, 0.13], hspace=0.28, wspace=0.02,
+                          left=0.07, right=0.97, top=1 - 0.55 / (sum(heights) + 1), bottom=0.5 / (sum(heights) + 1))
+    ax_va = fig.add_subplot(gs[0, 0])
+    ax_ex = fig.add_subplot(gs[1, 0], sharex=ax_va)
+    ax_au = fig.add_subplot(gs[2, 0], sharex=ax_va)
+    shade = [Patch(facecolor=NO_FACE_COLOUR, alpha=0.35, label="no face")] if gaps else []
+
+    # valence / arousal
+    ax_va.axhline(0, color="black", lw=0.6, alpha=0.5)
+    dots = {"marker": "o", "ms": 3} if len(v) <= 50 else {}  # a few frames (or a still image) would not show as lines
+    ax_va.plot(t, v["valence"], color="#2ca02c", lw=1.4, label="valence", **dots)
+    ax_va.plot(t, v["arousal"], color="#d62728", lw=1.4, label="arousal", **dots)
+    ax_va.set_ylim(-1.05, 1.05)
+    ax_va.set_ylabel("valence / arousal")
+    _legend(fig.add_subplot(gs[0, 1]), ax_va.get_legend_handles_labels()[0] + shade)
+
+    # expressions: stacked probabilities, drawn on frames with a face only (the gaps are shaded instead)
+    top = np.cumsum(np.nan_to_num(v.expressions, nan=0.0), axis=1)  # (K, 7) upper edge of each band
+    bottom = np.concatenate([np.zeros((len(v), 1)), top[:, :-1]], axis=1)
+    for i, e in enumerate(EXPRESSIONS):
+        if len(v) == 1:  # a still image: one bar across its time span
+            ax_ex.fill_between(edges, bottom[0, i], top[0, i], color=EXPRESSION_COLOURS[e], lw=0, label=e)
+        else:
+            ax_ex.fill_between(t, bottom[:, i], top[:, i], where=v.face, step="mid",
+                               color=EXPRESSION_COLOURS[e], lw=0, label=e)
+    ax_ex.set_ylim(0, 1)
+    ax_ex.set_ylabel("expression\nprobability")
+    _legend(fig.add_subplot(gs[1, 1]), list(reversed(ax_ex.get_legend_handles_labels()[0])) + shade)
+
+    # AUs: heat map, one row per AU, columns span each frame's time
+    mesh = ax_au.pcolormesh(edges, np.arange(len(AU_NAMES) + 1), np.ma.masked_invalid(v.aus.T), cmap="viridis",
+                            vmin=0, vmax=1, shading="flat")
+    ax_au.set_yticks(np.arange(len(AU_NAMES)) + 0.5, AU_NAMES, fontsize=7.5)
+    ax_au.set_ylim(len(AU_NAMES), 0)  # AU1 at the top
+    ax_au.set_ylabel("action unit")
+    ax_au.set_xlabel("time (s)")
+    cax = fig.add_subplot(gs[2, 1])
+    cax.set_position(_colorbar_box(cax.get_position()))
+    fig.colorbar(mesh, cax=cax, label="AU probability")
+
+    for ax in (ax_va, ax_ex, ax_au):
+        for a, b in gaps:
+            ax.axvspan(a, b, facecolor=NO_FACE_COLOUR, alpha=0.35, lw=0, zorder=3 if ax is ax_au else 0)
+        ax.set_xlim(edges[0], edges[-1])
+        ax.grid(axis="x", alpha=0.25)
+    for ax in (ax_va, ax_ex):
+        ax.tick_params(labelbottom=False)
+    if crops is not None:
+        for r in crops[0]:  # where the sampled faces sit on the time axis
+            ax_va.axvline(t[r], color="black", lw=0.8, ls=":", alpha=0.6)
+
+    face_rate = float(v.face.mean()) if len(v) else 0.0
+    status = "" if v.status == "complete" else f", {v.status}: {v.attrs.get('error', '')}"
+    fig.suptitle(f"{v.key}  —  {len(v):,} frame{'s' if len(v) != 1 else ''} analysed, face on {face_rate:.0%}, model {model}{status}",
+                 fontsize=11, y=1 - 0.18 / (sum(heights) + 1), va="top")
+
+    if crops is not None:
+        _contact_sheet(fig, gs[4, :], v, *crops)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=options.dpi)
+    plt.close(fig)
+    return output
+
+
+def _legend(ax, handles) -> None:
+    ax.axis("off")
+    ax.legend(handles=handles, loc="center left", frameon=False, fontsize=8.5, borderaxespad=0, handlelength=1.4)
+
+
+def _colorbar_box(box):
+    """A thin bar at the left of the legend column, so its label does not run off the figure."""
+    from matplotlib.transforms import Bbox
+
+    return Bbox.from_bounds(box.x0 + 0.004, box.y0, box.width * 0.16, box.height)
+
+
+def _crops(src: Path, v: VideoFeatures, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(frames (n, H, W, 3), aligned faces (n, 112, 112, 3)) uint8 of the sampled rows."""
+    from affextract.faces import align_faces
+
+    if len(rows) == 0:
+        return np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0, 112, 112, 3), np.uint8)
+    frames = read_frames(src, v.frame[rows])
+    w, h = int(v.attrs.get("width", frames.shape[2])), int(v.attrs.get("height", frames.shape[1]))
+    if frames.shape[1:3] != (h, w):
+        raise ValueError(f"{src} decodes to {frames.shape[2]}x{frames.shape[1]} frames but the features were made from "
+                         f"{w}x{h} ones: is this the same video?")
+    aligned = align_faces(frames, v.landmarks[rows])  # (n, 3, 112, 112) in [-1, 1]
+    faces = ((aligned.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+    return frames, faces
+
+
+def _contact_sheet(fig, cell, v: VideoFeatures, rows: np.ndarray, images: tuple[np.ndarray, np.ndarray]) -> None:
+    frames, faces = images
+    if len(rows) == 0:
+        ax = fig.add_subplot(cell)
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no face was found in this video: nothing to show", ha="center", va="center", fontsize=11)
+        return
+    n = len(rows)
+    aspect = frames.shape[1] / frames.shape[2]
+    sub = cell.subgridspec(2, max(n, 6), hspace=0.15, wspace=0.06, height_ratios=[aspect, 1])
+    for i, r in enumerate(rows):
+        top, bottom = fig.add_subplot(sub[0, i]), fig.add_subplot(sub[1, i])
+        top.imshow(frames[i])
+        x1, y1, x2, y2 = v.box[r]
+        top.add_patch(_rect(x1, y1, x2 - x1, y2 - y1))
+        top.scatter(v.landmarks[r, :, 0], v.landmarks[r, :, 1], s=4, c="#00ff66", lw=0)
+        top.set_title(f"{v.time[r]:.1f} s (frame {v.frame[r]})", fontsize=7.5)
+        bottom.imshow(faces[i])
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if i == 0:
+            top.set_ylabel("frame, tracked face", fontsize=8)
+            bottom.set_ylabel("aligned 112×112", fontsize=8)
+
+
+def _rect(x, y, w, h):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), w, h, fill=False, edgecolor="#ff3030", lw=1.2)
