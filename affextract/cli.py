@@ -252,5 +252,57 @@ def evaluate(
         out.print("F1 per AU: " + ", ".join(f"{k} {v:.3f}" for k, v in report.f1_per_au.items()))
 
 
+@app.command(epilog="""Examples:
+
+  affextract plot out.h5 clip.mp4 -o timeline.png
+
+  affextract plot out.h5 sub/clip.mp4 -o timeline.png --crops --root videos/""")
+def plot(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An affextract .h5 file."),
+    video: str = typer.Argument(..., help="The video: its key (path relative to the input root, see `affextract info`) or a unique file name."),
+    output: Path = typer.Option(..., "--output", "-o", help="PNG file to write."),
+    crops: bool = typer.Option(False, "--crops", help="Add a contact sheet of the tracked and aligned faces (re-decodes the source video)."),
+    n_crops: int = typer.Option(8, "--n-crops", min=1, max=24, help="Faces in the contact sheet."),
+    root: Optional[Path] = typer.Option(None, help="Folder given to `affextract run` (the stored paths are relative to it). Default: the current folder, then the .h5's folder."),
+    video_path: Optional[Path] = typer.Option(None, help="The source video file itself (for --crops)."),
+) -> None:
+    """Plot one video's features over time: valence/arousal, expressions, AU heat map, spans without a face."""
+    from affextract.plot import PlotOptions, plot_timeline
+    from affextract.store import FormatError
+
+    opts = PlotOptions(crops=n_crops if crops else 0, video_path=video_path, root=root)
+    try:
+        written = plot_timeline(path, video, output, opts)
+    except (KeyError, FileNotFoundError, FormatError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e.args[0] if isinstance(e, KeyError) else e}")
+        raise typer.Exit(2)
+    console.print(f"wrote {written}")
+
+
+@app.command(epilog="""Examples:
+
+  affextract export out.h5 --format csv                 writes out.csv
+
+  affextract export out.h5 --format parquet -o frames.parquet --geometry""")
+def export(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An affextract .h5 file."),
+    format: str = typer.Option("csv", "--format", "-f", help="csv or parquet (parquet needs pyarrow: pip install \"affextract[parquet]\")."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write. Default: the .h5 path with .csv/.parquet."),
+    video: Optional[list[str]] = typer.Option(None, "--video", help="Export only this video (repeatable). Default: all."),
+    geometry: bool = typer.Option(False, "--geometry", help="Add the face box and 5 landmark columns."),
+) -> None:
+    """Export one row per frame (video, frame, timestamp, success, confidence, 26 features), OpenFace-style."""
+    from affextract.export import ExportOptions, export as export_table
+    from affextract.store import FormatError
+
+    try:
+        opts = ExportOptions(format=format.lower(), videos=tuple(video) if video else None, geometry=geometry)
+        report = export_table(path, output, opts)
+    except (KeyError, FileNotFoundError, FormatError, ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e.args[0] if isinstance(e, KeyError) else e}")
+        raise typer.Exit(2)
+    console.print(f"wrote {report.output}: {report.rows:,} rows ({report.videos} videos), {len(report.columns)} columns")
+
+
 if __name__ == "__main__":
     app()
