@@ -15,6 +15,7 @@ from affextract.mtcnn import pyramid_scales
 from affextract.faces import (
     DETECTORS,
     Faces,
+    PrimaryFaceStream,
     PrimaryFaceTracker,
     align_faces,
     alignment_matrices,
@@ -104,6 +105,13 @@ def test_min_face_size_sets_the_pyramid():
     assert scales[0] == pytest.approx(12 / 36)
     assert 360 * scales[-1] >= 12 > 360 * scales[-1] * 0.709
     assert pyramid_scales(360, 640, 400, 0.709) == []  # minimum larger than the frame: nothing to search
+
+
+def test_area_pyramid_finds_the_same_face(astronaut, astronaut_face):
+    faces = get_detector("mtcnn", pyramid_resize="area").detect(astronaut[None])[0]
+    assert len(faces) == 1
+    assert np.abs(faces.boxes - astronaut_face.boxes).max() < 3
+    assert np.abs(faces.landmarks - astronaut_face.landmarks).max() < 3
 
 
 def test_refine_follows_a_shifted_box(detector, astronaut, astronaut_face):
@@ -246,3 +254,24 @@ def test_scrfd_without_download_names_file_url_and_folder(tmp_path):
     assert str(tmp_path / "models" / "buffalo_l" / "det_10g.onnx") in message
     assert "https://github.com/deepinsight/insightface/releases/download/" in message
     assert "model_path" in message
+
+
+# ------------------------------------------------------------------------------------------- per-video stream
+
+
+def test_stream_detects_key_frames_and_refines_between(detector, astronaut, astronaut_face):
+    # A 7-frame "video": the astronaut drifting right 3 px a frame, with frame 4 blanked (face gone).
+    video = np.stack([np.roll(astronaut, 3 * t, axis=1) for t in range(7)])
+    video[4] = 128
+    stream = PrimaryFaceStream(detector, detect_every=3)
+    first = stream(video[:5])  # batches need not align with key frames
+    second = stream(video[5:])
+    face = np.concatenate([first.face, second.face])
+    detected = np.concatenate([first.detected, second.detected])
+    boxes = np.concatenate([first.boxes, second.boxes])
+    np.testing.assert_array_equal(detected, [True, False, False, True, False, False, True])
+    np.testing.assert_array_equal(face, [True, True, True, True, False, True, True])
+    expected = astronaut_face.boxes[0] + 3 * np.arange(7)[:, None] * np.array([1, 0, 1, 0])
+    for t in np.flatnonzero(face):
+        assert box_iou(boxes[t], expected[t])[0, 0] > 0.8, f"frame {t}"
+    assert np.isnan(boxes[4]).all()
