@@ -1,8 +1,8 @@
 """`affextract export`: one table row per analysed frame, with OpenFace-like columns, as CSV or Parquet.
 
 Columns: video, frame, timestamp, success, confidence, then the 26 features by name (FEATURE_NAMES), optionally the
-face box and the 5 landmarks. Differences from OpenFace's CSV worth knowing: `frame` is the 0-based index of the frame in
-the decoded stream (OpenFace counts from 1), `confidence` is the face detector's score (NaN where no face), and rows
+face box and the 5 landmarks. Differences from OpenFace's CSV worth knowing: `frame` is the 0-based index of the frame
+in the decoded stream (OpenFace counts from 1), `confidence` is the face detector's score (NaN where no face), and rows
 without a face have NaN features instead of zeros.
 
 The file is written video by video (one CSV append or one Parquet row group each), so memory stays at one video.
@@ -84,8 +84,8 @@ def export(h5: str | Path, output: str | Path | None = None, options: ExportOpti
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise RuntimeError('Parquet export needs pyarrow: pip install "affextract[parquet]" (or pip install pyarrow), '
-                               "or use --format csv") from None
+            raise RuntimeError('Parquet export needs pyarrow: pip install "affextract[parquet]" '
+                               "(or pip install pyarrow), or use --format csv") from None
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")  # a cut-off export never looks like a finished one
     rows = n_videos = 0

@@ -93,7 +93,8 @@ class FeatureFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"{self.path}: no such feature file (make one with `affextract run VIDEOS/ {self.path.name}`)")
+            raise FileNotFoundError(
+                f"{self.path}: no such feature file (make one with `affextract run VIDEOS/ {self.path.name}`)")
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
@@ -149,7 +150,7 @@ class FeatureFile:
                              features=np.ascontiguousarray(d.pop("features").T), attrs=attrs, **d)
 
     def find(self, name: str) -> str:
-        """The key of a video given its key, its source path or a unique file name / stem ("clip" for "sub/clip.mp4")."""
+        """The key of a video given its key or a unique file name or stem ("clip" for "sub/clip.mp4")."""
         if name in self.keys:
             return name
         hits = [k for k in self.keys if Path(k).name == name or Path(k).stem == name or k.endswith("/" + name)]

@@ -125,7 +125,8 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
     if crops is not None:  # frame row + crop row, each as tall as its images are at the column width
         col = options.width * 0.9 / max(n_crops, 6)
         aspect = crops[1][0].shape[1] / crops[1][0].shape[2] if n_crops else 0.5
-        heights += [0.2, col * (aspect + 1) + 0.5 if n_crops else 0.8]  # a spacer keeps "time (s)" clear of the frame captions
+        # a thin spacer row keeps "time (s)" clear of the frame captions
+        heights += [0.2, col * (aspect + 1) + 0.5 if n_crops else 0.8]
     fig = plt.figure(figsize=(options.width, sum(heights) + 1.0), dpi=options.dpi)
     gs = fig.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[1, 0.13], hspace=0.28, wspace=0.02,
                           left=0.07, right=0.97, top=1 - 0.55 / (sum(heights) + 1), bottom=0.5 / (sum(heights) + 1))
@@ -147,14 +148,14 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
     top = np.cumsum(np.nan_to_num(v.expressions, nan=0.0), axis=1)  # (K, 7) upper edge of each band
     bottom = np.concatenate([np.zeros((len(v), 1)), top[:, :-1]], axis=1)
     for i, e in enumerate(EXPRESSIONS):
-        if len(v) == 1:  # a still image: one bar across its time span
-            ax_ex.fill_between(edges, bottom[0, i], top[0, i], color=EXPRESSION_COLOURS[e], lw=0, label=e)
-        else:
-            ax_ex.fill_between(t, bottom[:, i], top[:, i], where=v.face, step="mid",
-                               color=EXPRESSION_COLOURS[e], lw=0, label=e)
+        for j, (a, b) in enumerate(_runs(v.face)):  # each run of face frames fills exactly its frames' time span
+            lo, hi = np.append(bottom[a:b, i], bottom[b - 1, i]), np.append(top[a:b, i], top[b - 1, i])
+            ax_ex.fill_between(edges[a:b + 1], lo, hi, step="post", color=EXPRESSION_COLOURS[e], lw=0,
+                               label=e if j == 0 else None)
     ax_ex.set_ylim(0, 1)
     ax_ex.set_ylabel("expression\nprobability")
-    _legend(fig.add_subplot(gs[1, 1]), list(reversed(ax_ex.get_legend_handles_labels()[0])) + shade)
+    bands = [Patch(facecolor=EXPRESSION_COLOURS[e], label=e) for e in reversed(EXPRESSIONS)]  # top band first
+    _legend(fig.add_subplot(gs[1, 1]), bands + shade)
 
     # AUs: heat map, one row per AU, columns span each frame's time
     mesh = ax_au.pcolormesh(edges, np.arange(len(AU_NAMES) + 1), np.ma.masked_invalid(v.aus.T), cmap="viridis",
@@ -180,7 +181,8 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
 
     face_rate = float(v.face.mean()) if len(v) else 0.0
     status = "" if v.status == "complete" else f", {v.status}: {v.attrs.get('error', '')}"
-    fig.suptitle(f"{v.key}  —  {len(v):,} frame{'s' if len(v) != 1 else ''} analysed, face on {face_rate:.0%}, model {model}{status}",
+    frames = f"{len(v):,} frame{'s' if len(v) != 1 else ''}"
+    fig.suptitle(f"{v.key}  —  {frames} analysed, face on {face_rate:.0%}, model {model}{status}",
                  fontsize=11, y=1 - 0.18 / (sum(heights) + 1), va="top")
 
     if crops is not None:

@@ -1,0 +1,112 @@
+"""`affextract plot`: timeline PNGs (and contact sheets re-decoded from the source) of real extracted videos."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from affextract.cli import app
+from affextract.features import open_features
+from affextract.plot import PlotOptions, SourceNotFound, find_source, plot_timeline, read_frames, sample_crops
+from conftest import astronaut_frames, noface_frames, write_video
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) in pixels, read back from the PNG."""
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(path).shape[:2]
+    return w, h
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory, weights):
+    """A talking-face clip whose face leaves for a while, extracted for real into out.h5 beside it."""
+    from affextract.extract import ExtractOptions, extract
+
+    d = tmp_path_factory.mktemp("plotvid")
+    (d / "sub").mkdir()
+    frames = np.concatenate([astronaut_frames(12), noface_frames(6), astronaut_frames(6)])
+    write_video(d / "sub" / "clip.mp4", frames, fps=10)
+    out = d / "out.h5"
+    report = extract([d], out, ExtractOptions(weights=weights, device="cpu", progress=False))
+    assert report.written == ["sub/clip.mp4"], report
+    return d, out
+
+
+def test_timeline_png(extracted, tmp_path):
+    d, h5 = extracted
+    with open_features(h5) as ff:
+        v = ff["sub/clip.mp4"]
+    assert v.face[:12].all() and not v.face[12:18].any()  # the gap the plot must shade
+    out = plot_timeline(h5, "clip.mp4", tmp_path / "t.png")
+    w, h = png_size(out)
+    assert out == tmp_path / "t.png" and 1200 <= w <= 1600 and 800 <= h <= 1200
+    assert 20_000 < out.stat().st_size < 2_000_000
+
+
+def test_contact_sheet_found_beside_the_h5_file(extracted, tmp_path, monkeypatch):
+    d, h5 = extracted
+    monkeypatch.chdir(tmp_path)  # not the video's folder: the source is found beside out.h5
+    out = plot_timeline(h5, "sub/clip.mp4", tmp_path / "c.png", PlotOptions(crops=6))
+    plain = plot_timeline(h5, "sub/clip.mp4", tmp_path / "p.png")
+    assert png_size(out)[0] == png_size(plain)[0] and png_size(out)[1] > png_size(plain)[1] + 200
+    assert out.stat().st_size > plain.stat().st_size + 50_000  # the photographs add detail
+
+
+def test_crops_sample_face_frames_and_redecode_the_same_pixels(extracted):
+    from affextract.video import find_sources, open_video
+
+    d, h5 = extracted
+    with open_features(h5) as ff:
+        v = ff["sub/clip.mp4"]
+    rows = sample_crops(v, 6)
+    assert len(rows) == 6 and v.face[rows].all() and rows[0] == 0 and rows[-1] == len(v) - 1
+    assert np.all(np.diff(rows) > 0)
+    assert len(sample_crops(v, 100)) == int(v.face.sum())
+    src = find_source(v, h5)
+    assert src == d / "sub" / "clip.mp4"
+    (source,), _ = find_sources([src])
+    _, chunks = open_video(source, None, 64)
+    decoded = np.concatenate([c.frames for c in chunks])
+    np.testing.assert_array_equal(read_frames(src, v.frame[rows]), decoded[v.frame[rows]])
+
+
+def test_missing_source_names_every_place_tried(extracted, tmp_path, monkeypatch):
+    d, h5 = extracted
+    monkeypatch.chdir(tmp_path)
+    alone = tmp_path / "copy.h5"
+    alone.write_bytes(h5.read_bytes())
+    with pytest.raises(SourceNotFound) as e:
+        plot_timeline(alone, "clip.mp4", tmp_path / "x.png", PlotOptions(crops=4))
+    msg = str(e.value)
+    assert str(tmp_path / "sub" / "clip.mp4") in msg and "--root" in msg and "--video-path" in msg
+    assert not (tmp_path / "x.png").exists()
+    # --root and --video-path both resolve it
+    plot_timeline(alone, "clip.mp4", tmp_path / "r.png", PlotOptions(crops=2, root=d))
+    plot_timeline(alone, "clip.mp4", tmp_path / "v.png", PlotOptions(crops=2, video_path=d / "sub" / "clip.mp4"))
+    assert (tmp_path / "r.png").exists() and (tmp_path / "v.png").exists()
+    with pytest.raises(SourceNotFound, match="does not exist"):
+        plot_timeline(alone, "clip.mp4", tmp_path / "x.png", PlotOptions(crops=2, video_path=tmp_path / "no.mp4"))
+
+
+def test_cli_plot(extracted, tmp_path):
+    d, h5 = extracted
+    runner = CliRunner()
+    r = runner.invoke(app, ["plot", str(h5), "clip.mp4", "-o", str(tmp_path / "cli.png"), "--crops", "--n-crops", "3",
+                            "--root", str(d)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "cli.png").stat().st_size > 20_000
+    r = runner.invoke(app, ["plot", str(h5), "other.mp4", "-o", str(tmp_path / "n.png")])
+    assert r.exit_code == 2 and "no video 'other.mp4'" in flat(r.output)
+    r = runner.invoke(app, ["plot", str(h5), "clip.mp4", "-o", str(tmp_path / "n.png"), "--crops",
+                            "--root", str(tmp_path)])
+    assert r.exit_code == 2 and "cannot find the source" in flat(r.output)
+    assert not os.path.exists(tmp_path / "n.png")
