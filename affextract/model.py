@@ -1,0 +1,281 @@
+"""MMA: the per-frame multi-task CNN (paper §3.1) and its safetensors weight files.
+
+Residual units with batch norm -> a shared feed-forward embedding -> three heads (valence/arousal 2,
+expressions 7, AUs 17). The model does its own preprocessing from the ArcFace-aligned 112x112 RGB crop
+(grayscale, crop, resize to `input_size`), so whoever calls it only ever passes aligned crops, and the
+preprocessing that the weights were trained with travels inside their config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from affextract.schema import AU, AUS, EXPR, EXPRESSIONS, FEATURE_NAMES, VA
+
+ALIGNED_SIZE = 112  # side of the ArcFace-aligned crop that forward() takes
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "mma_ferplus_small.safetensors"
+WEIGHTS_FORMAT = "affextract-mma"
+
+
+@dataclass(frozen=True)
+class MMAConfig:
+    """Architecture and preprocessing; stored with the weights so a file always runs as it was trained."""
+
+    # Side of the square image the CNN sees after preprocessing; 48 = FER+'s native resolution,
+    # a few ms per face on a CPU.
+    input_size: int = 48
+    # Feed one luminance channel instead of RGB: the default weights are trained on FER+ (grayscale),
+    # so colour at inference would be a cue they never saw.
+    grayscale: bool = True
+    # Region (x0, y0, x1, y1) of the 112x112 aligned crop, in its pixels, resized to input_size.
+    # It may reach outside the crop; the outside is filled with 0 (mid-grey in [-1, 1]). The default
+    # frames the face like FER+ images: it maps the ArcFace template's eyes and mouth onto where they
+    # sit in the mean FER+ face (see docs/model_card.md, "Crop").
+    crop: tuple[float, float, float, float] = (9.0, 16.5, 103.0, 110.5)
+    # Resolution (pixels) the crop is first reduced to, with area averaging, before it is resized to
+    # input_size: the native resolution of the training images (FER+: 48), so a sharp video crop
+    # carries the same detail as the training faces. None = straight to input_size.
+    source_size: int | None = 48
+    # Channels of the stem convolution (stride 1, at input_size).
+    stem_width: int = 32
+    # Channels of each residual stage; every stage halves the resolution.
+    widths: tuple[int, ...] = (32, 64, 128, 256)
+    # Residual units (two 3x3 convs with batch norm) per stage.
+    blocks: tuple[int, ...] = (1, 1, 1, 1)
+    # Width of the shared feed-forward embedding the three heads read.
+    embed_dim: int = 256
+    # Dropout on the shared embedding during training.
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != len(self.blocks) or not self.widths:
+            raise ValueError(f"widths {self.widths} and blocks {self.blocks} must be non-empty and of equal length")
+        if len(self.crop) != 4 or not (self.crop[2] > self.crop[0] and self.crop[3] > self.crop[1]):
+            raise ValueError(f"crop {self.crop} must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0")
+        if self.source_size is not None and self.source_size < 8:
+            raise ValueError(f"source_size {self.source_size} must be None or at least 8 pixels")
+        if self.input_size < 2 ** len(self.widths):
+            raise ValueError(f"input_size {self.input_size} is too small for {len(self.widths)} stride-2 stages")
+
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.grayscale else 3
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> MMAConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown MMA config fields {sorted(unknown)}: weights from a newer affextract?")
+        d = dict(d)
+        for k in ("crop", "widths", "blocks"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+# Named variants: `small` is the shipped CPU-friendly default; `large` is for GPU users with the big datasets.
+VARIANTS: dict[str, MMAConfig] = {
+    "small": MMAConfig(),
+    "large": MMAConfig(input_size=112, source_size=None, stem_width=64, widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), embed_dim=512),
+}
+
+
+class _Residual(nn.Module):
+    """Two 3x3 convs with batch norm plus a (projected when the shape changes) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + self.short(x), inplace=True)
+
+
+def crop_theta(crop: tuple[float, float, float, float], size: int = ALIGNED_SIZE) -> torch.Tensor:
+    """(2, 3) affine for F.affine_grid that samples `crop` (pixels of a size x size image)."""
+    x0, y0, x1, y1 = crop
+    # affine_grid maps output coords in [-1, 1] to input coords in [-1, 1] (align_corners=False).
+    sx, sy = (x1 - x0) / size, (y1 - y0) / size
+    tx, ty = (x0 + x1) / size - 1.0, (y0 + y1) / size - 1.0
+    return torch.tensor([[sx, 0.0, tx], [0.0, sy, ty]], dtype=torch.float32)
+
+
+class MMA(nn.Module):
+    """Multi-task CNN: aligned face -> 26 values in FEATURE_NAMES order."""
+
+    def __init__(self, config: MMAConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or MMAConfig()
+        c = self.config
+        self.stem = nn.Sequential(
+            nn.Conv2d(c.in_channels, c.stem_width, 3, 1, 1, bias=False), nn.BatchNorm2d(c.stem_width), nn.ReLU(True)
+        )
+        units, cin = [], c.stem_width
+        for width, n in zip(c.widths, c.blocks):
+            for i in range(n):
+                units.append(_Residual(cin, width, 2 if i == 0 else 1))
+                cin = width
+        self.trunk = nn.Sequential(*units)
+        self.embed = nn.Sequential(
+            nn.Linear(cin, c.embed_dim), nn.BatchNorm1d(c.embed_dim), nn.ReLU(True), nn.Dropout(c.dropout)
+        )
+        self.va_head = nn.Linear(c.embed_dim, VA.stop - VA.start)
+        self.expr_head = nn.Linear(c.embed_dim, len(EXPRESSIONS))
+        self.au_head = nn.Linear(c.embed_dim, len(AUS))
+        # Fixed resampling of the aligned crop; a buffer so it follows .to(device) and is not trained.
+        self.register_buffer("_theta", crop_theta(c.crop), persistent=False)
+        self.register_buffer("_luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, x: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, 112, 112) RGB in [-1, 1] -> (B, C, S, S) network input.
+
+        `theta` (B, 2, 3), when given, replaces the fixed crop (training composes augmentation into it).
+        """
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"MMA expects (B, 3, H, W) RGB aligned crops, got {tuple(x.shape)}")
+        c = self.config
+        if c.grayscale:
+            x = (x * self._luma.to(x.dtype)).sum(1, keepdim=True)
+        theta = self._theta.expand(x.shape[0], 2, 3) if theta is None else theta
+        size = c.source_size or c.input_size
+        # Sample k times finer and average k x k blocks: area reduction, so no aliasing from a sharp crop.
+        k = max(1, round((c.crop[2] - c.crop[0]) / size))
+        x = F.avg_pool2d(resample(x, theta, size * k), k) if k > 1 else resample(x, theta, size)
+        return to_input(x, c.input_size)
+
+    def net(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) network input -> (B, 26) pre-activation outputs."""
+        h = self.trunk(self.stem(z))
+        e = self.embed(h.mean((2, 3)))
+        return torch.cat([self.va_head(e), self.expr_head(e), self.au_head(e)], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 112, 112) aligned RGB in [-1, 1] -> (B, 26) pre-activation (VA, expression logits, AU logits)."""
+        return self.net(self.preprocess(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 112, 112) -> (B, 26) in FEATURE_NAMES order: tanh VA, softmax expressions, sigmoid AUs."""
+        return activate(self(x))
+
+
+def resample(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Sample (B, C, H, W) through (B, 2, 3) affines to (B, C, size, size); outside the image is 0."""
+    grid = F.affine_grid(theta.to(x.dtype), [x.shape[0], x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def to_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, h, w) image already framed like the network input -> (B, C, size, size), bilinear."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+
+
+def activate(out: torch.Tensor) -> torch.Tensor:
+    """(B, 26) pre-activation -> (B, 26) features: tanh VA, softmax expressions, sigmoid AUs."""
+    return torch.cat([torch.tanh(out[:, VA]), torch.softmax(out[:, EXPR], 1), torch.sigmoid(out[:, AU])], 1)
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What a weights file is: its name, checksum, architecture and how it was made."""
+
+    name: str  # file stem, e.g. "mma_ferplus_small"
+    sha256: str  # of the .safetensors file, checked at load time
+    config: MMAConfig
+    metadata: dict = field(default_factory=dict)  # training data, version, feature names, preprocessing, scores
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights(model: MMA, path: str | Path, metadata: dict, half: bool = True) -> str:
+    """Write `path` (.safetensors) and its .json (config, metadata, sha256); return the sha256.
+
+    `half` stores floating tensors as fp16 (halves the file; the loader casts back to fp32).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path).with_suffix(".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        state[k] = v.half() if half and v.is_floating_point() else v
+    save_file(state, str(path), metadata={"format": WEIGHTS_FORMAT})
+    digest = _sha256(path)
+    meta = {"feature_names": list(FEATURE_NAMES), **metadata}
+    doc = {"format": WEIGHTS_FORMAT, "sha256": digest, "config": model.config.to_json(), "metadata": meta}
+    path.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return digest
+
+
+def load_weights(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[MMA, WeightsInfo]:
+    """Load an MMA from `path` (.safetensors + .json beside it; None = the shipped default), in eval mode.
+
+    Refuses a file whose SHA-256 differs from the one recorded in its json. Never unpickles.
+    """
+    from safetensors.torch import load_file
+
+    if path is None:
+        if not DEFAULT_WEIGHTS.exists():
+            raise FileNotFoundError(
+                f"no default MMA weights in {WEIGHTS_DIR}; pass --weights PATH.safetensors "
+                "(train some with `affextract train`)"
+            )
+        path = DEFAULT_WEIGHTS
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: MMA weights must be a .safetensors file (pickled checkpoints are not loaded)")
+    meta_path = path.with_suffix(".json")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: the json describing {path.name} (config, sha256) is missing")
+    doc = json.loads(meta_path.read_text())
+    if doc.get("format") != WEIGHTS_FORMAT or "sha256" not in doc or "config" not in doc:
+        raise ValueError(f"{meta_path}: not an affextract MMA weights description")
+    digest = _sha256(path)
+    if digest != doc["sha256"]:
+        raise ValueError(
+            f"{path}: SHA-256 {digest} does not match {doc['sha256']} recorded in {meta_path.name}; "
+            "the file is corrupt or was replaced. Re-download or re-train it."
+        )
+    config = MMAConfig.from_json(doc["config"])
+    names = doc.get("metadata", {}).get("feature_names")
+    if names is not None and tuple(names) != FEATURE_NAMES:
+        raise ValueError(f"{meta_path}: feature names {names} differ from this affextract's {FEATURE_NAMES}")
+    model = MMA(config)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.to(device).eval()
+    return model, WeightsInfo(name=path.stem, sha256=digest, config=config, metadata=doc.get("metadata", {}))

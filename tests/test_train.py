@@ -1,0 +1,153 @@
+"""Loss terms of Eq. 3 (hand-computed cases), augmentation, and a tiny end-to-end training run on CPU."""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from affextract.datasets import FaceSet
+from affextract.evaluate import ccc, score
+from affextract.model import MMAConfig, load_weights
+from affextract.schema import AUS, EXPRESSIONS
+from affextract.train import Augment, TrainOptions, augment_batch, ccc_loss, dm_loss, mma_losses, train
+
+NAN = float("nan")
+
+
+def test_ccc_hand_computed():
+    # x = (1, 2, 3), y = (1, 2, 4): means 2 and 7/3, variances 2/3 and 14/9, covariance 1
+    # -> CCC = 2 / (2/3 + 14/9 + 1/9) = 6/7
+    x = torch.tensor([1.0, 2.0, 3.0])
+    y = torch.tensor([1.0, 2.0, 4.0])
+    assert ccc(x, y).item() == pytest.approx(6 / 7, abs=1e-6)
+    assert ccc(x, x).item() == pytest.approx(1.0, abs=1e-6)
+    assert ccc(x - 2, 2 - x).item() == pytest.approx(-1.0, abs=1e-6)
+    pred = torch.stack([x, x], 1)
+    target = torch.stack([y, x], 1)
+    assert ccc_loss(pred, target).item() == pytest.approx(1 - (6 / 7 + 1) / 2, abs=1e-6)
+
+
+def _prior_index(au: int) -> int:
+    return AUS.index(au)
+
+
+def test_dm_loss_hand_computed():
+    # Expression head: half happiness, half surprise. Eq. 1 gives r' = 1 for AU25 (in both), 0.5 for AUs
+    # 6, 12 (happiness only) and 1, 2, 5, 26 (surprise only), 0 for the other 10.
+    expr = torch.full((1, 7), -1e4)
+    expr[0, EXPRESSIONS.index("happiness")] = 0.0
+    expr[0, EXPRESSIONS.index("surprise")] = 0.0
+    au = torch.full((1, 17), math.log(3.0))  # sigmoid = 0.75 for every AU
+    l75, l25 = math.log(0.75), math.log(0.25)
+    full = -l75 + 6 * -(0.5 * l75 + 0.5 * l25) + 10 * -l25
+    printed = -l75 + 6 * -(0.5 * l75)
+    assert dm_loss(expr, au, "full").item() == pytest.approx(full, rel=1e-5)
+    assert dm_loss(expr, au, "printed").item() == pytest.approx(printed, rel=1e-5)
+    with pytest.raises(ValueError, match="dm form"):
+        dm_loss(expr, au, "other")
+
+
+def test_dm_loss_minimum_and_gradient_paths():
+    # The full form is minimised by sigmoid(AU) = r' (the printed form is not: it rewards AU -> 1).
+    expr = torch.randn(4, 7)
+    from affextract.schema import AU_PRIOR
+
+    target = torch.softmax(expr, 1) @ torch.as_tensor(AU_PRIOR)
+    at_target = torch.logit(target.clamp(1e-4, 1 - 1e-4))
+    assert dm_loss(expr, at_target, "full") < dm_loss(expr, at_target + 0.5, "full")
+    assert dm_loss(expr, at_target, "full") < dm_loss(expr, at_target - 0.5, "full")
+    assert dm_loss(expr, at_target + 0.5, "printed") < dm_loss(expr, at_target, "printed")
+    # Detached target: no gradient reaches the expression logits unless asked for.
+    e, a = expr.clone().requires_grad_(), (at_target + 1.0).requires_grad_()
+    dm_loss(e, a, "full").backward()
+    assert (e.grad is None or torch.all(e.grad == 0)) and a.grad.abs().sum() > 0
+    e = expr.clone().requires_grad_()
+    dm_loss(e, at_target + 1.0, "full", target_grad=True).backward()
+    assert e.grad.abs().sum() > 0
+
+
+def test_supervised_terms_use_only_labelled_samples():
+    torch.manual_seed(0)
+    out = torch.randn(4, 26)
+    va = torch.tensor([[0.5, 0.1], [-0.2, 0.3], [NAN, NAN], [0.9, -0.4]])
+    expr = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0], [NAN] * 7, [0, 0, 0, 0, 0.6, 0, 0.4], [NAN] * 7])
+    au = torch.full((4, 17), NAN)
+    au[1, 0] = 1.0
+    au[3, 2] = 0.0
+    t = mma_losses(out, va, expr, au)
+    m = [0, 1, 3]
+    assert t["ccc"].item() == pytest.approx(ccc_loss(torch.tanh(out[m, :2]), va[m]).item(), abs=1e-6)
+    logp = torch.log_softmax(out[:, 2:9], 1)
+    cce = -(logp[0, 0] + 0.6 * logp[2, 4] + 0.4 * logp[2, 6]) / 2
+    assert t["cce"].item() == pytest.approx(cce.item(), abs=1e-5)
+    z1, z2 = out[1, 9], out[3, 11]
+    bce = (-torch.nn.functional.logsigmoid(z1) - torch.nn.functional.logsigmoid(-z2)) / 2
+    assert t["bce"].item() == pytest.approx(bce.item(), abs=1e-5)
+    assert t["dm"].item() == pytest.approx(dm_loss(out[:, 2:9], out[:, 9:]).item(), abs=1e-6)
+    # A batch without any label of a task contributes 0 for that term (and no NaN).
+    none = mma_losses(out, torch.full((4, 2), NAN), torch.full((4, 7), NAN), torch.full((4, 17), NAN))
+    assert none["ccc"].item() == none["cce"].item() == none["bce"].item() == 0.0
+    assert math.isfinite(none["dm"].item())
+
+
+def test_augment_keeps_shape_and_range():
+    z = torch.rand(8, 1, 32, 32) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    x = augment_batch(z, Augment(), g)
+    assert x.shape == z.shape and x.min() >= -1 and x.max() <= 1
+    assert not torch.allclose(x, z)
+    same = augment_batch(z, Augment(scale=0, shift=0, rotate=0, flip=False, contrast=0, erase=0), g)
+    assert torch.allclose(same, z, atol=1e-5)
+
+
+TINY = MMAConfig(input_size=16, source_size=None, stem_width=8, widths=(8, 16), blocks=(1, 1), embed_dim=16, dropout=0.0)
+
+
+def _toy_set(n: int, seed: int) -> FaceSet:
+    """Native-framed 24x24 faces: class 'happiness' bright on top, 'sadness' bright at the bottom."""
+    rng = np.random.default_rng(seed)
+    imgs = rng.integers(0, 60, (n, 24, 24)).astype(np.uint8)
+    cls = np.arange(n) % 2
+    imgs[cls == 0, :10] += 180
+    imgs[cls == 1, 14:] += 180
+    expr = np.zeros((n, 7), np.float32)
+    expr[cls == 0, EXPRESSIONS.index("happiness")] = 1
+    expr[cls == 1, EXPRESSIONS.index("sadness")] = 1
+    va = np.where(cls[:, None] == 0, [[0.8, 0.5]], [[-0.6, -0.3]]).astype(np.float32)
+    au = np.full((n, 17), np.nan, np.float32)
+    au[:, AUS.index(12)] = cls == 0
+    return FaceSet("toy", "native", imgs, va, expr, au)
+
+
+def test_tiny_end_to_end_training_and_resume(tmp_path):
+    tr, va = _toy_set(48, 0), _toy_set(16, 1)
+    events = []
+    opts = TrainOptions(out_dir=tmp_path, config=TINY, epochs=1, batch_size=8, lr=3e-3, warmup_epochs=0,
+                        augment=Augment(scale=0.05, shift=0.02, rotate=3, erase=0), select="acc_expr", seed=1)
+    train([tr], [va], opts, events.append)
+    assert [e["event"] for e in events][0] == "start" and events[-1]["event"] == "done"
+    assert any(e["event"] == "step" for e in events)
+    # Resume continues at the next epoch from the checkpoint, not from scratch.
+    result = train([tr], [va], replace(opts, epochs=7, resume=True), events.append)
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1, 2, 3, 4, 5, 6]
+    assert lines[-1]["train"]["loss"] < lines[0]["train"]["loss"]
+    model, info = load_weights(result.best_path)
+    assert info.config == TINY and info.metadata["training"]["datasets"][0]["name"] == "toy"
+    from affextract.datasets import prepare_inputs
+    from affextract.evaluate import predict_inputs
+
+    r = score(predict_inputs(model, prepare_inputs(va, model)), va.va, va.expr, va.au)
+    assert r.acc_expr >= 0.9, r  # the toy task is separable: training must have learnt it
+    assert r.ccc_va > 0.5 and r.f1_au is not None
+
+
+def test_train_refuses_bad_options_and_missing_checkpoint(tmp_path):
+    tr = _toy_set(8, 0)
+    with pytest.raises(ValueError, match="dm_form"):
+        train([tr], [], TrainOptions(out_dir=tmp_path, config=TINY, dm_form="x"))
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train([tr], [], TrainOptions(out_dir=tmp_path / "new", config=TINY, resume=True))
