@@ -1,3 +1,15 @@
 """seqhead: sequence heads (masked GRU + routing, pooling heads) on affextract's cached per-frame features."""
 
 __version__ = "0.1.0"
+
+from .evaluate import EvaluateOptions, EvaluateResult, evaluate  # noqa: E402
+from .predict import PredictOptions, PredictResult, predict  # noqa: E402
+from .simulate import SimulateOptions, SimulateResult, simulate  # noqa: E402
+from .sweep import SweepOptions, SweepResult, Variant, sweep  # noqa: E402
+from .train import TrainOptions, TrainResult, train  # noqa: E402
+
+__all__ = [
+    "__version__", "TrainOptions", "TrainResult", "train", "PredictOptions", "PredictResult", "predict",
+    "EvaluateOptions", "EvaluateResult", "evaluate", "SweepOptions", "SweepResult", "Variant", "sweep",
+    "SimulateOptions", "SimulateResult", "simulate",
+]

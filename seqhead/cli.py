@@ -1,0 +1,235 @@
+"""Command line: each command parses its options, calls one library function and renders the result with rich."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .data import DataError
+
+app = typer.Typer(help="Sequence heads (paper's masked GRU + routing, pooling heads, baselines) on cached "
+                       "affextract features.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+out_console = Console()
+
+# Options shared by `train` and `sweep` (the sweep's base configuration).
+Labels = Annotated[Optional[Path], typer.Option(help="Label CSV (default: labels.csv beside the features file).")]
+IdColumn = Annotated[Optional[str], typer.Option(help="Label id column (default: File_ID, id, video, … or the first).")]
+Targets = Annotated[Optional[str], typer.Option(help="Comma-separated target columns (default: the 7 Hume columns, "
+                                                     "else every numeric column).")]
+SplitColumn = Annotated[Optional[str], typer.Option(help="Split column with Train/Val/Test (default: auto; '' = "
+                                                         "none, split by --val-fraction).")]
+GroupColumn = Annotated[Optional[str], typer.Option(help="Subject column: a random split keeps subjects apart.")]
+ValFraction = Annotated[float, typer.Option(help="Validation share when there is no split column.")]
+AllowUnmatched = Annotated[bool, typer.Option(help="Use the matched ids when some exist on one side only.")]
+Features = Annotated[str, typer.Option(help="Feature groups: any of va,expr,au.")]
+NoFace = Annotated[str, typer.Option(help="Frames without a face: drop (l = frames kept) | fill (repeat last face).")]
+T = Annotated[Optional[int], typer.Option("--t", help="Padded length t (default: longest training video; paper: 480).")]
+Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping on validation mean Pearson).")]
+Patience = Annotated[int, typer.Option(help="Epochs without improvement before stopping.")]
+BatchSize = Annotated[int, typer.Option(help="Videos per step (paper: 4).")]
+Lr = Annotated[float, typer.Option(help="Adam learning rate (paper: 1e-4).")]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
+Threads = Annotated[int, typer.Option(help="Torch CPU threads (0 = default).")]
+MaxBatches = Annotated[Optional[int], typer.Option(help="Cap on batches per epoch (smoke runs, benchmarks).")]
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(2)
+
+
+def _pearson_table(title: str, per_target: dict[str, float], mean: float) -> Table:
+    table = Table(title=title)
+    table.add_column("target")
+    table.add_column("Pearson", justify="right")
+    for k, v in per_target.items():
+        table.add_row(k, f"{v:.4f}")
+    table.add_row("[bold]mean[/bold]", f"[bold]{mean:.4f}[/bold]")
+    return table
+
+
+@app.command()
+def train(
+    h5: Annotated[Path, typer.Argument(help="Features file (affextract HDF5, format v1).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")] = Path("runs/seqhead"),
+    labels: Labels = None,
+    id_column: IdColumn = None,
+    targets: Targets = None,
+    split_column: SplitColumn = None,
+    group_column: GroupColumn = None,
+    val_fraction: ValFraction = 0.2,
+    allow_unmatched: AllowUnmatched = False,
+    features: Features = "va,expr,au",
+    no_face: NoFace = "drop",
+    t: T = None,
+    head: Annotated[str, typer.Option(help="mean | attn | mrnn (paper) | last | ridge.")] = "mean",
+    mask: Annotated[bool, typer.Option(help="Mask (and routing for mrnn); --no-mask = paper's w/o Mask & "
+                                            "Routing.")] = True,
+    rnn: Annotated[str, typer.Option(help="gru | lstm.")] = "gru",
+    layers: Annotated[int, typer.Option(help="Recurrent layers.")] = 1,
+    hidden: Annotated[int, typer.Option(help="Recurrent units.")] = 128,
+    fc: Annotated[int, typer.Option(help="Units of the first FC.")] = 32,
+    dropout: Annotated[float, typer.Option(help="Dropout before each FC.")] = 0.0,
+    loss: Annotated[str, typer.Option(help="pearson (Eq. 4) | mse.")] = "pearson",
+    batch_size: BatchSize = 32,
+    lr: Lr = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
+    epochs: Epochs = 30,
+    patience: Patience = 6,
+    seed: Annotated[int, typer.Option(help="Seed for weights, batches and a random split.")] = 0,
+    skip_padding: Annotated[str, typer.Option(help="truncate | pack | none.")] = "truncate",
+    bucket: Annotated[bool, typer.Option(help="Length-sorted batches.")] = False,
+    device: Device = "auto",
+    threads: Threads = 0,
+    max_batches: MaxBatches = None,
+    paper: Annotated[bool, typer.Option(help="The paper's setting: --head mrnn --batch-size 4 --lr 1e-4 --t 480.")]
+    = False,
+):
+    """Train a head on cached features and write a run directory (weights, config, metrics, learning curve)."""
+    from .train import TrainOptions, train as run_train
+
+    if paper:
+        head, batch_size, lr, t = "mrnn", 4, 1e-4, t or 480
+    try:
+        opts = TrainOptions(h5=h5, out=out, labels=labels, id_column=id_column,
+                            targets=tuple(targets.split(",")) if targets else None, split_column=split_column,
+                            group_column=group_column, val_fraction=val_fraction, allow_unmatched=allow_unmatched,
+                            features=features, no_face=no_face, t=t, head=head, mask=mask, rnn=rnn, layers=layers,
+                            hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, epochs=epochs, patience=patience, seed=seed,
+                            skip_padding=skip_padding, bucket=bucket, device=device, threads=threads,
+                            max_batches=max_batches, quiet=False)
+        res = run_train(opts)
+    except (DataError, ValueError) as e:
+        _fail(e)
+    out_console.print(_pearson_table(f"{head}: validation ({res.n_val} videos, {res.n_train} for training)",
+                                     res.val_pearson, res.val_mean_pearson))
+    console.print(f"best epoch {res.best_epoch} of {res.epochs_run}, {res.seconds:.1f}s → {res.run_dir}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `seqhead train`.")],
+    h5: Annotated[Path, typer.Argument(help="Features file with the videos to predict.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictions CSV (id + one column per target).")]
+    = Path("predictions.csv"),
+    long_videos: Annotated[str, typer.Option(help="Videos longer than t: windows (average over t-frame windows) | "
+                                                  "truncate (first t frames).")] = "windows",
+    batch_size: Annotated[int, typer.Option(help="Videos per forward pass.")] = 64,
+    device: Device = "auto",
+):
+    """Predict every video of a features file with a trained run; one row per video."""
+    from .predict import PredictOptions, predict as run_predict
+
+    try:
+        res = run_predict(PredictOptions(run_dir, h5, out, long_videos, batch_size, device))
+    except (DataError, ValueError) as e:
+        _fail(e)
+    console.print(f"{len(res.table)} videos → {res.out}" +
+                  (f" ({res.n_long} longer than t, policy {long_videos})" if res.n_long else ""))
+
+
+@app.command()
+def evaluate(
+    predictions: Annotated[Path, typer.Argument(help="Predictions CSV from `seqhead predict`.")],
+    labels: Annotated[Path, typer.Option(help="Label CSV.")],
+    id_column: IdColumn = None,
+    split: Annotated[Optional[str], typer.Option(help="Only rows of this split (train | val | test).")] = None,
+    split_column: SplitColumn = None,
+):
+    """Pearson per target and the mean, over the videos present in both files."""
+    from .evaluate import EvaluateOptions, evaluate as run_evaluate
+
+    try:
+        res = run_evaluate(EvaluateOptions(predictions, labels, id_column, split, split_column))
+    except (DataError, ValueError) as e:
+        _fail(e)
+    out_console.print(_pearson_table(f"{res.n} videos" + (f" ({split})" if split else ""), res.pearson,
+                                     res.mean_pearson))
+    if res.n_unmatched:
+        console.print(f"[yellow]{res.n_unmatched} labelled videos have no prediction[/yellow]")
+
+
+@app.command()
+def sweep(
+    h5: Annotated[Path, typer.Argument(help="Features file (affextract HDF5, format v1).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep directory (resumable).")] = Path("sweeps/s1"),
+    preset: Annotated[Optional[str], typer.Option(help="table4 (paper's Table 4 ablations) | table3 (feature "
+                                                       "groups) | heads (all heads and baselines).")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option(help="Axis NAME=V1,V2 (repeatable; Cartesian product), e.g. "
+                                                           "head=mrnn,mean; features use '+': va+expr,au.")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    workers: Annotated[int, typer.Option(help="Parallel processes.")] = 1,
+    devices: Annotated[Optional[str], typer.Option(help="Devices dealt round-robin, e.g. cuda:0,cuda:1.")] = None,
+    labels: Labels = None,
+    id_column: IdColumn = None,
+    split_column: SplitColumn = None,
+    group_column: GroupColumn = None,
+    val_fraction: ValFraction = 0.2,
+    allow_unmatched: AllowUnmatched = False,
+    features: Features = "va,expr,au",
+    no_face: NoFace = "drop",
+    t: T = None,
+    head: Annotated[str, typer.Option(help="Base head (presets and axes override it).")] = "mean",
+    epochs: Epochs = 30,
+    patience: Patience = 6,
+    batch_size: BatchSize = 32,
+    lr: Lr = 1e-3,
+    device: Device = "auto",
+    threads: Threads = 0,
+    max_batches: MaxBatches = None,
+):
+    """Train a grid or preset of configurations × seeds; rank them by mean validation Pearson."""
+    from .sweep import PRESETS, SweepOptions, parse_grid, sweep as run_sweep
+    from .train import TrainOptions
+
+    try:
+        if preset and preset not in PRESETS:
+            raise ValueError(f"preset {preset!r}: use one of {list(PRESETS)}")
+        variants = (PRESETS[preset] if preset else ()) + (parse_grid(grid) if grid else ())
+        if not variants:
+            raise ValueError("nothing to sweep: give --preset and/or --grid NAME=V1,V2")
+        base = TrainOptions(h5=h5, out=out, labels=labels, id_column=id_column, split_column=split_column,
+                            group_column=group_column, val_fraction=val_fraction, allow_unmatched=allow_unmatched,
+                            features=features, no_face=no_face, t=t, head=head, epochs=epochs, patience=patience,
+                            batch_size=batch_size, lr=lr, device=device, threads=threads, max_batches=max_batches)
+        opts = SweepOptions(base, out, variants, tuple(int(s) for s in seeds.split(",")), workers,
+                            tuple(devices.split(",")) if devices else ())
+        res = run_sweep(opts, progress=lambda name, seed, row: console.print(
+            f"{name} seed {seed}: val mean Pearson {row['val_mean_pearson']:.4f} ({row['seconds']:.0f}s)"))
+    except (DataError, ValueError) as e:
+        _fail(e)
+    table = Table(title=f"{out}: {len(res.ranked)} configurations ({res.n_run} runs now, {res.n_reused} reused)")
+    for c in ("rank", "configuration", "val mean Pearson", "± std", "seeds", "best epoch", "s/run"):
+        table.add_column(c, justify="left" if c == "configuration" else "right")
+    for r in res.ranked.itertuples():
+        table.add_row(str(r.rank), r.config, f"{r.val_mean_pearson:.4f}", f"{r.std:.4f}", str(r.seeds),
+                      f"{r.best_epoch:.1f}", f"{r.seconds:.0f}")
+    out_console.print(table)
+    console.print(f"→ {out / 'ranked.csv'}, {out / 'results.csv'}")
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Argument(help="HDF5 file to write (affextract format v1).")],
+    labels: Annotated[Optional[Path], typer.Option(help="Labels CSV (default: labels.csv beside OUT).")] = None,
+    scale: Annotated[float, typer.Option(help="Fraction of Hume-Reaction's 15,806 / 4,657 / 4,604 videos.")] = 1.0,
+    max_len: Annotated[int, typer.Option(help="Longest video (frames).")] = 480,
+    signal: Annotated[float, typer.Option(help="Strength of the labelled episode (0 = no signal).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+):
+    """Write a Hume-Reaction-shaped simulated features file and labels CSV."""
+    from .simulate import SimulateOptions, simulate as run_simulate
+
+    res = run_simulate(SimulateOptions(out, labels, scale=scale, max_len=max_len, signal=signal, seed=seed))
+    console.print(f"{sum(res.n_videos)} videos (train/val/test {'/'.join(map(str, res.n_videos))}), "
+                  f"{res.n_frames} frames → {res.h5}, {res.labels}")
+
+
+if __name__ == "__main__":
+    app()

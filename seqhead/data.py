@@ -1,0 +1,361 @@
+"""Cached features (affextract HDF5 format v1), video-level labels, splits and padding.
+
+Everything a head needs from disk goes through here: `read_features` (one record per video, with the no-face policy
+applied), `read_labels` (validated id + numeric targets + split), `match` (labels ↔ videos) and `pad_batch`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote, unquote
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from affextract.schema import FEATURE_NAMES, FORMAT, FORMAT_VERSION, GROUPS
+
+# The Hume-Reaction layout (ABAW 2023 / MuSe 2022 Emotional Reactions).
+HUME_ID = "File_ID"
+HUME_TARGETS = ("Adoration", "Amusement", "Anxiety", "Disgust", "Empathic-Pain", "Fear", "Surprise")
+SPLIT_NAMES = {
+    "train": "train", "training": "train",
+    "val": "val", "valid": "val", "validation": "val", "dev": "val", "devel": "val", "development": "val",
+    "test": "test", "testing": "test",
+}
+_SPLIT_COLUMNS = ("split", "set", "partition", "subset", "fold")
+_GROUP_COLUMNS = ("subject_id", "subject", "speaker", "participant", "group")
+_ID_COLUMNS = (HUME_ID.lower(), "id", "video", "video_id", "file", "filename", "file_name", "path", "key", "name")
+NO_FACE_POLICIES = ("drop", "fill")
+
+
+class DataError(ValueError):
+    """Bad input file (features or labels); the message names the file, the rows and what to do."""
+
+
+def escape_key(source: str) -> str:
+    """HDF5 group name of a video: its relative path with '%' and '/' percent-encoded (reversible)."""
+    return quote(source, safe=" !\"#$&'()*+,-.:;<=>?@[\\]^_`{|}~")
+
+
+def unescape_key(key: str) -> str:
+    return unquote(key)
+
+
+def feature_indices(features: str, names: tuple[str, ...] = FEATURE_NAMES) -> list[int]:
+    """Column indices (in file order) for a subset like 'va,expr,au' or 'au,va' (order of the groups is irrelevant)."""
+    parts = [p.strip().lower() for p in features.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in GROUPS]
+    if not parts or unknown:
+        raise DataError(f"--features {features!r}: use a comma-separated subset of {', '.join(GROUPS)}")
+    wanted = {FEATURE_NAMES[i] for p in parts for i in range(*GROUPS[p].indices(len(FEATURE_NAMES)))}
+    missing = wanted - set(names)
+    if missing:
+        raise DataError(f"the features file lacks {sorted(missing)} (its feature_names: {list(names)})")
+    return [i for i, n in enumerate(names) if n in wanted]
+
+
+@dataclass(frozen=True)
+class Video:
+    """One video's kept frames."""
+
+    key: str  # HDF5 group name under videos/
+    source: str  # path relative to the extraction root (the group's `source` attribute)
+    frames: np.ndarray  # (l, F) float32, the frames kept by the no-face policy, feature subset applied
+    n_total: int  # K, frames analysed in the file (with and without a face)
+    n_face: int  # frames with a face among them
+
+
+def check_format(h5: h5py.File, path: Path) -> tuple[str, ...]:
+    """Refuse anything but affextract features, format version 1; return the file's feature names."""
+    fmt = h5.attrs.get("format")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+    if fmt != FORMAT:
+        raise DataError(f"{path}: not an affextract features file (format attribute {fmt!r}, expected {FORMAT!r}); "
+                        "make one with `affextract run VIDEOS/ out.h5` or `seqhead simulate`")
+    version = int(h5.attrs.get("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise DataError(f"{path}: features format version {version}, but this seqhead reads version "
+                        f"{FORMAT_VERSION} only; re-extract with a matching affextract or upgrade seqhead")
+    names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in h5.attrs["feature_names"])
+    return names
+
+
+def read_features(path: Path, features: str = "va,expr,au", no_face: str = "drop",
+                  keys: set[str] | None = None) -> tuple[list[Video], tuple[str, ...]]:
+    """All videos (or those in `keys`) of an HDF5 features file, with the no-face policy applied, and the names
+    of the features kept (file order).
+
+    no_face='drop': frames without a face are removed, so l counts the frames kept (the default: the GRU never sees
+    a gap marker, and the Mask/pooling work on real faces only). no_face='fill': each faceless frame repeats the
+    last frame with a face (the first face for a leading gap), so l = K and timing is kept.
+    A video without any face keeps zero frames; the heads see it as one all-zero frame (see `pad_batch`).
+    """
+    if no_face not in NO_FACE_POLICIES:
+        raise DataError(f"no-face policy {no_face!r}: use one of {NO_FACE_POLICIES}")
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such features file")
+    out = []
+    with h5py.File(path, "r") as h5:
+        names = check_format(h5, path)
+        cols = feature_indices(features, names)
+        if "videos" not in h5:
+            raise DataError(f"{path}: no videos/ group (the extraction wrote no video yet)")
+        for key, g in h5["videos"].items():
+            if keys is not None and key not in keys:
+                continue
+            feats = g["features"][()]  # (26, K)
+            face = g["face"][()].astype(bool)  # (K,)
+            x = np.ascontiguousarray(feats[cols].T, dtype=np.float32)  # (K, F)
+            face &= np.isfinite(x).all(axis=1)
+            if no_face == "drop":
+                x = x[face]
+            elif face.any():
+                idx = np.where(face, np.arange(len(face)), -1)
+                idx = np.maximum.accumulate(idx)
+                idx[idx < 0] = np.argmax(face)
+                x = x[idx]
+            else:
+                x = x[:0]
+            src = g.attrs.get("source", unescape_key(key))
+            src = src.decode() if isinstance(src, bytes) else str(src)
+            out.append(Video(key, src, x, int(face.shape[0]), int(face.sum())))
+    if not out:
+        raise DataError(f"{path}: no videos in the file")
+    return out, tuple(names[i] for i in cols)
+
+
+# ---------------------------------------------------------------------------------------------------------- labels
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A validated label table: one row per id."""
+
+    path: Path
+    id_column: str
+    ids: list[str]  # normalised ids, unique
+    targets: tuple[str, ...]  # target column names
+    y: np.ndarray  # (N, n_targets) float32; NaN only for rows of the test split
+    split: list[str] | None  # 'train' | 'val' | 'test' per row, when the table has a split column
+    groups: list[str] | None  # subject per row, when a group column is used
+
+
+def normalize_id(s: object) -> str:
+    """'[00042]' and ' 00042 ' both read as '00042' (Hume ids appear with and without brackets)."""
+    s = str(s).strip()
+    if len(s) > 2 and s[0] == "[" and s[-1] == "]":
+        s = s[1:-1].strip()
+    return s
+
+
+def _find(columns: list[str], wanted: tuple[str, ...]) -> str | None:
+    low = {c.lower().strip(): c for c in columns}
+    return next((low[w] for w in wanted if w in low), None)
+
+
+def _examples(items: list, n: int = 5, quote: bool = True) -> str:
+    shown = ", ".join(repr(i) if quote else str(i) for i in items[:n])
+    return shown + (f", … ({len(items) - n} more)" if len(items) > n else "")
+
+
+def read_labels(path: Path, id_column: str | None = None, targets: tuple[str, ...] | None = None,
+                split_column: str | None = None, group_column: str | None = None) -> Labels:
+    """Read and validate a label CSV (any id column + numeric target columns; Hume-Reaction works as is).
+
+    Auto-detection: id = `File_ID` or a column named id/video/file/path/…, else the first column; split = a column
+    named split/set/partition with Train/Val/Test-like values; targets = the 7 Hume columns when all present, else
+    every other mostly-numeric column. Errors name the file, the column and the rows.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such label file")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:  # pandas raises several types for malformed CSV
+        raise DataError(f"{path}: cannot read as CSV ({e})") from e
+    if df.empty:
+        raise DataError(f"{path}: no rows")
+    cols = list(df.columns)
+    id_col = id_column or _find(cols, _ID_COLUMNS) or cols[0]
+    if id_col not in cols:
+        raise DataError(f"{path}: no id column {id_col!r} (columns: {cols})")
+    split_col = split_column if split_column is not None else _find(cols, _SPLIT_COLUMNS)
+    if split_col and split_col not in cols:
+        raise DataError(f"{path}: no split column {split_col!r} (columns: {cols})")
+    group_col = group_column
+    if group_col and group_col not in cols:
+        raise DataError(f"{path}: no group column {group_col!r} (columns: {cols})")
+    reserved = {id_col, split_col, group_col, _find(cols, _GROUP_COLUMNS)}
+
+    if targets:
+        missing = [t for t in targets if t not in cols]
+        if missing:
+            raise DataError(f"{path}: no target column(s) {missing} (columns: {cols})")
+        target_cols = tuple(targets)
+    elif all(t in cols for t in HUME_TARGETS):
+        target_cols = HUME_TARGETS
+    else:
+        target_cols = tuple(
+            c for c in cols if c not in reserved
+            and (df[c].str.strip() != "").any()
+            and pd.to_numeric(df[c].str.strip(), errors="coerce").notna().mean() >= 0.5
+        )
+    if not target_cols:
+        raise DataError(f"{path}: no numeric target column found (columns: {cols}); name them with --targets")
+
+    ids = [normalize_id(v) for v in df[id_col]]
+    empty = [i + 2 for i, v in enumerate(ids) if not v]
+    if empty:
+        raise DataError(f"{path}: empty id in column {id_col!r} at line(s) {_examples(empty, quote=False)}")
+    seen: dict[str, int] = {}
+    dups = []
+    for i, v in enumerate(ids):
+        if v in seen:
+            dups.append(f"{v} (lines {seen[v] + 2} and {i + 2})")
+        seen.setdefault(v, i)
+    if dups:
+        raise DataError(f"{path}: {len(dups)} duplicate id(s) in column {id_col!r}: {_examples(dups, quote=False)}; "
+                        "keep one row per video")
+
+    split = None
+    if split_col:
+        raw = [s.strip().lower() for s in df[split_col]]
+        bad = [(i + 2, s) for i, s in enumerate(raw) if s not in SPLIT_NAMES]
+        if bad:
+            raise DataError(f"{path}: split column {split_col!r} has values other than Train/Val/Test at "
+                            f"line(s) {_examples([f'{ln}: {s!r}' for ln, s in bad], quote=False)}")
+        split = [SPLIT_NAMES[s] for s in raw]
+
+    y = np.empty((len(df), len(target_cols)), dtype=np.float32)
+    for j, c in enumerate(target_cols):
+        text = df[c].str.strip()
+        vals = pd.to_numeric(text, errors="coerce")
+        bad = [(i + 2, t) for i, (t, v) in enumerate(zip(text, vals)) if t != "" and pd.isna(v)]
+        if bad:
+            raise DataError(f"{path}: non-numeric value(s) in target column {c!r} at line(s) "
+                            f"{_examples([f'{ln}: {t!r}' for ln, t in bad], quote=False)}; fix them or choose --targets")
+        missing = [i + 2 for i, v in enumerate(vals) if pd.isna(v) and not (split and split[i] == "test")]
+        if missing:
+            raise DataError(f"{path}: missing value(s) in target column {c!r} at line(s) {_examples(missing, quote=False)}; "
+                            "every train/val row needs all targets")
+        y[:, j] = vals.to_numpy(dtype=np.float32, na_value=np.nan)
+    groups = [g.strip() for g in df[group_col]] if group_col else None
+    return Labels(path, id_col, ids, target_cols, y, split, groups)
+
+
+def find_labels(h5_path: Path, labels: Path | None) -> Path:
+    """The label file to use: the one given, else labels.csv beside the features file."""
+    if labels is not None:
+        return Path(labels)
+    beside = Path(h5_path).with_name("labels.csv")
+    if beside.exists():
+        return beside
+    raise DataError(f"no labels given and no {beside} beside {h5_path}; pass one with --labels y.csv "
+                    "(an id column matching the videos' keys, relative paths or file stems, plus numeric targets)")
+
+
+# ---------------------------------------------------------------------------------------------------------- matching
+
+ID_FORMS = ("key", "source", "path", "stem")
+
+
+def id_forms(source: str, key: str) -> dict[str, str]:
+    """The ways a label file may name a video: group key, relative path, path without suffix, file stem."""
+    p = PurePosixPath(source)
+    return {"key": key, "source": source, "path": str(p.with_suffix("")), "stem": p.stem}
+
+
+def video_id(video: Video, form: str) -> str:
+    return id_forms(video.source, video.key)[form]
+
+
+def match(labels: Labels, videos: list[Video], allow_unmatched: bool = False) -> tuple[list[int], list[int], str]:
+    """Pair label rows with videos: (row indices, video indices, id form used).
+
+    The id form (key, relative path, path without suffix or stem) is the one that matches the most label ids; it
+    must name each video once. Ids on one side only are an error (count + examples) unless allow_unmatched.
+    """
+    best = None
+    for form in ID_FORMS:
+        index: dict[str, int] = {}
+        clash = set()
+        for j, v in enumerate(videos):
+            k = video_id(v, form)
+            if k in index:
+                clash.add(k)
+            index[k] = j
+        hits = sum(1 for i in labels.ids if i in index and i not in clash)
+        if best is None or hits > best[0]:
+            best = (hits, form, index, clash)
+    hits, form, index, clash = best
+    if hits == 0:
+        raise DataError(f"{labels.path}: no id in column {labels.id_column!r} matches a video of the features file "
+                        f"(label ids like {_examples(labels.ids, 3)}; video paths like "
+                        f"{_examples([v.source for v in videos], 3)}); ids must be keys, relative paths or stems")
+    ambiguous = [i for i in labels.ids if i in clash]
+    if ambiguous:
+        raise DataError(f"{labels.path}: {len(ambiguous)} id(s) name several videos by {form}: "
+                        f"{_examples(ambiguous)}; use relative paths as ids")
+    rows = [r for r, i in enumerate(labels.ids) if i in index]
+    vids = [index[labels.ids[r]] for r in rows]
+    if not allow_unmatched:
+        no_video = [i for i in labels.ids if i not in index]
+        if no_video:
+            raise DataError(f"{labels.path}: {len(no_video)} labelled id(s) have no video in the features file: "
+                            f"{_examples(no_video)}; extract them, remove the rows, or pass --allow-unmatched")
+        matched = set(vids)
+        no_label = [video_id(v, form) for j, v in enumerate(videos) if j not in matched]
+        if no_label:
+            raise DataError(f"{len(no_label)} video(s) of the features file have no row in {labels.path}: "
+                            f"{_examples(no_label)}; add them, or pass --allow-unmatched to train on the others")
+    return rows, vids, form
+
+
+def split_indices(labels: Labels, rows: list[int], val_fraction: float, seed: int,
+                  group_column_used: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into `rows`) of the training and validation videos.
+
+    With a split column: Train → train, Val → val, Test is left out. Otherwise a random fraction (seeded), kept
+    apart by subject when a group column is given (scikit-learn's GroupShuffleSplit).
+    """
+    from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit
+
+    if labels.split is not None:
+        s = np.array([labels.split[r] for r in rows])
+        tr, va = np.where(s == "train")[0], np.where(s == "val")[0]
+        if len(tr) == 0 or len(va) == 0:
+            raise DataError(f"{labels.path}: the split column needs Train and Val rows among the matched videos "
+                            f"(found {len(tr)} train, {len(va)} val)")
+        return tr, va
+    if not 0 < val_fraction < 1:
+        raise DataError(f"validation fraction {val_fraction} must be in (0, 1) when the labels have no split column")
+    idx = np.arange(len(rows))
+    if group_column_used and labels.groups is not None:
+        g = np.array([labels.groups[r] for r in rows])
+        tr, va = next(GroupShuffleSplit(1, test_size=val_fraction, random_state=seed).split(idx, groups=g))
+    else:
+        tr, va = next(ShuffleSplit(1, test_size=val_fraction, random_state=seed).split(idx))
+    return np.sort(tr), np.sort(va)
+
+
+# ---------------------------------------------------------------------------------------------------------- padding
+
+
+def pad_batch(seqs: list[np.ndarray], t: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad sequences (l_i, F) to (B, T, F); T = t, or the longest in the batch when t is None.
+
+    Returns (x (B, T, F) float32, lengths (B,) int64). A sequence with no frame (a video without any face) becomes
+    one all-zero frame with l = 1, so every head has something to pool. Sequences longer than T are cut at T.
+    """
+    lengths = np.array([max(min(len(s), t) if t else len(s), 1) for s in seqs], dtype=np.int64)
+    T = t if t else int(lengths.max())
+    F = seqs[0].shape[1]
+    x = np.zeros((len(seqs), T, F), dtype=np.float32)
+    for i, s in enumerate(seqs):
+        n = min(len(s), T)
+        x[i, :n] = s[:n]
+    return x, lengths

@@ -1,0 +1,125 @@
+"""Sequence heads on per-frame features: the paper's MRNN (concatenate → Mask → FC → FC) and pooling heads.
+
+All heads share one recurrent encoder (GRU or LSTM) and end in FC(fc) → ReLU → FC(n targets).
+- `mrnn`: the paper's §3.2 head. The d'·t outputs are concatenated, positions ≥ l are zeroed by the Mask, then
+  FC(fc). Its first FC has d'·t inputs per unit; `routed_columns` tells the optimiser which of them a batch uses.
+- `mean`: masked mean of the valid outputs (positions < l).
+- `attn`: masked attention pooling (softmax of a learned score over positions < l).
+- `last`: the last valid hidden state (the MuSe 2022 baseline style, packed sequences).
+With mask=False (the paper's "w/o Mask & Routing") the encoder runs over the zero padding and nothing is masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+HEADS = ("mrnn", "mean", "attn", "last")
+RNNS = ("gru", "lstm")
+SKIP_PADDING = ("truncate", "pack", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_features: int  # F, per-frame values fed to the encoder
+    n_targets: int  # outputs per video
+    t: int  # padded length; the mrnn head's first FC has hidden·t inputs
+    head: str = "mean"  # one of HEADS
+    mask: bool = True  # False: no Mask (and so no routing), encoder runs over the padding
+    rnn: str = "gru"  # gru | lstm
+    layers: int = 1  # stacked recurrent layers
+    hidden: int = 128  # d', recurrent units
+    fc: int = 32  # d'', units of the first fully connected layer
+    dropout: float = 0.0  # dropout before each FC (0 = none, as in the paper)
+    skip_padding: str = "truncate"  # how the encoder avoids padding: truncate to the batch's longest l, pack, none
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head {self.head!r}: use one of {HEADS}")
+        if self.rnn not in RNNS:
+            raise ValueError(f"rnn {self.rnn!r}: use one of {RNNS}")
+        if self.skip_padding not in SKIP_PADDING:
+            raise ValueError(f"skip_padding {self.skip_padding!r}: use one of {SKIP_PADDING}")
+        if self.head == "last" and not self.mask:
+            raise ValueError("head 'last' reads the state at position l; it needs the mask")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def valid_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T) bool, True at positions < l."""
+    return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class SeqHead(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        rnn = nn.GRU if cfg.rnn == "gru" else nn.LSTM
+        self.rnn = rnn(cfg.n_features, cfg.hidden, num_layers=cfg.layers, batch_first=True)
+        fc_in = cfg.hidden * cfg.t if cfg.head == "mrnn" else cfg.hidden
+        if cfg.head == "attn":
+            self.score = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, 1))
+        self.fc1 = nn.Linear(fc_in, cfg.fc)
+        self.fc2 = nn.Linear(cfg.fc, cfg.n_targets)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def encode(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x (B, T, F), lengths (B,) → outputs (B, T', d') with T' ≤ T; positions ≥ l are zero unless mask=False.
+
+        With the mask, outputs at positions < l do not depend on anything at positions ≥ l (the recurrence is
+        causal), so the encoder may stop at the batch's longest l (truncate) or skip each video's padding (pack).
+        """
+        cfg = self.cfg
+        if not cfg.mask:
+            return self.rnn(x)[0]
+        if cfg.skip_padding == "pack":
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.rnn(packed)
+            return pad_packed_sequence(out, batch_first=True)[0]
+        if cfg.skip_padding == "truncate":
+            x = x[:, : int(lengths.max())]
+        out = self.rnn(x)[0]
+        return out * valid_mask(lengths, out.shape[1])[..., None]
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """x (B, T, F) zero-padded, lengths (B,) true lengths → (B, n_targets)."""
+        cfg = self.cfg
+        lengths = lengths.clamp(1, x.shape[1])
+        out = self.encode(x, lengths)  # (B, T', d')
+        B, T = out.shape[:2]
+        if cfg.head == "mrnn":
+            # z'' (B, T'·d'): the Mask already zeroed positions ≥ l; columns past T'·d' would multiply zeros, so
+            # the first FC only uses its first T'·d' columns (same result, less work).
+            z = out.reshape(B, T * cfg.hidden)
+            h = nn.functional.linear(self.drop(z), self.fc1.weight[:, : T * cfg.hidden], self.fc1.bias)
+        else:
+            if cfg.head == "last":
+                pooled = out[torch.arange(B, device=out.device), lengths - 1]
+            elif cfg.mask:
+                m = valid_mask(lengths, T)  # (B, T)
+                if cfg.head == "mean":
+                    pooled = out.sum(1) / lengths[:, None].to(out.dtype)
+                else:
+                    s = self.score(out).squeeze(-1).masked_fill(~m, float("-inf"))  # (B, T)
+                    pooled = (torch.softmax(s, dim=1)[..., None] * out).sum(1)
+            else:
+                if cfg.head == "mean":
+                    pooled = out.mean(1)
+                else:
+                    pooled = (torch.softmax(self.score(out).squeeze(-1), dim=1)[..., None] * out).sum(1)
+            h = self.fc1(self.drop(pooled))
+        return self.fc2(self.drop(torch.relu(h)))
+
+    def routed_columns(self, lengths: torch.Tensor) -> int | None:
+        """Columns of fc1.weight the batch routes: positions < max l, i.e. the first max(l)·d' (mrnn + mask only).
+
+        Positions ≥ max(l) are masked for every video of the batch; their weights must not move in this step.
+        """
+        if self.cfg.head != "mrnn" or not self.cfg.mask:
+            return None
+        return int(lengths.clamp(1, self.cfg.t).max()) * self.cfg.hidden

@@ -1,0 +1,155 @@
+"""A Hume-Reaction-shaped simulated data set: an affextract format-v1 HDF5 file and a labels CSV.
+
+Each video has a subject, a length K ≤ max_len and 7 reaction intensities in [0, 1]. The intensities drive the
+26 per-frame values only during one episode (an onset–apex–offset bump) at a random position covering 10–30 % of
+the video; the rest is the subject's and the video's own baseline plus slow drift and noise. Label-free episodes
+with the same per-value statistics but without the labelled episode's co-occurrence distract pooled statistics. Values pass through the same
+non-linearities as MMA's heads (tanh for VA, softmax for expressions, sigmoid for AUs). Some frames have no face
+(NaN features, face=false), in gaps, and a few videos have no face at all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from affextract.schema import FEATURE_NAMES, FORMAT, FORMAT_VERSION
+
+from . import __version__
+from .data import HUME_ID, HUME_TARGETS, escape_key
+
+HUME_SIZES = (15806, 4657, 4604)  # train, val, test videos of Hume-Reaction
+HUME_SUBJECTS = 2222
+
+
+@dataclass(frozen=True)
+class SimulateOptions:
+    out: Path  # HDF5 file to write (format v1)
+    labels: Path | None = None  # labels CSV; None = labels.csv beside `out`
+    scale: float = 1.0  # fraction of Hume's 15,806 / 4,657 / 4,604 videos (0.01 ≈ 250 videos)
+    max_len: int = 480  # longest video, frames
+    min_len: int = 32  # shortest video, frames
+    no_face_rate: float = 0.06  # expected fraction of frames without a face (in gaps)
+    no_face_videos: float = 0.003  # fraction of videos without any face
+    signal: float = 1.0  # strength of the labelled episode (0 = labels unrelated to the features)
+    seed: int = 0  # everything random derives from it
+
+
+@dataclass(frozen=True)
+class SimulateResult:
+    h5: Path
+    labels: Path
+    n_videos: tuple[int, int, int]  # train, val, test
+    n_frames: int
+
+
+def _bump(n: int) -> np.ndarray:
+    """Onset–apex–offset envelope of n frames, peak 1."""
+    return np.sin(np.linspace(0, np.pi, n + 2)[1:-1]) ** 2
+
+
+def simulate(opts: SimulateOptions) -> SimulateResult:
+    rng = np.random.default_rng(opts.seed)
+    # The feature "physics" (how reactions show on the face) is fixed, so simulated sets of different seeds agree.
+    law = np.random.default_rng(20240614)
+    mixing = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # intensities → logits of the 26 values
+    counts = tuple(max(2, int(round(n * opts.scale))) for n in HUME_SIZES)
+    n = sum(counts)
+    n_subj = max(4, int(round(HUME_SUBJECTS * n / sum(HUME_SIZES))))
+    split = np.repeat(np.array(["Train", "Val", "Test"]), counts)
+    # Subjects do not cross splits, as in Hume-Reaction.
+    bounds = np.cumsum((0,) + counts)
+    subj = np.empty(n, dtype=np.int64)
+    first = 0
+    for s in range(3):
+        k = max(1, int(round(n_subj * counts[s] / n)))
+        subj[bounds[s]:bounds[s + 1]] = first + rng.integers(0, k, counts[s])
+        first += k
+    subj_base = rng.normal(0, 0.6, (first, 26)).astype(np.float32)
+    # Correlated intensities in [0, 1], many near zero as in Hume.
+    corr = 0.35 * np.ones((7, 7)) + 0.65 * np.eye(7)
+    z = rng.multivariate_normal(np.zeros(7), corr, n)
+    y = 1 / (1 + np.exp(-(1.4 * z - 0.8)))
+    y = np.clip(y + rng.normal(0, 0.03, y.shape), 0, 1).astype(np.float32)
+    lengths = np.clip(rng.normal(0.62, 0.22, n) * opts.max_len, opts.min_len, opts.max_len).astype(int)
+    ids = [f"{i:05d}" for i in range(n)]
+
+    out = Path(opts.out)
+    labels_path = Path(opts.labels) if opts.labels else out.with_name("labels.csv")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labels_path.parent.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(timezone.utc).isoformat()
+    total_frames = 0
+    with h5py.File(out, "w") as h5:
+        h5.attrs["format"] = FORMAT
+        h5.attrs["format_version"] = FORMAT_VERSION
+        h5.attrs["feature_names"] = np.array(FEATURE_NAMES, dtype=h5py.string_dtype())
+        h5.attrs["affextract_version"] = f"seqhead-simulate {__version__}"
+        h5.attrs["model"] = "simulated"
+        h5.attrs["model_sha256"] = ""
+        h5.attrs["detector"] = json.dumps({"name": "simulated", "seed": opts.seed})
+        h5.attrs["alignment"] = "arcface-112"
+        h5.attrs["created"] = now
+        h5.attrs["updated"] = now
+        videos = h5.create_group("videos")
+        for i in range(n):
+            K = int(lengths[i])
+            total_frames += K
+            logits = subj_base[subj[i]] + rng.normal(0, 0.4, 26).astype(np.float32)  # (26,) baseline
+            drift = np.cumsum(rng.normal(0, 0.06, (K, 26)), axis=0).astype(np.float32)  # (K, 26)
+            logits = logits[None] + drift + rng.normal(0, 0.35, (K, 26)).astype(np.float32)
+            # The labelled episode: intensity-weighted directions, one bump at a random position.
+            E = max(4, int(K * rng.uniform(0.1, 0.3)))
+            p = int(rng.integers(0, K - E + 1))
+            logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i] - 0.3) @ mixing)[None]
+            # Label-free episodes: the same kind of movement with random intensities, but split into two halves of
+            # the 26 values shown at different times, so each value's own statistics look like the labelled
+            # episode's while the co-occurrence (what a sequence model can see) does not.
+            fake = (rng.uniform(0, 1, 7) - 0.3) @ mixing
+            half = rng.random(26) < 0.5
+            for part in (half, ~half):
+                E2 = max(4, int(K * rng.uniform(0.1, 0.3)))
+                p2 = int(rng.integers(0, K - E2 + 1))
+                logits[p2:p2 + E2] += _bump(E2)[:, None] * np.where(part, fake, 0).astype(np.float32)[None]
+            feats = np.empty((K, 26), dtype=np.float32)
+            feats[:, :2] = np.tanh(0.5 * logits[:, :2])
+            e = np.exp(logits[:, 2:9] - logits[:, 2:9].max(axis=1, keepdims=True))
+            feats[:, 2:9] = e / e.sum(axis=1, keepdims=True)
+            feats[:, 9:] = 1 / (1 + np.exp(-logits[:, 9:]))
+            face = np.ones(K, dtype=bool)
+            if rng.random() < opts.no_face_videos:
+                face[:] = False
+            else:
+                n_gaps = rng.poisson(opts.no_face_rate * K / 12)
+                for _ in range(n_gaps):
+                    g0 = int(rng.integers(0, K))
+                    face[g0:g0 + int(rng.integers(3, 22))] = False
+            feats[~face] = np.nan
+            source = f"{split[i]}/{ids[i]}.mp4"
+            g = videos.create_group(escape_key(source))
+            g.create_dataset("features", data=np.ascontiguousarray(feats.T))  # (26, K)
+            g.create_dataset("face", data=face)
+            g.create_dataset("frame", data=np.arange(K, dtype=np.int32))
+            g.create_dataset("time", data=np.arange(K, dtype=np.float64) / 30.0)
+            box = np.tile(np.array([200, 80, 330, 250], dtype=np.float32), (K, 1))
+            box += rng.normal(0, 2, (K, 4)).astype(np.float32)
+            box[~face] = np.nan
+            g.create_dataset("box", data=box)
+            lm = np.array([[240, 140], [290, 140], [265, 170], [245, 200], [285, 200]], dtype=np.float32)
+            lm = np.repeat(lm[None], K, axis=0) + box[:, None, :2] - np.float32([200, 80])
+            g.create_dataset("landmarks", data=lm)
+            g.create_dataset("score", data=np.where(face, 0.99, np.nan).astype(np.float32))
+            g.attrs.update(dict(source=source, size_bytes=K * 900, mtime=0.0, fps=30.0, frames_total=K,
+                                width=640, height=360))
+    df = pd.DataFrame(y, columns=list(HUME_TARGETS)).round(4)
+    df.insert(0, HUME_ID, ids)
+    df["Split"] = split
+    df["Subject_ID"] = [f"S{s:04d}" for s in subj]
+    df.to_csv(labels_path, index=False)
+    return SimulateResult(out, labels_path, counts, total_frames)

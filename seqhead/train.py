@@ -1,0 +1,396 @@
+"""Training: data preparation, routed Adam, Pearson loss, early stopping, calibration and the run directory.
+
+A run directory describes itself: model.safetensors (weights), config.json (every option, the model
+configuration, the feature schema and standardisation, t, label names, id column/form, calibration),
+metrics.json (per-target and mean Pearson on validation), history.csv and learning_curve.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import save_file as save_torch
+
+from affextract.schema import FEATURE_NAMES, FORMAT_VERSION
+
+from . import __version__
+from .data import (DataError, Labels, Video, find_labels, match, read_features, read_labels, split_indices,
+                   video_id, pad_batch)
+from .model import HEADS, ModelConfig, SeqHead
+
+ALL_HEADS = HEADS + ("ridge",)  # ridge: per-video mean/max/std pooling + ridge regression (scikit-learn)
+LOSSES = ("pearson", "mse")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    h5: Path  # features file (affextract format v1)
+    out: Path  # run directory to write (created; existing files are replaced)
+    labels: Path | None = None  # label CSV; None = labels.csv beside h5
+    id_column: str | None = None  # None = auto (File_ID, id, video, file, path, … else the first column)
+    targets: tuple[str, ...] | None = None  # None = the 7 Hume columns, else every numeric column
+    split_column: str | None = None  # None = auto (split/set/partition); "" = none, use val_fraction
+    group_column: str | None = None  # keep a subject's videos on one side of a random split
+    val_fraction: float = 0.2  # validation share when the labels have no split column
+    allow_unmatched: bool = False  # train on the matched ids when some ids exist on one side only
+    features: str = "va,expr,au"  # feature groups, any combination of va, expr, au (paper Table 3)
+    no_face: str = "drop"  # frames without a face: drop (l = frames kept) | fill (repeat last face)
+    t: int | None = None  # padded length; None = longest training video (kept frames); longer ones are cut
+    head: str = "mean"  # mrnn (paper) | mean | attn | last | ridge
+    mask: bool = True  # Mask (+ routing for mrnn); False = the paper's "w/o Mask & Routing"
+    rnn: str = "gru"  # gru | lstm
+    layers: int = 1  # recurrent layers
+    hidden: int = 128  # recurrent units d'
+    fc: int = 32  # units of the first FC
+    dropout: float = 0.0  # dropout before each FC
+    loss: str = "pearson"  # pearson (1 − mean Pearson, Eq. 4) | mse
+    batch_size: int = 32  # videos per step (the paper: 4)
+    lr: float = 1e-3  # Adam learning rate (the paper: 1e-4)
+    weight_decay: float = 0.0  # L2 added to the gradient (as torch Adam), routed columns only for mrnn
+    epochs: int = 30  # upper bound on epochs
+    patience: int = 6  # stop after this many epochs without a better validation mean Pearson
+    seed: int = 0  # weights, batch order and the random validation split
+    skip_padding: str = "truncate"  # encoder work on padding: truncate (batch's longest l) | pack | none
+    bucket: bool = False  # length-sorted batches (less padding per batch, batches less random)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    max_batches: int | None = None  # stop each epoch after this many batches (benchmarks, smoke tests)
+    quiet: bool = True  # no per-epoch progress line on stderr
+
+    def __post_init__(self):
+        if self.head not in ALL_HEADS:
+            raise ValueError(f"head {self.head!r}: use one of {ALL_HEADS}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss {self.loss!r}: use one of {LOSSES}")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be ≥ 2 (the Pearson loss is computed over the batch)")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    targets: tuple[str, ...]
+    val_pearson: dict[str, float]  # per target, calibrated predictions on the validation videos
+    val_mean_pearson: float
+    best_epoch: int  # 0 for ridge
+    epochs_run: int
+    n_train: int
+    n_val: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)  # per epoch: train_loss, val_mean_pearson, seconds
+
+
+# --------------------------------------------------------------------------------------------------- optimiser
+
+
+class RoutedAdam(torch.optim.Optimizer):
+    """Adam whose routed parameters update only the columns a batch routes, moments and step counts included.
+
+    `step(routes={param: n})` updates columns [:n] of a 2-D parameter and leaves columns [n:] bit-exactly as they
+    were: weights, first and second moments and their per-column step counts (bias correction stays per column,
+    so a column that sat out k steps resumes exactly where it stopped). Other parameters follow plain Adam.
+    A zero gradient is not enough under Adam: the moments would keep moving the weights.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, routes: dict | None = None):
+        routes = routes or {}
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                    # Step counts per column (2-D weights), so bias correction can stay per column.
+                    st["step"] = torch.zeros(p.shape[1] if p.dim() == 2 else 1, dtype=torch.float64, device=p.device)
+                if p.dim() == 2:
+                    n = routes.get(p, p.shape[1])
+                    w, g = p[:, :n], p.grad[:, :n]
+                    m, v, s = st["exp_avg"][:, :n], st["exp_avg_sq"][:, :n], st["step"][:n]
+                else:
+                    w, g, m, v, s = p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"]
+                s += 1
+                bc1 = (1 - b1 ** s).to(p.dtype)
+                bc2 = (1 - b2 ** s).to(p.dtype)
+                if group["weight_decay"]:
+                    g = g.add(w, alpha=group["weight_decay"])
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v / bc2).sqrt_().add_(group["eps"])
+                w.addcdiv_(m / bc1, denom, value=-group["lr"])
+
+
+# --------------------------------------------------------------------------------------------------- maths
+
+
+def pearson_loss(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: 1 − mean over targets of Pearson's r over the batch. pred, y (B, n)."""
+    pm, ym = pred - pred.mean(0), y - y.mean(0)
+    r = (pm * ym).sum(0) / (pm.pow(2).sum(0).sqrt() * ym.pow(2).sum(0).sqrt() + 1e-8)
+    return 1 - r.mean()
+
+
+def pearson(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson's r per column (n,); 0 where either side is constant."""
+    pm, ym = pred - pred.mean(0), y - y.mean(0)
+    den = np.sqrt((pm ** 2).sum(0) * (ym ** 2).sum(0))
+    return np.where(den > 0, (pm * ym).sum(0) / np.where(den > 0, den, 1), 0.0)
+
+
+def fit_calibration(pred: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-target affine map pred → labels' scale, least squares on the training videos: (slope, intercept)."""
+    pm = pred.mean(0)
+    var = ((pred - pm) ** 2).mean(0)
+    cov = ((pred - pm) * (y - y.mean(0))).mean(0)
+    slope = np.where(var > 1e-12, cov / np.where(var > 1e-12, var, 1), 0.0)
+    return slope.astype(np.float32), (y.mean(0) - slope * pm).astype(np.float32)
+
+
+def pooled_stats(seqs: list[np.ndarray]) -> np.ndarray:
+    """(N, 3F): per-video mean, max and std over the kept frames (zeros for a video without any face)."""
+    F = seqs[0].shape[1]
+    out = np.zeros((len(seqs), 3 * F), dtype=np.float32)
+    for i, s in enumerate(seqs):
+        if len(s):
+            out[i] = np.concatenate([s.mean(0), s.max(0), s.std(0)])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def standardize(seqs: list[np.ndarray], mean: np.ndarray, std: np.ndarray) -> list[np.ndarray]:
+    return [((s - mean) / std).astype(np.float32) for s in seqs]
+
+
+def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: bool) -> list[np.ndarray]:
+    """Index batches for one epoch; a final batch of one video joins the previous one (Pearson needs ≥ 2)."""
+    order = rng.permutation(len(lengths))
+    if bucket:  # sort by length inside chunks of 50 batches, then shuffle the batches
+        chunk = 50 * batch_size
+        order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                                for c in np.array_split(order, max(1, math.ceil(len(order) / chunk)))])
+    out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(out) > 1 and len(out[-1]) < 2:
+        out[-2] = np.concatenate([out[-2], out.pop()])
+    if bucket:
+        out = [out[i] for i in rng.permutation(len(out))]
+    return out
+
+
+def predict_raw(model: SeqHead, seqs: list[np.ndarray], device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Uncalibrated predictions (N, n_targets) for sequences already standardised and cut to ≤ t."""
+    model.eval()
+    cfg = model.cfg
+    out = []
+    order = np.argsort([len(s) for s in seqs], kind="stable")  # similar lengths together: less padding
+    with torch.no_grad():
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            x, lengths = pad_batch([seqs[j] for j in idx], None if cfg.mask else cfg.t)
+            out.append(model(torch.from_numpy(x).to(device), torch.from_numpy(lengths).to(device)).float().cpu())
+    pred = torch.cat(out).numpy()
+    res = np.empty_like(pred)
+    res[order] = pred
+    return res
+
+
+@dataclass
+class Prepared:
+    """Matched, split training data (internal to a run and to sweeps, which reuse it across configurations)."""
+
+    labels: Labels
+    videos: list[Video]
+    id_form: str
+    train_seqs: list[np.ndarray]  # (l, F) each, raw (not standardised)
+    val_seqs: list[np.ndarray]
+    y_train: np.ndarray  # (N_train, n_targets)
+    y_val: np.ndarray
+    train_ids: list[str]
+    val_ids: list[str]
+    feature_names: tuple[str, ...]
+
+
+def prepare(opts: TrainOptions) -> Prepared:
+    """Read features and labels, match them and split into training and validation videos."""
+    labels_path = find_labels(opts.h5, opts.labels)
+    split_col = None if opts.split_column is None else opts.split_column
+    labels = read_labels(labels_path, opts.id_column, opts.targets,
+                         split_column=split_col if split_col != "" else None, group_column=opts.group_column)
+    if opts.split_column == "":
+        labels = replace(labels, split=None)
+    videos, feat_names = read_features(opts.h5, opts.features, opts.no_face)
+    rows, vids, form = match(labels, videos, opts.allow_unmatched)
+    tr, va = split_indices(labels, rows, opts.val_fraction, opts.seed, opts.group_column is not None)
+
+    def take(pos):
+        return ([videos[vids[p]].frames for p in pos], labels.y[[rows[p] for p in pos]],
+                [video_id(videos[vids[p]], form) for p in pos])
+
+    trs, ytr, tri = take(tr)
+    vas, yva, vai = take(va)
+    return Prepared(labels, videos, form, trs, vas, ytr, yva, tri, vai, feat_names)
+
+
+def _learning_curve(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ep = [h["epoch"] for h in history]
+    ax.plot(ep, [h["train_loss"] for h in history], label="train loss")
+    ax.plot(ep, [h["val_mean_pearson"] for h in history], label="val mean Pearson")
+    ax.set_xlabel("epoch")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _options_json(opts: TrainOptions) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(opts).items()}
+
+
+# --------------------------------------------------------------------------------------------------- train
+
+
+def train(opts: TrainOptions, prepared: Prepared | None = None) -> TrainResult:
+    """Train one head and write its run directory. `prepared` lets a sweep reuse the data it already read."""
+    t0 = time.time()
+    data = prepared or prepare(opts)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    device = resolve_device(opts.device)
+
+    longest = max(max(len(s) for s in data.train_seqs), 1)
+    t = int(opts.t or longest)
+    all_train = np.concatenate([s for s in data.train_seqs if len(s)])
+    mean = all_train.mean(0).astype(np.float32)
+    std = np.maximum(all_train.std(0), 1e-6).astype(np.float32)
+    # Training and validation videos longer than t keep their first t frames (predict has its own policy).
+    train_seqs = [s[:t] for s in standardize(data.train_seqs, mean, std)]
+    val_seqs = [s[:t] for s in standardize(data.val_seqs, mean, std)]
+    targets = data.labels.targets
+    history: list[dict] = []
+    model_cfg = None
+
+    if opts.head == "ridge":
+        from sklearn.linear_model import RidgeCV
+        from sklearn.preprocessing import StandardScaler
+
+        xs = pooled_stats(train_seqs)
+        scaler = StandardScaler().fit(xs)
+        ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(scaler.transform(xs), data.y_train)
+        pred_val = ridge.predict(scaler.transform(pooled_stats(val_seqs))).astype(np.float32)
+        save_numpy({"scaler_mean": scaler.mean_.astype(np.float32), "scaler_scale": scaler.scale_.astype(np.float32),
+                    "coef": ridge.coef_.astype(np.float32), "intercept": np.atleast_1d(ridge.intercept_).astype(
+                        np.float32)}, str(out / "model.safetensors"))
+        slope, intercept = np.ones(len(targets), np.float32), np.zeros(len(targets), np.float32)
+        best_epoch = epochs_run = 0
+        extra = {"ridge_alpha": float(ridge.alpha_)}
+    else:
+        model_cfg = ModelConfig(n_features=len(data.feature_names), n_targets=len(targets), t=t, head=opts.head,
+                                mask=opts.mask, rnn=opts.rnn, layers=opts.layers, hidden=opts.hidden, fc=opts.fc,
+                                dropout=opts.dropout, skip_padding=opts.skip_padding)
+        model = SeqHead(model_cfg).to(device)
+        optim = RoutedAdam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        lengths = np.array([max(len(s), 1) for s in train_seqs])
+        y_train = torch.from_numpy(data.y_train)
+        best, best_state, best_epoch, stale = -np.inf, None, 0, 0
+        epochs_run = 0
+        for epoch in range(1, opts.epochs + 1):
+            te = time.time()
+            model.train()
+            losses = []
+            for b, idx in enumerate(batches(lengths, opts.batch_size, rng, opts.bucket)):
+                if opts.max_batches is not None and b >= opts.max_batches:
+                    break
+                x, ln = pad_batch([train_seqs[i] for i in idx], None if opts.mask else t)
+                x, ln = torch.from_numpy(x).to(device), torch.from_numpy(ln).to(device)
+                yb = y_train[idx].to(device)
+                pred = model(x, ln)
+                loss = pearson_loss(pred, yb) if opts.loss == "pearson" else torch.nn.functional.mse_loss(pred, yb)
+                optim.zero_grad(set_to_none=True)
+                loss.backward()
+                n = model.routed_columns(ln)
+                optim.step({model.fc1.weight: n} if n is not None else None)
+                losses.append(loss.item())
+            r = pearson(predict_raw(model, val_seqs, device), data.y_val)
+            epochs_run = epoch
+            history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_mean_pearson=float(r.mean()),
+                                seconds=time.time() - te))
+            if not opts.quiet:
+                import sys
+                print(f"epoch {epoch}: train loss {history[-1]['train_loss']:.4f}  val mean Pearson "
+                      f"{r.mean():.4f}  ({history[-1]['seconds']:.1f}s)", file=sys.stderr)
+            if r.mean() > best:
+                best, best_epoch, stale = float(r.mean()), epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= opts.patience:
+                    break
+        model.load_state_dict(best_state)
+        slope, intercept = fit_calibration(predict_raw(model, train_seqs, device), data.y_train)
+        pred_val = predict_raw(model, val_seqs, device) * slope + intercept
+        save_torch({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                   str(out / "model.safetensors"))
+        extra = {}
+
+    r_val = pearson(pred_val, data.y_val)
+    config = {
+        "seqhead_version": __version__,
+        "options": _options_json(opts),
+        "model": model_cfg.to_dict() if model_cfg else {"head": "ridge", **extra},
+        "t": t,
+        "features": {"groups": opts.features, "names": list(data.feature_names), "no_face": opts.no_face,
+                     "mean": mean.tolist(), "std": std.tolist(), "format_version": FORMAT_VERSION,
+                     "all_names": list(FEATURE_NAMES)},
+        "targets": list(targets),
+        "id_column": data.labels.id_column,
+        "id_form": data.id_form,
+        "calibration": {"slope": slope.tolist(), "intercept": intercept.tolist()},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    metrics = {
+        "val": {"pearson": dict(zip(targets, map(float, r_val))), "mean_pearson": float(r_val.mean())},
+        "best_epoch": best_epoch, "epochs_run": epochs_run, "n_train": len(train_seqs), "n_val": len(val_seqs),
+        "seconds": time.time() - t0, **extra,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if history:
+        with open(out / "history.csv", "w") as f:
+            f.write("epoch,train_loss,val_mean_pearson,seconds\n")
+            for h in history:
+                f.write(f"{h['epoch']},{h['train_loss']:.6f},{h['val_mean_pearson']:.6f},{h['seconds']:.3f}\n")
+        _learning_curve(history, out / "learning_curve.png", f"{opts.head} ({opts.features}), best epoch {best_epoch}")
+    return TrainResult(out, targets, dict(zip(targets, map(float, r_val))), float(r_val.mean()), best_epoch,
+                       epochs_run, len(train_seqs), len(val_seqs), time.time() - t0, history)
