@@ -26,8 +26,10 @@ class ExtractOptions:
     weights: Path | None = None  # MMA weights (.safetensors); None = the weights shipped with the package
     detector: str = "mtcnn"  # face detector name (see affextract.faces.DETECTORS)
     detector_model: Path | None = None  # local model file for detectors that need one (scrfd's .onnx)
-    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available)
+    detect_every: int = 1  # full face detection on every k-th frame; frames between refine the tracked box
+    device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available; cuda:LOCAL_RANK under torchrun)
     batch_size: int = 64  # frames decoded, detected and run through the model together
+    decode_workers: int = 1  # decoder processes, each on its own videos (a few per GPU keep it busy)
     fps: float | None = None  # analyse frames at this rate (by timestamp); None = every frame
     commit_every: float = 60.0  # seconds between merges of finished videos into the output file
     progress: bool = True  # show a rich progress display on stderr
@@ -43,100 +45,168 @@ class ExtractReport:
     ignored: list[Path] = field(default_factory=list)  # files in input folders that are neither video nor image
     frames: int = 0  # frames analysed in this run
     seconds: float = 0.0
+    world_size: int = 1  # processes that shared the work (torchrun)
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     d = torch.device(device)
     if d.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} was asked for, but this PyTorch build sees no CUDA GPU; use --device cpu")
     return d
 
 
+class _Dist:
+    """The process group when started by torchrun (WORLD_SIZE > 1): videos are sharded by rank; rank 0 merges."""
+
+    def __init__(self):
+        import os
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1:
+            import datetime
+
+            import torch.distributed as dist
+
+            # gloo: only barriers and small objects cross ranks. Ranks finish their shares at different times, so the
+            # timeout is long.
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
 def extract(inputs: list[Path], output: Path, options: ExtractOptions = ExtractOptions()) -> ExtractReport:
-    """Extract per-frame features of every video/image under `inputs` into the HDF5 file `output`."""
-    from affextract.faces import PrimaryFaceTracker, align_faces, get_detector
+    """Extract per-frame features of every video/image under `inputs` into the HDF5 file `output`.
+
+    Under torchrun each rank takes every WORLD_SIZE-th video still to do and writes its own shard files; rank 0 merges
+    them into `output`, so the result (and resuming it) is the same as a single-process run.
+    """
+    from affextract.faces import PrimaryFaceStream, align_faces, get_detector
     from affextract.model import load_weights
 
     t0 = time.perf_counter()
-    report = ExtractReport(output=Path(output))
-    sources, report.ignored = find_sources(inputs)
-    device = resolve_device(options.device)
-    model, winfo = load_weights(options.weights, device=device)
-    model.eval()
-    det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
-    detector = get_detector(options.detector, device=str(device), **det_opts)
-    provenance = Provenance(
-        model=winfo.name, model_sha256=winfo.sha256, detector=dumps(detector.settings()),
-        alignment=ALIGNMENT, sampling=dumps({"fps": options.fps}),
-    )
-
-    with FeatureStore(output, provenance) as store:
-        stored = store.stored()
-        todo = []
-        for s in sources:
-            if stored.get(s.key) == (s.size_bytes, s.mtime):
-                report.skipped.append(s.key)
-            else:
-                todo.append(s)
-        ui = _Progress(options.progress, len(todo))
-        last_commit = time.monotonic()
-        writer = None
-        with ui:
-            for src, event in _decode(todo, options.fps, options.batch_size):
-                if isinstance(event, VideoInfo):
-                    info = event
-                    tracker = PrimaryFaceTracker()
-                    writer = store.begin_video(src.key, _video_attrs(src, info))
-                    ui.start_video(src.key, info.frames_analysed)
-                elif isinstance(event, Chunk):
-                    rows = _analyse(event, detector, tracker, align_faces, model, device)
-                    writer.append(*rows)
-                    report.frames += len(event.frame)
-                    ui.advance_frames(len(event.frame))
-                elif event is None:  # end of a complete video
-                    writer.finish("complete")
-                    report.written.append(src.key)
+    dist = _Dist()
+    report = ExtractReport(output=Path(output), world_size=dist.world)
+    try:
+        sources, report.ignored = find_sources(inputs)
+        device = resolve_device(options.device, dist.local_rank)
+        model, winfo = load_weights(options.weights, device=device)
+        det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
+        detector = get_detector(options.detector, device=str(device), **det_opts)
+        provenance = Provenance(
+            model=winfo.name, model_sha256=winfo.sha256,
+            detector=dumps(detector.settings() | {"detect_every": options.detect_every}),
+            alignment=ALIGNMENT, sampling=dumps({"fps": options.fps}),
+        )
+        store = FeatureStore(output, provenance, merge=dist.rank == 0)
+        if dist.rank == 0:
+            store.__enter__()  # lock, check the file, merge what a crashed run left
+        dist.barrier()
+        state: dict[int, tuple] = {}  # video index -> (face stream, shard writer) of the videos in flight
+        try:
+            stored = store.stored()
+            todo = []
+            for s in sources:
+                if stored.get(s.key) == (s.size_bytes, s.mtime):
+                    report.skipped.append(s.key)
+                else:
+                    todo.append(s)
+            mine = todo[dist.rank::dist.world]
+            analyse = _Analyser(model, device, align_faces)
+            ui = _Progress(options.progress and dist.rank == 0, len(mine))
+            last_commit = time.monotonic()
+            with ui:
+                for i, event in _decode(mine, options.fps, options.batch_size, options.decode_workers):
+                    src = mine[i]
+                    if isinstance(event, VideoInfo):
+                        stream = PrimaryFaceStream(detector, detect_every=options.detect_every)
+                        state[i] = (stream, store.begin_video(src.key, _video_attrs(src, event)))
+                        ui.start_video(src.key, event.frames_analysed)
+                        continue
+                    if isinstance(event, Chunk):
+                        stream, writer = state[i]
+                        writer.append(*analyse(event, stream(event.frames)))
+                        report.frames += len(event.frame)
+                        ui.advance_frames(len(event.frame))
+                        continue
+                    _, writer = state.pop(i, (None, None))
+                    if event is None:  # end of a complete video
+                        writer.finish("complete")
+                        report.written.append(src.key)
+                    elif isinstance(event, StreamBroken):
+                        writer.finish("partial", str(event))
+                        report.written.append(src.key)
+                        report.partial.append((src.key, str(event)))
+                    else:  # an error before any frame was decoded, or a crash of the decoder
+                        if writer is not None:  # the decoder crashed part-way through this video
+                            writer.abort()
+                        store.record_failure(src.key, _source_attrs(src), str(event))
+                        report.failed.append((src.key, str(event)))
                     ui.end_video()
-                elif isinstance(event, StreamBroken):
-                    writer.finish("partial", str(event))
-                    report.written.append(src.key)
-                    report.partial.append((src.key, str(event)))
-                    ui.end_video()
-                else:  # an error before any frame was decoded, or a crash of the decoder
-                    if writer is not None:  # the decoder crashed part-way through this video
-                        writer.abort()
-                    store.record_failure(src.key, _source_attrs(src), str(event))
-                    report.failed.append((src.key, str(event)))
-                    ui.end_video(failed=True)
-                if not isinstance(event, (VideoInfo, Chunk)):
-                    writer = None
-                    if time.monotonic() - last_commit > max(options.commit_every, 20 * store.last_commit_s):
+                    if dist.rank == 0 and time.monotonic() - last_commit > max(options.commit_every,
+                                                                               20 * store.last_commit_s):
                         store.commit()
                         last_commit = time.monotonic()
+        finally:
+            for _, writer in state.values():  # interrupted videos: their shards are dropped, the videos redone
+                writer.abort()
+            dist.barrier()
+            if dist.rank == 0:
+                store.__exit__(None, None, None)  # final merge of every rank's shards, unlock
+        reports = dist.gather(report)
+    finally:
+        dist.close()
+    for other in reports[1:] if dist.rank == 0 else ():
+        report.written += other.written
+        report.failed += other.failed
+        report.partial += other.partial
+        report.frames += other.frames
+    if dist.rank != 0:  # every rank ends with the same verdict, so torchrun's exit status is the run's
+        report.failed = [f for r in reports for f in r.failed]
     report.seconds = time.perf_counter() - t0
     return report
 
 
-@torch.inference_mode()
-def _analyse(chunk: Chunk, detector, tracker, align_faces, model, device) -> tuple[np.ndarray, ...]:
-    """Detect, keep the primary face, align and run the model on one chunk: the row values for the store."""
-    n = len(chunk.frame)
-    features = np.full((n, 26), np.nan, np.float32)
-    face = np.zeros(n, bool)
-    box = np.full((n, 4), np.nan, np.float32)
-    landmarks = np.full((n, 5, 2), np.nan, np.float32)
-    score = np.full(n, np.nan, np.float32)
-    for i, faces in enumerate(detector.detect(chunk.frames)):
-        j = tracker.update(faces)
-        if j is not None:
-            face[i] = True
-            box[i], landmarks[i], score[i] = faces.boxes[j], faces.landmarks[j], faces.scores[j]
-    if face.any():
-        crops = align_faces(chunk.frames[face], landmarks[face], device=device)  # (m, 3, 112, 112)
-        features[face] = model.features(crops).float().cpu().numpy()
-    return features, face, chunk.frame, chunk.time, box, landmarks, score
+class _Analyser:
+    """Align the primary faces of a chunk and run the model on them: the row values for the store."""
+
+    def __init__(self, model, device: torch.device, align_faces):
+        self.model, self.device, self.align = model, device, align_faces
+        # Half precision on GPUs: the model's outputs are probabilities and tanh values, far above fp16/bf16 error.
+        self.dtype = torch.bfloat16 if device.type == "cuda" else None
+
+    @torch.inference_mode()
+    def __call__(self, chunk: Chunk, primary) -> tuple[np.ndarray, ...]:
+        face = primary.face
+        features = np.full((len(face), 26), np.nan, np.float32)
+        if face.any():
+            crops = self.align(chunk.frames[face], primary.landmarks[face], device=self.device)  # (m, 3, 112, 112)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                features[face] = self.model.features(crops).float().cpu().numpy()
+        score = np.where(face, primary.scores, np.nan).astype(np.float32)
+        return features, face, chunk.frame, chunk.time, primary.boxes, primary.landmarks, score
 
 
 def _source_attrs(src: Source) -> dict:
@@ -149,10 +219,10 @@ def _video_attrs(src: Source, info: VideoInfo) -> dict:
 
 
 # -- decoding in a worker process -----------------------------------------------------------------------------------
-def _decode_worker(sources: list[Source], fps: float | None, batch_size: int, q) -> None:
-    for i, src in enumerate(sources):
+def _decode_worker(sources: list[Source], indices: list[int], fps: float | None, batch_size: int, q) -> None:
+    for i in indices:
         try:
-            info, chunks = open_video(src, fps, batch_size)
+            info, chunks = open_video(sources[i], fps, batch_size)
         except DecodeError as e:
             q.put((i, str(e)))
             continue
@@ -168,44 +238,47 @@ def _decode_worker(sources: list[Source], fps: float | None, batch_size: int, q)
             q.put((i, e))
         except Exception as e:
             q.put((i, StreamBroken(f"decoding stopped: {type(e).__name__}: {e}")))
-    q.put((len(sources), "done"))
 
 
-def _decode(sources: list[Source], fps: float | None, batch_size: int):
-    """Yield (source, event) in order: VideoInfo, Chunk..., then None (complete), StreamBroken (partial) or str (failed).
+def _decode(sources: list[Source], fps: float | None, batch_size: int, workers: int = 1):
+    """Yield (index, event) per video: VideoInfo, Chunk..., then None (complete), StreamBroken (partial) or str (failed).
 
-    If the worker process dies (a segfault in the decoder on a malformed file), that file is reported as failed and a
-    new worker resumes with the next one.
+    Each worker process decodes every `workers`-th video, so events of different videos interleave; the events of one
+    video keep their order. If a worker dies (a segfault in the decoder on a malformed file), its current file is
+    reported as failed and a new worker resumes with its next one.
     """
     ctx = mp.get_context("spawn")
-    start = 0
-    while start < len(sources):
-        q = ctx.Queue(maxsize=4)  # bounded: a few chunks in flight, memory does not grow with video length
-        worker = ctx.Process(target=_decode_worker, args=(sources[start:], fps, batch_size, q), daemon=True)
-        worker.start()
-        current = None  # index (relative to start) of the video whose events are being received
-        try:
-            while True:
-                try:
-                    i, event = q.get(timeout=1.0)
-                except queue.Empty:
-                    if worker.is_alive():
-                        continue
-                    crashed = start + (current if current is not None else 0)
-                    yield sources[crashed], f"the decoder crashed on this file (exit code {worker.exitcode})"
-                    start = crashed + 1
-                    break
-                if event == "done":
-                    start = len(sources)
-                    break
-                current = i
-                yield sources[start + i], event
-                if not isinstance(event, (VideoInfo, Chunk)):
-                    current = i + 1
-        finally:
-            if worker.is_alive():
-                worker.kill()
-            worker.join()
+    # Bounded: a few chunks per worker in flight, so memory does not grow with video length.
+    q = ctx.Queue(maxsize=4 * max(workers, 1))
+    todo = {w: list(range(w, len(sources), workers)) for w in range(min(workers, len(sources)))}
+    procs: dict[int, mp.Process] = {}
+
+    def start(w: int) -> None:
+        procs[w] = ctx.Process(target=_decode_worker, args=(sources, todo[w], fps, batch_size, q), daemon=True)
+        procs[w].start()
+
+    for w in todo:
+        start(w)
+    try:
+        while any(todo.values()):
+            try:
+                i, event = q.get(timeout=1.0)
+            except queue.Empty:
+                for w, p in procs.items():
+                    if todo[w] and not p.is_alive():
+                        crashed = todo[w].pop(0)
+                        yield crashed, f"the decoder crashed on this file (exit code {p.exitcode})"
+                        if todo[w]:
+                            start(w)
+                continue
+            yield i, event
+            if not isinstance(event, (VideoInfo, Chunk)):
+                todo[i % workers].remove(i)
+    finally:
+        for p in procs.values():
+            if p.is_alive():
+                p.kill()
+            p.join()
 
 
 # -- progress display -------------------------------------------------------------------------------------------------

@@ -130,8 +130,10 @@ class ShardWriter:
 class FeatureStore:
     """An output file opened for writing by one process at a time (an exclusive lock beside it)."""
 
-    def __init__(self, path: Path | str, provenance: Provenance):
+    def __init__(self, path: Path | str, provenance: Provenance, merge: bool = True):
+        """`merge=False`: only write shards (the other ranks of a torchrun job); the merging process owns the lock."""
         self.path = Path(path)
+        self.merge = merge
         self.provenance = provenance
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
