@@ -1,0 +1,37 @@
+"""`torchrun -m affextract run`: videos sharded over 2 CPU processes (gloo) give the same file as one process."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from affextract.store import iter_videos, summarize
+from conftest import astronaut_frames, noface_frames, write_video
+
+
+def test_torchrun_two_ranks_equal_single_process(weights, tmp_path):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not on PATH")
+    d = tmp_path / "videos"
+    d.mkdir()
+    for i in range(4):
+        write_video(d / f"v{i}.mp4", astronaut_frames(8 + i, size=(160, 120)))
+    write_video(d / "nf.mp4", noface_frames(6, size=(160, 120)))
+    (d / "broken.mp4").write_text("not a video")
+    args = ["-m", "affextract", "run", str(d), "--weights", str(weights), "-q"]
+    multi, single = tmp_path / "multi.h5", tmp_path / "single.h5"
+    r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", *args[:4], str(multi), *args[4:]],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "broken.mp4" in r.stderr  # the failure is reported, torchrun exits non-zero
+    subprocess.run([sys.executable, *args[:4], str(single), *args[4:]], capture_output=True, timeout=300)
+    a, b = {k: v for k, v, _ in iter_videos(multi)}, {k: v for k, v, _ in iter_videos(single)}
+    assert sorted(a) == sorted(b) == ["nf.mp4", "v0.mp4", "v1.mp4", "v2.mp4", "v3.mp4"]
+    for k in a:
+        for name in ("face", "frame", "time"):
+            np.testing.assert_array_equal(a[k][name], b[k][name])
+        np.testing.assert_allclose(a[k]["features"], b[k]["features"], atol=1e-5)
+    assert [r.key for r in summarize(multi)[1] if r.status == "failed"] == ["broken.mp4"]
+    # resuming the merged file with a single process skips everything it holds
+    r = subprocess.run([sys.executable, *args[:4], str(multi), *args[4:]], capture_output=True, text=True, timeout=300)
+    assert "0 extracted, 5 already done" in " ".join(r.stderr.split())
