@@ -1,0 +1,115 @@
+"""MMA architecture, preprocessing, safetensors weights with SHA-256 check, and the shipped default weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from affextract import model as model_mod
+from affextract.model import ALIGNED_SIZE, MMA, VARIANTS, MMAConfig, crop_theta, load_weights, resample, save_weights
+from affextract.schema import EXPRESSIONS, FEATURE_NAMES
+
+
+def test_forward_and_features_shapes_and_ranges():
+    torch.manual_seed(0)
+    m = MMA().eval()
+    x = torch.rand(5, 3, ALIGNED_SIZE, ALIGNED_SIZE) * 2 - 1
+    with torch.no_grad():
+        out, f = m(x), m.features(x)
+    assert out.shape == f.shape == (5, len(FEATURE_NAMES))
+    assert (f[:, :2].abs() <= 1).all()
+    torch.testing.assert_close(f[:, 2:9].sum(1), torch.ones(5))
+    assert ((f[:, 9:] > 0) & (f[:, 9:] < 1)).all()
+    with pytest.raises(ValueError, match="RGB aligned crops"):
+        m(torch.zeros(1, 1, 112, 112))
+
+
+def test_preprocess_takes_the_configured_crop():
+    # An image whose value is its column index: the crop's columns must come back, in order.
+    cfg = MMAConfig(input_size=16, source_size=None, crop=(20.0, 10.0, 84.0, 74.0), grayscale=False)
+    m = MMA(cfg)
+    cols = torch.arange(112.0).view(1, 1, 1, 112).expand(1, 3, 112, 112) / 56 - 1
+    z = m.preprocess(cols.contiguous())
+    assert z.shape == (1, 3, 16, 16)
+    px = (z[0, 0, 8] + 1) * 56  # back to source column indices
+    assert 20 < px[0] < 24 and 80 < px[-1] < 84 and (px.diff() > 0).all()
+    # The crop reaching outside the aligned face reads zeros (mid-grey) there.
+    out = resample(torch.ones(1, 1, 112, 112), crop_theta((-56.0, 0.0, 56.0, 112.0)).unsqueeze(0), 8)
+    assert out[0, 0, 4, 0] == 0 and out[0, 0, 4, -1] == 1
+
+
+def test_grayscale_model_ignores_colour_balance_only_through_luma():
+    m = MMA(MMAConfig()).eval()
+    grey = torch.full((1, 3, 112, 112), 0.2)
+    assert m.preprocess(grey).shape == (1, 1, 48, 48)
+    torch.testing.assert_close(m.preprocess(grey), torch.full((1, 1, 48, 48), 0.2), atol=1e-5, rtol=0)
+
+
+def test_config_json_roundtrip_and_validation():
+    for cfg in VARIANTS.values():
+        assert MMAConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+    with pytest.raises(ValueError, match="unknown MMA config fields"):
+        MMAConfig.from_json({**MMAConfig().to_json(), "colour": 1})
+    with pytest.raises(ValueError, match="equal length"):
+        MMAConfig(widths=(8, 16), blocks=(1,))
+    with pytest.raises(ValueError, match="crop"):
+        MMAConfig(crop=(50.0, 0.0, 10.0, 112.0))
+
+
+def test_small_variant_fits_the_size_budget():
+    n = sum(p.numel() for p in MMA(VARIANTS["small"]).parameters())
+    assert n * 2 < 20e6 / 4  # fp16 file well under 20 MB
+
+
+def test_save_load_roundtrip_checksum_and_refusals(tmp_path):
+    torch.manual_seed(0)
+    cfg = MMAConfig(input_size=16, source_size=None, stem_width=8, widths=(8, 16), blocks=(1, 1), embed_dim=16)
+    m = MMA(cfg).eval()
+    path = tmp_path / "w.safetensors"
+    digest = save_weights(m, path, {"training": "unit test"})
+    loaded, info = load_weights(path)
+    assert info.sha256 == digest and info.config == cfg and info.name == "w"
+    assert info.metadata["training"] == "unit test" and info.metadata["feature_names"] == list(FEATURE_NAMES)
+    assert not loaded.training
+    x = torch.rand(3, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.features(x), m.features(x), atol=2e-2, rtol=0)  # fp16 storage
+    # A changed weights file is refused.
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_weights(path)
+    with pytest.raises(ValueError, match="safetensors"):
+        load_weights(tmp_path / "w.pt")
+    path.with_suffix(".json").unlink()
+    with pytest.raises(FileNotFoundError, match="json"):
+        load_weights(path)
+
+
+def test_missing_default_weights_say_to_pass_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_mod, "DEFAULT_WEIGHTS", tmp_path / "none.safetensors")
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        load_weights(None)
+
+
+@pytest.mark.skipif(not model_mod.DEFAULT_WEIGHTS.exists(), reason="no shipped default weights in this checkout")
+def test_shipped_weights_see_happiness_on_a_smiling_face():
+    """Full pipeline on a real photo: MTCNN -> ArcFace alignment -> shipped MMA. The astronaut smiles."""
+    from skimage.data import astronaut
+
+    from affextract.faces import align_faces, get_detector
+
+    m, info = load_weights()
+    assert info.metadata["feature_names"] == list(FEATURE_NAMES)
+    assert model_mod.DEFAULT_WEIGHTS.stat().st_size < 20e6
+    img = astronaut()
+    faces = get_detector("mtcnn").detect(img[None])[0]
+    crop = align_faces(img[None], faces.landmarks[:1])
+    with torch.no_grad():
+        f = m.features(crop)[0].numpy()
+    expr = f[2:9]
+    assert EXPRESSIONS[int(np.argmax(expr))] == "happiness", dict(zip(EXPRESSIONS, expr.round(3)))
+    assert f[0] > 0.2  # positive valence, derived from happiness
+    assert f[9 + list(FEATURE_NAMES[9:]).index("AU12")] > 0.5  # lip corner puller, derived from happiness
