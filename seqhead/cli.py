@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .data import DataError
@@ -39,7 +40,7 @@ MaxBatches = Annotated[Optional[int], typer.Option(help="Cap on batches per epoc
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}")
+    console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -76,8 +77,8 @@ def train(
     fc: Annotated[int, typer.Option(help="Units of the first FC.")] = 32,
     dropout: Annotated[float, typer.Option(help="Dropout before each FC.")] = 0.0,
     loss: Annotated[str, typer.Option(help="pearson (Eq. 4) | mse.")] = "pearson",
-    batch_size: BatchSize = 32,
-    lr: Lr = 1e-3,
+    batch_size: BatchSize = 16,
+    lr: Lr = 3e-3,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
     epochs: Epochs = 30,
     patience: Patience = 6,
@@ -178,8 +179,8 @@ def sweep(
     head: Annotated[str, typer.Option(help="Base head (presets and axes override it).")] = "mean",
     epochs: Epochs = 30,
     patience: Patience = 6,
-    batch_size: BatchSize = 32,
-    lr: Lr = 1e-3,
+    batch_size: BatchSize = 16,
+    lr: Lr = 3e-3,
     device: Device = "auto",
     threads: Threads = 0,
     max_batches: MaxBatches = None,
@@ -221,12 +222,15 @@ def simulate(
     scale: Annotated[float, typer.Option(help="Fraction of Hume-Reaction's 15,806 / 4,657 / 4,604 videos.")] = 1.0,
     max_len: Annotated[int, typer.Option(help="Longest video (frames).")] = 480,
     signal: Annotated[float, typer.Option(help="Strength of the labelled episode (0 = no signal).")] = 1.0,
+    nuisance: Annotated[float, typer.Option(help="Scale of subject/video baselines and drift.")] = 0.4,
+    frame_noise: Annotated[float, typer.Option(help="Frame-to-frame noise (logit units).")] = 1.2,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ):
     """Write a Hume-Reaction-shaped simulated features file and labels CSV."""
     from .simulate import SimulateOptions, simulate as run_simulate
 
-    res = run_simulate(SimulateOptions(out, labels, scale=scale, max_len=max_len, signal=signal, seed=seed))
+    res = run_simulate(SimulateOptions(out, labels, scale=scale, max_len=max_len, signal=signal,
+                                               nuisance=nuisance, frame_noise=frame_noise, seed=seed))
     console.print(f"{sum(res.n_videos)} videos (train/val/test {'/'.join(map(str, res.n_videos))}), "
                   f"{res.n_frames} frames → {res.h5}, {res.labels}")
 

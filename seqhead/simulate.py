@@ -38,6 +38,8 @@ class SimulateOptions:
     no_face_rate: float = 0.06  # expected fraction of frames without a face (in gaps)
     no_face_videos: float = 0.003  # fraction of videos without any face
     signal: float = 1.0  # strength of the labelled episode (0 = labels unrelated to the features)
+    nuisance: float = 0.4  # scale of the label-free slow parts: subject and video baselines, drift
+    frame_noise: float = 1.2  # frame-to-frame white noise (logit units); pooled maxima pick it up, a GRU averages it
     seed: int = 0  # everything random derives from it
 
 
@@ -71,7 +73,7 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
         k = max(1, int(round(n_subj * counts[s] / n)))
         subj[bounds[s]:bounds[s + 1]] = first + rng.integers(0, k, counts[s])
         first += k
-    subj_base = rng.normal(0, 0.6, (first, 26)).astype(np.float32)
+    subj_base = rng.normal(0, 0.6 * opts.nuisance, (first, 26)).astype(np.float32)
     # Correlated intensities in [0, 1], many near zero as in Hume.
     corr = 0.35 * np.ones((7, 7)) + 0.65 * np.eye(7)
     z = rng.multivariate_normal(np.zeros(7), corr, n)
@@ -101,9 +103,9 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
         for i in range(n):
             K = int(lengths[i])
             total_frames += K
-            logits = subj_base[subj[i]] + rng.normal(0, 0.4, 26).astype(np.float32)  # (26,) baseline
-            drift = np.cumsum(rng.normal(0, 0.06, (K, 26)), axis=0).astype(np.float32)  # (K, 26)
-            logits = logits[None] + drift + rng.normal(0, 0.35, (K, 26)).astype(np.float32)
+            logits = subj_base[subj[i]] + rng.normal(0, 0.4 * opts.nuisance, 26).astype(np.float32)  # (26,) baseline
+            drift = np.cumsum(rng.normal(0, 0.06 * opts.nuisance, (K, 26)), axis=0).astype(np.float32)  # (K, 26)
+            logits = logits[None] + drift + rng.normal(0, opts.frame_noise, (K, 26)).astype(np.float32)
             # The labelled episode: intensity-weighted directions, one bump at a random position.
             E = max(4, int(K * rng.uniform(0.1, 0.3)))
             p = int(rng.integers(0, K - E + 1))
