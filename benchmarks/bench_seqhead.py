@@ -1,4 +1,4 @@
-"""Seconds per training epoch of the paper's configuration on a Hume-scale simulated set, and what skipping padding buys.
+"""Seconds per training epoch of the paper's configuration on a Hume-scale simulated set; what skipping padding buys.
 
 The paper's configuration: head mrnn (GRU(128) → concat → Mask → FC(32) → FC(7)), routed Adam, Pearson loss,
 batch 4, t = 480. Modes:

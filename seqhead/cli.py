@@ -19,7 +19,8 @@ out_console = Console()
 
 # Options shared by `train` and `sweep` (the sweep's base configuration).
 Labels = Annotated[Optional[Path], typer.Option(help="Label CSV (default: labels.csv beside the features file).")]
-IdColumn = Annotated[Optional[str], typer.Option(help="Label id column (default: File_ID, id, video, … or the first).")]
+IdColumn = Annotated[Optional[str], typer.Option(help="Label id column (default: File_ID, id, video, … or the "
+                                                      "first).")]
 Targets = Annotated[Optional[str], typer.Option(help="Comma-separated target columns (default: the 7 Hume columns, "
                                                      "else every numeric column).")]
 SplitColumn = Annotated[Optional[str], typer.Option(help="Split column with Train/Val/Test (default: auto; '' = "
@@ -80,6 +81,7 @@ def train(
     batch_size: BatchSize = 16,
     lr: Lr = 3e-3,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
+    clip: Annotated[float, typer.Option(help="Maximum gradient norm (0 = none).")] = 1.0,
     epochs: Epochs = 30,
     patience: Patience = 6,
     seed: Annotated[int, typer.Option(help="Seed for weights, batches and a random split.")] = 0,
@@ -102,7 +104,7 @@ def train(
                             group_column=group_column, val_fraction=val_fraction, allow_unmatched=allow_unmatched,
                             features=features, no_face=no_face, t=t, head=head, mask=mask, rnn=rnn, layers=layers,
                             hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
-                            weight_decay=weight_decay, epochs=epochs, patience=patience, seed=seed,
+                            weight_decay=weight_decay, clip=clip, epochs=epochs, patience=patience, seed=seed,
                             skip_padding=skip_padding, bucket=bucket, device=device, threads=threads,
                             max_batches=max_batches, quiet=False)
         res = run_train(opts)

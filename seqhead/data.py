@@ -237,11 +237,12 @@ def read_labels(path: Path, id_column: str | None = None, targets: tuple[str, ..
         bad = [(i + 2, t) for i, (t, v) in enumerate(zip(text, vals)) if t != "" and pd.isna(v)]
         if bad:
             raise DataError(f"{path}: non-numeric value(s) in target column {c!r} at line(s) "
-                            f"{_examples([f'{ln}: {t!r}' for ln, t in bad], quote=False)}; fix them or choose --targets")
+                            f"{_examples([f'{ln}: {t!r}' for ln, t in bad], quote=False)}; "
+                            "fix them or choose --targets")
         missing = [i + 2 for i, v in enumerate(vals) if pd.isna(v) and not (split and split[i] == "test")]
         if missing:
-            raise DataError(f"{path}: missing value(s) in target column {c!r} at line(s) {_examples(missing, quote=False)}; "
-                            "every train/val row needs all targets")
+            raise DataError(f"{path}: missing value(s) in target column {c!r} at line(s) "
+                            f"{_examples(missing, quote=False)}; every train/val row needs all targets")
         y[:, j] = vals.to_numpy(dtype=np.float32, na_value=np.nan)
     groups = [g.strip() for g in df[group_col]] if group_col else None
     return Labels(path, id_col, ids, target_cols, y, split, groups)

@@ -2,10 +2,11 @@
 
 Each video has a subject, a length K ≤ max_len and 7 reaction intensities in [0, 1]. The intensities drive the
 26 per-frame values only during one episode (an onset–apex–offset bump) at a random position covering 10–30 % of
-the video; the rest is the subject's and the video's own baseline plus slow drift and noise. Label-free episodes
-with the same per-value statistics but without the labelled episode's co-occurrence distract pooled statistics. Values pass through the same
-non-linearities as MMA's heads (tanh for VA, softmax for expressions, sigmoid for AUs). Some frames have no face
-(NaN features, face=false), in gaps, and a few videos have no face at all.
+the video. The rest is label-free: the subject's and the video's baselines, slow drift, frame-to-frame noise, and
+two half-episodes with random intensities, each moving half of the 26 values (each value's statistics look like
+a labelled episode's, the co-occurrence does not). Values pass through the same non-linearities as MMA's heads
+(tanh for VA, softmax for expressions, sigmoid for AUs). Some frames have no face (NaN features, face=false), in
+gaps, and a few videos have no face at all.
 """
 
 from __future__ import annotations

@@ -117,8 +117,9 @@ def parse_grid(axes: list[str]) -> tuple[Variant, ...]:
 
 
 def _slug(v: Variant, opts: TrainOptions) -> str:
-    h = hashlib.sha1(json.dumps({k: v for k, v in _options_json(opts).items() if k not in ("out", "quiet")},
-                                sort_keys=True).encode()).hexdigest()[:8]
+    # Seeds share a configuration directory; the device does not change what is trained.
+    same = {k: v for k, v in _options_json(opts).items() if k not in ("out", "quiet", "seed", "device")}
+    h = hashlib.sha1(json.dumps(same, sort_keys=True).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9]+", "-", v.name).strip("-")[:40] + "-" + h
 
 
@@ -145,7 +146,10 @@ def _done(run_dir: Path, opts: TrainOptions) -> dict | None:
     m, c = run_dir / "metrics.json", run_dir / "config.json"
     if not (m.exists() and c.exists()):
         return None
-    if json.loads(c.read_text())["options"] != json.loads(json.dumps(_options_json(opts))):
+    def same(o: dict) -> dict:  # the device a run was dealt does not change what it trained
+        return {k: v for k, v in o.items() if k not in ("device", "quiet")}
+
+    if same(json.loads(c.read_text())["options"]) != same(json.loads(json.dumps(_options_json(opts)))):
         return None
     met = json.loads(m.read_text())
     return {"val_mean_pearson": met["val"]["mean_pearson"],

@@ -54,6 +54,7 @@ class TrainOptions:
     batch_size: int = 16  # videos per step (the paper: 4)
     lr: float = 3e-3  # Adam learning rate (the paper: 1e-4)
     weight_decay: float = 0.0  # L2 added to the gradient (as torch Adam), routed columns only for mrnn
+    clip: float = 1.0  # maximum gradient norm per step (0 = no clipping); recurrent nets spike without it
     epochs: int = 30  # upper bound on epochs
     patience: int = 6  # stop after this many epochs without a better validation mean Pearson
     seed: int = 0  # weights, batch order and the random validation split
@@ -215,7 +216,7 @@ def predict_raw(model: SeqHead, seqs: list[np.ndarray], device: torch.device, ba
 
 
 def train_step(model: SeqHead, optim: RoutedAdam, seqs: list[np.ndarray], y: torch.Tensor, loss: str,
-               device: torch.device) -> float:
+               device: torch.device, clip: float = 0.0) -> float:
     """One optimisation step on a batch of standardised sequences; the routed columns go to the optimiser."""
     cfg = model.cfg
     # Padding to t only where the encoder must see it: no mask, or no padding skipped (the naive baseline).
@@ -225,6 +226,8 @@ def train_step(model: SeqHead, optim: RoutedAdam, seqs: list[np.ndarray], y: tor
     value = pearson_loss(pred, y) if loss == "pearson" else torch.nn.functional.mse_loss(pred, y)
     optim.zero_grad(set_to_none=True)
     value.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     n = model.routed_columns(ln)
     optim.step({model.fc1.weight: n} if n is not None else None)
     return value.item()
@@ -350,7 +353,7 @@ def train(opts: TrainOptions, prepared: Prepared | None = None) -> TrainResult:
                 if opts.max_batches is not None and b >= opts.max_batches:
                     break
                 losses.append(train_step(model, optim, [train_seqs[i] for i in idx], y_train[idx], opts.loss,
-                                         device))
+                                         device, opts.clip))
             r = pearson(predict_raw(model, val_seqs, device), data.y_val)
             epochs_run = epoch
             history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_mean_pearson=float(r.mean()),

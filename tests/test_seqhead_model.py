@@ -110,3 +110,15 @@ def test_routed_adam_is_adam_for_unrouted_parameters():
             o.step()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("head", ["mrnn", "mean", "attn", "last"])
+def test_skipping_padding_gives_the_same_outputs(head):
+    x, lengths = _batch()
+    outs = []
+    for skip in ("none", "truncate", "pack"):
+        torch.manual_seed(0)
+        model = SeqHead(ModelConfig(n_features=F, n_targets=N, t=T, head=head, hidden=6, fc=4, skip_padding=skip))
+        outs.append(model(x, lengths))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=1e-5)
