@@ -27,6 +27,31 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+    """A submodule named like its main function: calling the module calls that function."""
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
+
+
+class _Package(_types.ModuleType):
+    # `affextract.extract` and `affextract.export` are both functions of the API and submodules. Importing a
+    # submodule (`from affextract.extract import ExtractOptions`) rebinds the package attribute to the module, so
+    # `affextract.extract(...)` would then fail; such a module is made callable instead, and module attributes
+    # (`affextract.extract.ExtractOptions`) keep working.
+    def __getattribute__(self, name):
+        value = super().__getattribute__(name)
+        if name in ("extract", "export") and type(value) is _types.ModuleType:
+            value.__class__ = _CallableModule
+        return value
+
+
+_sys.modules[__name__].__class__ = _Package
+
 
 def __getattr__(name: str):
     if name in _LAZY:

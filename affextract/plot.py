@@ -99,6 +99,32 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)))
 
 
+def _spans(mask: np.ndarray, edges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Step outlines covering exactly the time spans of the runs of True, for one fill_between(step="post") call:
+    x (M,) time edges with NaN between runs, and row (M,) the frame whose value each step takes (-1 between runs).
+
+    One call per band instead of one per run keeps long videos with flickering detections fast to draw.
+    """
+    xs, rows = [], []
+    for a, b in _runs(mask):
+        xs += [edges[a:b + 1], [np.nan]]
+        rows += [np.r_[a:b, b - 1], [-1]]  # the last frame's value is repeated to close its step
+    if not xs:
+        return np.zeros(0), np.zeros(0, int)
+    return np.concatenate(xs), np.concatenate(rows).astype(int)
+
+
+def _fill(ax, x: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, **kw) -> None:
+    """fill_between over the spans of `_spans`: lo/hi are per-frame values (scalars for a full-height band)."""
+    if len(x) == 0:
+        return
+    gap = rows < 0
+    pick = np.where(gap, 0, rows)
+    lo = np.ma.masked_where(gap, np.broadcast_to(lo, (len(gap),)) if np.ndim(lo) == 0 else lo[pick])
+    hi = np.ma.masked_where(gap, np.broadcast_to(hi, (len(gap),)) if np.ndim(hi) == 0 else hi[pick])
+    ax.fill_between(np.ma.masked_invalid(x), lo, hi, step="post", **kw)
+
+
 def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotOptions = PlotOptions()) -> Path:
     """Draw the timeline of one stored video (key, relative path or unique file name) to a PNG; returns its path."""
     import matplotlib
@@ -119,7 +145,7 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
 
     fps = float(v.attrs.get("fps", 0) or 0)
     t, edges = v.time, _edges(v.time, fps)
-    gaps = [(edges[a], edges[b]) for a, b in _runs(~v.face)]
+    gaps = _spans(~v.face, edges)
     n_crops = 0 if crops is None else len(crops[0])
     heights = [2.0, 2.2, 3.6]
     if crops is not None:  # frame row + crop row, each as tall as its images are at the column width
@@ -133,7 +159,7 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
     ax_va = fig.add_subplot(gs[0, 0])
     ax_ex = fig.add_subplot(gs[1, 0], sharex=ax_va)
     ax_au = fig.add_subplot(gs[2, 0], sharex=ax_va)
-    shade = [Patch(facecolor=NO_FACE_COLOUR, alpha=0.35, label="no face")] if gaps else []
+    shade = [Patch(facecolor=NO_FACE_COLOUR, alpha=0.35, label="no face")] if len(gaps[0]) else []
 
     # valence / arousal
     ax_va.axhline(0, color="black", lw=0.6, alpha=0.5)
@@ -147,11 +173,9 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
     # expressions: stacked probabilities, drawn on frames with a face only (the gaps are shaded instead)
     top = np.cumsum(np.nan_to_num(v.expressions, nan=0.0), axis=1)  # (K, 7) upper edge of each band
     bottom = np.concatenate([np.zeros((len(v), 1)), top[:, :-1]], axis=1)
+    faces = _spans(v.face, edges)
     for i, e in enumerate(EXPRESSIONS):
-        for j, (a, b) in enumerate(_runs(v.face)):  # each run of face frames fills exactly its frames' time span
-            lo, hi = np.append(bottom[a:b, i], bottom[b - 1, i]), np.append(top[a:b, i], top[b - 1, i])
-            ax_ex.fill_between(edges[a:b + 1], lo, hi, step="post", color=EXPRESSION_COLOURS[e], lw=0,
-                               label=e if j == 0 else None)
+        _fill(ax_ex, *faces, bottom[:, i], top[:, i], color=EXPRESSION_COLOURS[e], lw=0)
     ax_ex.set_ylim(0, 1)
     ax_ex.set_ylabel("expression\nprobability")
     bands = [Patch(facecolor=EXPRESSION_COLOURS[e], label=e) for e in reversed(EXPRESSIONS)]  # top band first
@@ -169,8 +193,8 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
     fig.colorbar(mesh, cax=cax, label="AU probability")
 
     for ax in (ax_va, ax_ex, ax_au):
-        for a, b in gaps:
-            ax.axvspan(a, b, facecolor=NO_FACE_COLOUR, alpha=0.35, lw=0, zorder=3 if ax is ax_au else 0)
+        _fill(ax, *gaps, 0.0, 1.0, transform=ax.get_xaxis_transform(), facecolor=NO_FACE_COLOUR, alpha=0.35, lw=0,
+              zorder=3 if ax is ax_au else 0)
         ax.set_xlim(edges[0], edges[-1])
         ax.grid(axis="x", alpha=0.25)
     for ax in (ax_va, ax_ex):

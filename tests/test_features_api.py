@@ -143,3 +143,12 @@ def test_import_is_light_and_names_are_lazy():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         affextract.nope
+
+
+def test_extract_and_export_stay_callable_after_their_modules_are_imported(synthetic, tmp_path):
+    """The functions share their names with submodules; importing the submodules must not break the API."""
+    code = ("import affextract; from affextract.extract import ExtractOptions; from affextract.export import export; "
+            "import affextract.extract as m; assert m.ExtractOptions is ExtractOptions; "
+            "assert callable(affextract.extract) and affextract.extract.ExtractOptions is ExtractOptions; "
+            f"r = affextract.export({str(synthetic[0])!r}, {str(tmp_path / 'x.csv')!r}); assert r.rows == 77")
+    subprocess.run([sys.executable, "-c", code], check=True)
