@@ -97,7 +97,8 @@ class _Dist:
             dist.destroy_process_group()
 
 
-def extract(inputs: list[Path], output: Path, options: ExtractOptions = ExtractOptions()) -> ExtractReport:
+def extract(inputs: Path | str | list[Path | str], output: Path | str,
+            options: ExtractOptions = ExtractOptions()) -> ExtractReport:
     """Extract per-frame features of every video/image under `inputs` into the HDF5 file `output`.
 
     Under torchrun each rank takes every WORLD_SIZE-th video still to do and writes its own shard files; rank 0 merges
@@ -110,7 +111,7 @@ def extract(inputs: list[Path], output: Path, options: ExtractOptions = ExtractO
     dist = _Dist()
     report = ExtractReport(output=Path(output), world_size=dist.world)
     try:
-        sources, report.ignored = find_sources(inputs)
+        sources, report.ignored = find_sources([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
         device = resolve_device(options.device, dist.local_rank)
         model, winfo = load_weights(options.weights, device=device)
         det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
@@ -118,7 +119,7 @@ def extract(inputs: list[Path], output: Path, options: ExtractOptions = ExtractO
         provenance = Provenance(
             model=winfo.name, model_sha256=winfo.sha256,
             detector=dumps(detector.settings() | {"detect_every": options.detect_every}),
-            alignment=ALIGNMENT, sampling=dumps({"fps": options.fps}),
+            alignment=ALIGNMENT, sampling=dumps({"fps": None if options.fps is None else float(options.fps)}),
         )
         store = FeatureStore(output, provenance, merge=dist.rank == 0)
         if dist.rank == 0:

@@ -97,7 +97,7 @@ def sample_indices(timestamps: np.ndarray, fps: float | None) -> np.ndarray:
     n = len(timestamps)
     if fps is None or n == 0:
         return np.arange(n)
-    ticks = np.arange(0.0, timestamps[-1] + 1e-9, 1.0 / fps)
+    ticks = np.arange(0.0, timestamps[-1] + 1e-4, 1.0 / fps)  # timestamps are float32-rounded
     # A small tolerance so that a 30 fps stream sampled at 10 fps picks exactly every third frame.
     idx = np.searchsorted(timestamps, ticks - 1e-4, side="left")
     return np.unique(idx[idx < n])

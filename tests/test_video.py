@@ -59,6 +59,8 @@ def test_sample_indices_by_timestamp():
     assert sample_indices(ts, 10).tolist() == list(range(0, 60, 3))
     assert sample_indices(ts, 1).tolist() == [0, 30]
     assert sample_indices(ts, 1000).tolist() == list(range(60))  # never more frames than the stream has
+    ts32 = (np.arange(15) / 10.0).astype(np.float32).astype(np.float64)  # decord's float32 timestamps
+    assert sample_indices(ts32, 10).tolist() == list(range(15))  # the last frame is not lost to rounding
 
 
 def test_fps_subsampling_when_decoding(tmp_path):

@@ -1,0 +1,240 @@
+"""Throughput of `affextract run` against decode-only and a naive per-frame loop, in one process, on the same clips.
+
+    python benchmarks/bench_extract.py CLIP_OR_FOLDER... [--device cuda --copies 40 --decode-workers 8 --batch-size 256]
+
+Prints frames/s of: decoding alone; a naive loop (decode one frame -> detect -> align -> MMA at batch 1); the full
+pipeline with --detect-every 1 / 5 / 10; per-stage cost on one batch; the landmark error and face rate that
+--detect-every costs against detecting every frame; and peak memory of a short and a 5x longer video (the long-video
+check: memory must not grow with length). With --json FILE the figures are also written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from affextract.extract import ExtractOptions, extract, resolve_device
+from affextract.faces import PrimaryFaceStream, align_faces, get_detector
+from affextract.model import load_weights
+from affextract.store import iter_videos
+from affextract.video import find_sources, import_decord, open_video
+
+
+def decode_only(sources) -> tuple[int, float]:
+    t0, n = time.perf_counter(), 0
+    for s in sources:
+        _, chunks = open_video(s, None, 64)
+        for c in chunks:
+            n += len(c.frame)
+    return n, time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def naive_loop(sources, model, detector, device, max_frames: int) -> tuple[int, float]:
+    """One frame at a time through every stage, the way a simple script would do it."""
+    decord = import_decord()
+    t0, n = time.perf_counter(), 0
+    for s in sources:
+        vr = decord.VideoReader(str(s.path))
+        for i in range(len(vr)):
+            frame = vr[i].asnumpy()[None]
+            faces = detector.detect(frame)[0]
+            if len(faces):
+                j = int(np.argmax(faces.areas))
+                crop = align_faces(frame, faces.landmarks[j:j + 1], device=device)
+                model.features(crop).cpu()
+            n += 1
+            if n >= max_frames:
+                return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def stage_costs(source, model, detector, device, detect_every: int, batch: int) -> dict[str, float]:
+    """Milliseconds per frame of each stage on one batch of real frames (after a warm-up batch)."""
+    _, chunks = open_video(source, None, batch)
+    t = time.perf_counter()
+    chunk = next(chunks)
+    decode = time.perf_counter() - t
+    stream = PrimaryFaceStream(detector, detect_every=detect_every)
+    stream(chunk.frames)  # warm-up
+    stream = PrimaryFaceStream(detector, detect_every=detect_every)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t = time.perf_counter()
+    prim = stream(chunk.frames)
+    sync()
+    detect = time.perf_counter() - t
+    t = time.perf_counter()
+    crops = align_faces(chunk.frames[prim.face], prim.landmarks[prim.face], device=device)
+    sync()
+    align = time.perf_counter() - t
+    model.features(crops)
+    sync()
+    t = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        model.features(crops).float().cpu()
+    mma = time.perf_counter() - t
+    n = len(chunk.frame)
+    return {k: 1000 * v / n for k, v in (("decode", decode), ("detect+track", detect), ("align", align), ("mma", mma))}
+
+
+def landmark_cost(h5_every: Path, h5_ref: Path) -> dict[str, float]:
+    """Landmark error (px) and face rates of a --detect-every run against detecting on every frame."""
+    ref = {k: v for k, v, _ in iter_videos(h5_ref)}
+    errs, rate, rate_ref = [], [], []
+    for k, v, _ in iter_videos(h5_every):
+        r = ref[k]
+        both = v["face"] & r["face"]
+        errs.append(np.linalg.norm(v["landmarks"][both] - r["landmarks"][both], axis=-1).mean(-1))
+        rate.append(v["face"].mean())
+        rate_ref.append(r["face"].mean())
+    e = np.concatenate(errs)
+    return {"landmark_err_px_mean": float(e.mean()), "landmark_err_px_p95": float(np.percentile(e, 95)),
+            "face_rate": float(np.mean(rate)), "face_rate_every_frame": float(np.mean(rate_ref))}
+
+
+def peak_rss_of_run(args: list[str]) -> float:
+    """Peak resident memory (MiB) of a separate `affextract run` process and its decode workers."""
+    code = ("import resource, sys, runpy; sys.argv = ['affextract'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('affextract', run_name='__main__')\nexcept SystemExit: pass\n"
+            "print('PEAK', max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+            " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))")
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True).stdout
+    return int(out.split("PEAK")[-1]) / 1024
+
+
+def make_long_video(src: Path, dst: Path, repeat: int) -> Path:
+    import cv2
+
+    decord = import_decord()
+    vr = decord.VideoReader(str(src))
+    frames = vr.get_batch(list(range(len(vr)))).asnumpy()
+    h, w = frames.shape[1:3]
+    out = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*"mp4v"), vr.get_avg_fps(), (w, h))
+    for _ in range(repeat):
+        for f in frames:
+            out.write(np.ascontiguousarray(f[:, :, ::-1]))
+    out.release()
+    return dst
+
+
+class GpuSampler:
+    """Mean GPU utilisation while a block runs (NVML through torch)."""
+
+    def __init__(self, device):
+        self.device, self.samples, self.stop = device, [], threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.t = threading.Thread(target=self._run, daemon=True)
+            self.t.start()
+        return self
+
+    def _run(self):
+        while not self.stop.is_set():
+            try:
+                self.samples.append(torch.cuda.utilization(self.device))
+            except Exception:
+                return
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+
+    @property
+    def mean(self):
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("inputs", nargs="+", type=Path)
+    ap.add_argument("--weights", type=Path, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--decode-workers", type=int, default=1)
+    ap.add_argument("--copies", type=int, default=1, help="link each clip this many times (many videos in flight)")
+    ap.add_argument("--naive-frames", type=int, default=200, help="frames timed in the naive loop")
+    ap.add_argument("--every", default="1,5,10", help="--detect-every values to compare")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+
+    device = resolve_device(a.device)
+    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    clips = work / "clips"
+    clips.mkdir()
+    for s in find_sources(a.inputs)[0]:
+        if s.is_image:
+            continue
+        for c in range(a.copies):
+            os.symlink(s.path, clips / f"{c:03d}_{Path(s.key).name}")
+    sources = find_sources([clips])[0]
+    model, winfo = load_weights(a.weights, device=device)
+    detector = get_detector("mtcnn", device=str(device))
+    res: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                 "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "weights": winfo.name,
+                 "videos": len(sources), "batch_size": a.batch_size, "decode_workers": a.decode_workers}
+    print(f"{len(sources)} videos on {device} ({res['gpu'] or f'{os.cpu_count()} CPUs'}), weights {winfo.name}")
+
+    n, t = decode_only(sources)
+    res["decode_only_fps"] = n / t
+    print(f"decode only          {n / t:8.1f} frames/s  ({n} frames)")
+    n, t = naive_loop(sources, model, detector, device, a.naive_frames)
+    res["naive_fps"] = n / t
+    print(f"naive per-frame loop {n / t:8.1f} frames/s  ({n} frames)")
+
+    runs = {}
+    for k in [int(x) for x in a.every.split(",")]:
+        out = work / f"every{k}.h5"
+        opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, detect_every=k,
+                              decode_workers=a.decode_workers, progress=False)
+        with GpuSampler(device) as gpu:
+            rep = extract([clips], out, opts)
+        fps = rep.frames / rep.seconds
+        runs[k] = out
+        res[f"pipeline_every{k}_fps"] = fps
+        res[f"pipeline_every{k}_gpu_util"] = gpu.mean
+        util = f", GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else ""
+        print(f"pipeline every {k:<3d}   {fps:8.1f} frames/s  = {fps / res['naive_fps']:.1f}x naive, "
+              f"{fps / res['decode_only_fps']:.2f}x decode-only ({rep.frames} frames, {rep.seconds:.1f} s{util})")
+    for k in runs:
+        if k != 1 and 1 in runs:
+            c = landmark_cost(runs[k], runs[1])
+            res[f"every{k}_vs_every1"] = c
+            print(f"detect every {k:<3d} vs every frame: landmark error {c['landmark_err_px_mean']:.2f} px mean, "
+                  f"{c['landmark_err_px_p95']:.2f} px p95; face rate {c['face_rate']:.3f} vs {c['face_rate_every_frame']:.3f}")
+    for k in runs:
+        st = stage_costs(sources[0], model, detector, device, k, a.batch_size)
+        res[f"stages_every{k}_ms_per_frame"] = st
+        print(f"stages (every {k}, ms/frame): " + ", ".join(f"{s} {v:.2f}" for s, v in st.items()))
+
+    if not a.skip_memory:
+        long = make_long_video(sources[0].path, work / "long.mp4", 5)
+        common = ["--weights", str(a.weights)] if a.weights else []
+        common += ["--device", str(device), "-q", "--detect-every", "5"]
+        short_mb = peak_rss_of_run(["run", str(sources[0].path), str(work / "m1.h5"), *common])
+        long_mb = peak_rss_of_run(["run", str(long), str(work / "m5.h5"), *common])
+        res["peak_rss_mib_short"], res["peak_rss_mib_5x_long"] = short_mb, long_mb
+        print(f"peak memory: {short_mb:.0f} MiB for {sources[0].key}, {long_mb:.0f} MiB for it 5x longer "
+              f"(ratio {long_mb / short_mb:.2f})")
+    res["max_rss_mib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
