@@ -37,9 +37,9 @@ class MMAConfig:
     grayscale: bool = True
     # Region (x0, y0, x1, y1) of the 112x112 aligned crop, in its pixels, resized to input_size.
     # It may reach outside the crop; the outside is filled with 0 (mid-grey in [-1, 1]). The default
-    # frames the face like FER+ images: it maps the ArcFace template's eyes and mouth onto where they
-    # sit in the mean FER+ face (see docs/model_card.md, "Crop").
-    crop: tuple[float, float, float, float] = (9.0, 16.5, 103.0, 110.5)
+    # frames the face like FER+ images: it maps the ArcFace template's 5 points onto the median of
+    # the points MTCNN finds on FER+ faces (see docs/model_card.md, "Crop").
+    crop: tuple[float, float, float, float] = (6.5, 14.0, 105.5, 113.0)
     # Resolution (pixels) the crop is first reduced to, with area averaging, before it is resized to
     # input_size: the native resolution of the training images (FER+: 48), so a sharp video crop
     # carries the same detail as the training faces. None = straight to input_size.
@@ -49,7 +49,7 @@ class MMAConfig:
     # Channels of each residual stage; every stage halves the resolution.
     widths: tuple[int, ...] = (32, 64, 128, 256)
     # Residual units (two 3x3 convs with batch norm) per stage.
-    blocks: tuple[int, ...] = (1, 1, 1, 1)
+    blocks: tuple[int, ...] = (2, 2, 2, 2)
     # Width of the shared feed-forward embedding the three heads read.
     embed_dim: int = 256
     # Dropout on the shared embedding during training.
