@@ -34,7 +34,7 @@ def run(
     detect_every: int = typer.Option(1, min=1, help="Full face detection on every k-th frame; frames in between re-fit the tracked face (faster)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     batch_size: int = typer.Option(64, min=1, help="Frames decoded, detected and run through the model together."),
-    decode_workers: int = typer.Option(1, min=1, help="Decoder processes (raise it on machines with many cores and a GPU)."),
+    workers: int = typer.Option(1, min=1, help="Processes that decode, detect and align (raise it with many cores and a GPU)."),
     fps: Optional[float] = typer.Option(None, min=0.001, help="Analyse frames at this rate (by timestamp). Default: every frame."),
     commit_every: float = typer.Option(60.0, min=0, help="Seconds between merges of finished videos into the output file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
@@ -48,7 +48,7 @@ def run(
     if output.suffix.lower() not in (".h5", ".hdf5"):
         raise typer.BadParameter(f"the last path is the output file and must end in .h5 (got {output})")
     opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model, detect_every=detect_every,
-                          device=device, batch_size=batch_size, decode_workers=decode_workers, fps=fps, commit_every=commit_every,
+                          device=device, batch_size=batch_size, workers=workers, fps=fps, commit_every=commit_every,
                           progress=not quiet)
     try:
         report = extract(inputs, output, opts)

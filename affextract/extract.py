@@ -1,7 +1,9 @@
 """`affextract run`: decode → detect and track the primary face → align → MMA → HDF5, resumable and crash-safe.
 
-Decoding runs in a separate process so that it overlaps with detection and the model, and so that a decoder crash on a
-broken file costs that file only: the worker is restarted on the next one.
+Decoding, face detection, tracking and alignment run in worker processes, each on its own videos; they send only the
+aligned 112x112 crops and the face geometry (about 40 KB a frame instead of a raw frame), and the main process runs the
+MMA and writes. The stages overlap, and a decoder crash on a malformed file costs that file only: the worker is
+restarted on the next one.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from affextract.store import FeatureStore, Provenance, dumps
-from affextract.video import Chunk, DecodeError, Source, StreamBroken, VideoInfo, find_sources, open_video
+from affextract.store import FeatureStore, Provenance, ShardWriter, dumps
+from affextract.video import DecodeError, Source, StreamBroken, VideoInfo, find_sources, open_video
 
 ALIGNMENT = "arcface-5pt similarity (insightface.utils.face_align.estimate_norm) to 112x112 RGB in [-1, 1]"
 
@@ -29,7 +31,7 @@ class ExtractOptions:
     detect_every: int = 1  # full face detection on every k-th frame; frames between refine the tracked box
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available; cuda:LOCAL_RANK under torchrun)
     batch_size: int = 64  # frames decoded, detected and run through the model together
-    decode_workers: int = 1  # decoder processes, each on its own videos (a few per GPU keep it busy)
+    workers: int = 1  # processes that decode, detect and align, each on its own videos (several per GPU keep it busy)
     fps: float | None = None  # analyse frames at this rate (by timestamp); None = every frame
     commit_every: float = 60.0  # seconds between merges of finished videos into the output file
     progress: bool = True  # show a rich progress display on stderr
@@ -104,7 +106,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
     Under torchrun each rank takes every WORLD_SIZE-th video still to do and writes its own shard files; rank 0 merges
     them into `output`, so the result (and resuming it) is the same as a single-process run.
     """
-    from affextract.faces import PrimaryFaceStream, align_faces, get_detector
+    from affextract.faces import get_detector
     from affextract.model import load_weights
 
     t0 = time.perf_counter()
@@ -115,6 +117,8 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
         device = resolve_device(options.device, dist.local_rank)
         model, winfo = load_weights(options.weights, device=device)
         det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
+        # Built here to fail early on a bad name or a missing model and to record its settings; the workers build
+        # their own.
         detector = get_detector(options.detector, device=str(device), **det_opts)
         provenance = Provenance(
             model=winfo.name, model_sha256=winfo.sha256,
@@ -125,7 +129,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
         if dist.rank == 0:
             store.__enter__()  # lock, check the file, merge what a crashed run left
         dist.barrier()
-        state: dict[int, tuple] = {}  # video index -> (face stream, shard writer) of the videos in flight
+        writers: dict[int, ShardWriter] = {}  # video index -> shard of each video in flight
         try:
             stored = store.stored()
             todo = []
@@ -135,24 +139,25 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                 else:
                     todo.append(s)
             mine = todo[dist.rank::dist.world]
-            analyse = _Analyser(model, device, align_faces)
+            features = _Features(model, device)
+            spec = _WorkerSpec(options.fps, options.batch_size, options.detector, det_opts, options.detect_every,
+                               str(device), _worker_threads(options.workers, device))
             ui = _Progress(options.progress and dist.rank == 0, len(mine))
             last_commit = time.monotonic()
             with ui:
-                for i, event in _decode(mine, options.fps, options.batch_size, options.decode_workers):
+                for i, event in _analyse(mine, spec, options.workers):
                     src = mine[i]
                     if isinstance(event, VideoInfo):
-                        stream = PrimaryFaceStream(detector, detect_every=options.detect_every)
-                        state[i] = (stream, store.begin_video(src.key, _video_attrs(src, event)))
+                        writers[i] = store.begin_video(src.key, _video_attrs(src, event))
                         ui.start_video(src.key, event.frames_analysed)
                         continue
-                    if isinstance(event, Chunk):
-                        stream, writer = state[i]
-                        writer.append(*analyse(event, stream(event.frames)))
+                    if isinstance(event, Faces):
+                        writers[i].append(features(event), event.face, event.frame, event.time, event.boxes,
+                                          event.landmarks, np.where(event.face, event.scores, np.nan))
                         report.frames += len(event.frame)
                         ui.advance_frames(len(event.frame))
                         continue
-                    _, writer = state.pop(i, (None, None))
+                    writer = writers.pop(i, None)
                     if event is None:  # end of a complete video
                         writer.finish("complete")
                         report.written.append(src.key)
@@ -171,7 +176,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                         store.commit()
                         last_commit = time.monotonic()
         finally:
-            for _, writer in state.values():  # interrupted videos: their shards are dropped, the videos redone
+            for writer in writers.values():  # interrupted videos: their shards are dropped, the videos redone
                 writer.abort()
             dist.barrier()
             if dist.rank == 0:
@@ -190,24 +195,22 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
     return report
 
 
-class _Analyser:
-    """Align the primary faces of a chunk and run the model on them: the row values for the store."""
+class _Features:
+    """The MMA on a chunk's aligned faces: (n, 26) rows, NaN where there is no face."""
 
-    def __init__(self, model, device: torch.device, align_faces):
-        self.model, self.device, self.align = model, device, align_faces
-        # Half precision on GPUs: the model's outputs are probabilities and tanh values, far above fp16/bf16 error.
+    def __init__(self, model, device: torch.device):
+        self.model, self.device = model, device
+        # Half precision on GPUs: the model's outputs are probabilities and tanh values, far above bf16 error.
         self.dtype = torch.bfloat16 if device.type == "cuda" else None
 
     @torch.inference_mode()
-    def __call__(self, chunk: Chunk, primary) -> tuple[np.ndarray, ...]:
-        face = primary.face
-        features = np.full((len(face), 26), np.nan, np.float32)
-        if face.any():
-            crops = self.align(chunk.frames[face], primary.landmarks[face], device=self.device)  # (m, 3, 112, 112)
+    def __call__(self, faces: "Faces") -> np.ndarray:
+        out = np.full((len(faces.face), 26), np.nan, np.float32)
+        if len(faces.crops):
+            x = torch.from_numpy(faces.crops).to(self.device, non_blocking=True).float() / 127.5 - 1.0
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                features[face] = self.model.features(crops).float().cpu().numpy()
-        score = np.where(face, primary.scores, np.nan).astype(np.float32)
-        return features, face, chunk.frame, chunk.time, primary.boxes, primary.landmarks, score
+                out[faces.face] = self.model.features(x).float().cpu().numpy()
+        return out
 
 
 def _source_attrs(src: Source) -> dict:
@@ -220,10 +223,48 @@ def _video_attrs(src: Source, info: VideoInfo) -> dict:
 
 
 # -- decoding in a worker process -----------------------------------------------------------------------------------
-def _decode_worker(sources: list[Source], indices: list[int], fps: float | None, batch_size: int, q) -> None:
+# -- decode, detect, track and align in worker processes ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Faces:
+    """A chunk after the face stage: what the worker sends (aligned crops, not frames, so little crosses processes)."""
+
+    frame: np.ndarray  # (n,) int32 frame index in the stream
+    time: np.ndarray  # (n,) float64 seconds
+    face: np.ndarray  # (n,) bool
+    boxes: np.ndarray  # (n, 4) float32
+    scores: np.ndarray  # (n,) float32
+    landmarks: np.ndarray  # (n, 5, 2) float32
+    crops: np.ndarray  # (m, 3, 112, 112) uint8 RGB, m = face.sum(): aligned faces (uint8 as insightface's norm_crop)
+
+
+@dataclass(frozen=True)
+class _WorkerSpec:
+    fps: float | None  # frame sampling
+    batch_size: int  # frames per chunk
+    detector: str  # detector name
+    detector_options: dict  # its options
+    detect_every: int  # key-frame interval
+    device: str  # where detection and alignment run
+    threads: int  # torch threads of each worker
+
+
+def _worker_threads(workers: int, device: torch.device) -> int:
+    """Torch threads per worker: the workers share the cores with each other and with the main process."""
+    import os
+
+    if device.type == "cuda":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(workers, 1))
+
+
+def _worker(sources: list[Source], indices: list[int], spec: _WorkerSpec, q) -> None:
+    from affextract.faces import PrimaryFaceStream, align_faces, get_detector
+
+    torch.set_num_threads(spec.threads)
+    detector = get_detector(spec.detector, device=spec.device, **spec.detector_options)
     for i in indices:
         try:
-            info, chunks = open_video(sources[i], fps, batch_size)
+            info, chunks = open_video(sources[i], spec.fps, spec.batch_size)
         except DecodeError as e:
             q.put((i, str(e)))
             continue
@@ -231,9 +272,14 @@ def _decode_worker(sources: list[Source], indices: list[int], fps: float | None,
             q.put((i, f"cannot decode: {type(e).__name__}: {e}"))
             continue
         q.put((i, info))
+        stream = PrimaryFaceStream(detector, detect_every=spec.detect_every)
         try:
             for chunk in chunks:
-                q.put((i, chunk))
+                p = stream(chunk.frames)
+                with torch.inference_mode():
+                    crops = align_faces(chunk.frames[p.face], p.landmarks[p.face], device=spec.device)
+                    crops = ((crops + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+                q.put((i, Faces(chunk.frame, chunk.time, p.face, p.boxes, p.scores, p.landmarks, crops)))
             q.put((i, None))
         except StreamBroken as e:
             q.put((i, e))
@@ -241,10 +287,10 @@ def _decode_worker(sources: list[Source], indices: list[int], fps: float | None,
             q.put((i, StreamBroken(f"decoding stopped: {type(e).__name__}: {e}")))
 
 
-def _decode(sources: list[Source], fps: float | None, batch_size: int, workers: int = 1):
-    """Yield (index, event) per video: VideoInfo, Chunk..., then None (complete), StreamBroken (partial) or str (failed).
+def _analyse(sources: list[Source], spec: _WorkerSpec, workers: int = 1):
+    """Yield (index, event) per video: VideoInfo, Faces..., then None (complete), StreamBroken (partial) or str (failed).
 
-    Each worker process decodes every `workers`-th video, so events of different videos interleave; the events of one
+    Each worker process takes every `workers`-th video, so events of different videos interleave; the events of one
     video keep their order. If a worker dies (a segfault in the decoder on a malformed file), its current file is
     reported as failed and a new worker resumes with its next one.
     """
@@ -255,7 +301,7 @@ def _decode(sources: list[Source], fps: float | None, batch_size: int, workers: 
     procs: dict[int, mp.Process] = {}
 
     def start(w: int) -> None:
-        procs[w] = ctx.Process(target=_decode_worker, args=(sources, todo[w], fps, batch_size, q), daemon=True)
+        procs[w] = ctx.Process(target=_worker, args=(sources, todo[w], spec, q), daemon=True)
         procs[w].start()
 
     for w in todo:
@@ -268,12 +314,12 @@ def _decode(sources: list[Source], fps: float | None, batch_size: int, workers: 
                 for w, p in procs.items():
                     if todo[w] and not p.is_alive():
                         crashed = todo[w].pop(0)
-                        yield crashed, f"the decoder crashed on this file (exit code {p.exitcode})"
+                        yield crashed, f"the worker crashed on this file (exit code {p.exitcode})"
                         if todo[w]:
                             start(w)
                 continue
             yield i, event
-            if not isinstance(event, (VideoInfo, Chunk)):
+            if not isinstance(event, (VideoInfo, Faces)):
                 todo[i % workers].remove(i)
     finally:
         for p in procs.values():

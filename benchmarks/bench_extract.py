@@ -1,6 +1,6 @@
 """Throughput of `affextract run` against decode-only and a naive per-frame loop, in one process, on the same clips.
 
-    python benchmarks/bench_extract.py CLIP_OR_FOLDER... [--device cuda --copies 40 --decode-workers 8 --batch-size 256]
+    python benchmarks/bench_extract.py CLIP_OR_FOLDER... [--device cuda --copies 40 --workers 8 --batch-size 256]
 
 Prints frames/s of: decoding alone; a naive loop (decode one frame -> detect -> align -> MMA at batch 1); the full
 pipeline with --detect-every 1 / 5 / 10; per-stage cost on one batch; the landmark error and face rate that
@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--decode-workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--copies", type=int, default=1, help="link each clip this many times (many videos in flight)")
     ap.add_argument("--naive-frames", type=int, default=200, help="frames timed in the naive loop")
     ap.add_argument("--every", default="1,5,10", help="--detect-every values to compare")
@@ -186,7 +186,7 @@ def main() -> None:
     detector = get_detector("mtcnn", device=str(device))
     res: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                  "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "weights": winfo.name,
-                 "videos": len(sources), "batch_size": a.batch_size, "decode_workers": a.decode_workers}
+                 "videos": len(sources), "batch_size": a.batch_size, "workers": a.workers}
     print(f"{len(sources)} videos on {device} ({res['gpu'] or f'{os.cpu_count()} CPUs'}), weights {winfo.name}")
 
     n, t = decode_only(sources)
@@ -200,7 +200,7 @@ def main() -> None:
     for k in [int(x) for x in a.every.split(",")]:
         out = work / f"every{k}.h5"
         opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, detect_every=k,
-                              decode_workers=a.decode_workers, progress=False)
+                              workers=a.workers, progress=False)
         with GpuSampler(device) as gpu:
             rep = extract([clips], out, opts)
         fps = rep.frames / rep.seconds
