@@ -30,10 +30,6 @@ def test_ccc_hand_computed():
     assert ccc_loss(pred, target).item() == pytest.approx(1 - (6 / 7 + 1) / 2, abs=1e-6)
 
 
-def _prior_index(au: int) -> int:
-    return AUS.index(au)
-
-
 def test_dm_loss_hand_computed():
     # Expression head: half happiness, half surprise. Eq. 1 gives r' = 1 for AU25 (in both), 0.5 for AUs
     # 6, 12 (happiness only) and 1, 2, 5, 26 (surprise only), 0 for the other 10.
