@@ -43,7 +43,7 @@ class TrainOptions:
     features: str = "va,expr,au"  # feature groups, any combination of va, expr, au (paper Table 3)
     no_face: str = "drop"  # frames without a face: drop (l = frames kept) | fill (repeat last face)
     t: int | None = None  # padded length; None = longest training video (kept frames); longer ones are cut
-    head: str = "mean"  # mrnn (paper) | mean | attn | last | ridge
+    head: str = "attn"  # attn (best on the simulator's validation) | mean | mrnn (paper) | last | ridge
     mask: bool = True  # Mask (+ routing for mrnn); False = the paper's "w/o Mask & Routing"
     rnn: str = "gru"  # gru | lstm
     layers: int = 1  # recurrent layers
@@ -329,9 +329,11 @@ def train(opts: TrainOptions, prepared: Prepared | None = None) -> TrainResult:
         scaler = StandardScaler().fit(xs)
         ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(scaler.transform(xs), data.y_train)
         pred_val = ridge.predict(scaler.transform(pooled_stats(val_seqs))).astype(np.float32)
-        save_numpy({"scaler_mean": scaler.mean_.astype(np.float32), "scaler_scale": scaler.scale_.astype(np.float32),
-                    "coef": ridge.coef_.astype(np.float32), "intercept": np.atleast_1d(ridge.intercept_).astype(
-                        np.float32)}, str(out / "model.safetensors"))
+        arrays = {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_, "coef": ridge.coef_,
+                  "intercept": np.atleast_1d(ridge.intercept_)}
+        # safetensors writes the raw buffer: sklearn's coef_ can be Fortran-ordered, so make every array C-ordered.
+        save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
+                   str(out / "model.safetensors"))
         slope, intercept = np.ones(len(targets), np.float32), np.zeros(len(targets), np.float32)
         best_epoch = epochs_run = 0
         extra = {"ridge_alpha": float(ridge.alpha_)}

@@ -124,3 +124,14 @@ def test_pearson_metric():
     y = np.random.default_rng(1).normal(size=(50, 2))
     np.testing.assert_allclose(pearson(2 * y + 1, y), [1, 1])
     np.testing.assert_allclose(pearson(np.c_[-y[:, 0], np.ones(50)], y), [-1, 0])
+
+
+@pytest.mark.parametrize("head", ["ridge", "attn"])
+def test_run_dir_reproduces_validation_metrics(sim, tmp_path, head):
+    res = train(TrainOptions(h5=sim.h5, out=tmp_path / head, head=head, **TINY))
+    # Validation videos longer than t are cut during training; predict the same way to compare.
+    predict(PredictOptions(res.run_dir, sim.h5, tmp_path / "p.csv", long_videos="truncate"))
+    ev = evaluate(EvaluateOptions(tmp_path / "p.csv", sim.labels, split="val"))
+    assert np.isclose(ev.mean_pearson, res.val_mean_pearson, atol=1e-4)
+    for k, v in res.val_pearson.items():
+        assert np.isclose(ev.pearson[k], v, atol=1e-4)
