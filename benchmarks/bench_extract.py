@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--naive-frames", type=int, default=200, help="frames timed in the naive loop")
     ap.add_argument("--every", default="1,5,10", help="--detect-every values to compare")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-baselines", action="store_true", help="only the pipeline runs (no decode-only/naive/stages)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
@@ -189,12 +190,13 @@ def main() -> None:
                  "videos": len(sources), "batch_size": a.batch_size, "workers": a.workers}
     print(f"{len(sources)} videos on {device} ({res['gpu'] or f'{os.cpu_count()} CPUs'}), weights {winfo.name}")
 
-    n, t = decode_only(sources)
-    res["decode_only_fps"] = n / t
-    print(f"decode only          {n / t:8.1f} frames/s  ({n} frames)")
-    n, t = naive_loop(sources, model, detector, device, a.naive_frames)
-    res["naive_fps"] = n / t
-    print(f"naive per-frame loop {n / t:8.1f} frames/s  ({n} frames)")
+    if not a.skip_baselines:
+        n, t = decode_only(sources)
+        res["decode_only_fps"] = n / t
+        print(f"decode only          {n / t:8.1f} frames/s  ({n} frames)")
+        n, t = naive_loop(sources, model, detector, device, a.naive_frames)
+        res["naive_fps"] = n / t
+        print(f"naive per-frame loop {n / t:8.1f} frames/s  ({n} frames)")
 
     runs = {}
     for k in [int(x) for x in a.every.split(",")]:
@@ -208,15 +210,16 @@ def main() -> None:
         res[f"pipeline_every{k}_fps"] = fps
         res[f"pipeline_every{k}_gpu_util"] = gpu.mean
         util = f", GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else ""
-        print(f"pipeline every {k:<3d}   {fps:8.1f} frames/s  = {fps / res['naive_fps']:.1f}x naive, "
-              f"{fps / res['decode_only_fps']:.2f}x decode-only ({rep.frames} frames, {rep.seconds:.1f} s{util})")
+        ratios = "" if a.skip_baselines else (f" = {fps / res['naive_fps']:.1f}x naive, "
+                                              f"{fps / res['decode_only_fps']:.2f}x decode-only")
+        print(f"pipeline every {k:<3d}   {fps:8.1f} frames/s{ratios} ({rep.frames} frames, {rep.seconds:.1f} s{util})")
     for k in runs:
         if k != 1 and 1 in runs:
             c = landmark_cost(runs[k], runs[1])
             res[f"every{k}_vs_every1"] = c
             print(f"detect every {k:<3d} vs every frame: landmark error {c['landmark_err_px_mean']:.2f} px mean, "
                   f"{c['landmark_err_px_p95']:.2f} px p95; face rate {c['face_rate']:.3f} vs {c['face_rate_every_frame']:.3f}")
-    for k in runs:
+    for k in runs if not a.skip_baselines else ():
         st = stage_costs(sources[0], model, detector, device, k, a.batch_size)
         res[f"stages_every{k}_ms_per_frame"] = st
         print(f"stages (every {k}, ms/frame): " + ", ".join(f"{s} {v:.2f}" for s, v in st.items()))
