@@ -165,6 +165,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                         report.written.append(src.key)
                     elif isinstance(event, StreamBroken):
                         writer.finish("partial", str(event))
+                        ui.shrink_frames(src.key, writer.k)
                         report.written.append(src.key)
                         report.partial.append((src.key, str(event)))
                     else:  # an error before any frame was decoded, or a crash of the decoder
@@ -260,8 +261,14 @@ def _worker_threads(workers: int, device: torch.device) -> int:
 
 
 def _worker(sources: list[Source], indices: list[int], spec: _WorkerSpec, q) -> None:
+    import os
+
     from affextract.faces import PrimaryFaceStream, align_faces, get_detector
 
+    # FFmpeg and decord print their complaints about broken files straight to the C-level stderr, through the
+    # progress display; every failure reaches the run's summary through the queue instead.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
     torch.set_num_threads(spec.threads)
     detector = get_detector(spec.detector, device=spec.device, **spec.detector_options)
     for i in indices:
@@ -334,6 +341,7 @@ def _analyse(sources: list[Source], spec: _WorkerSpec, workers: int = 1):
 class _Progress:
     def __init__(self, enabled: bool, n_videos: int):
         self.enabled = enabled
+        self.announced: dict[str, int] = {}  # frames each video in flight said it would bring
         if not enabled:
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -342,13 +350,13 @@ class _Progress:
         class _FPS(TextColumn):
             def render(self, task):
                 speed = task.finished_speed or task.speed
-                return super().render(task) if speed is None else f"{speed:,.0f} frames/s"
+                text = f"{speed:,.0f} frames/s" if task.fields.get("rate") and speed else ""
+                return super().render(task) if not text else text
 
         self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                           _FPS(""), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
         self.videos = self.p.add_task("videos", total=n_videos)
-        self.frames = self.p.add_task("frames", total=0)
-        self.current = self.p.add_task("", total=None, visible=False)
+        self.frames = self.p.add_task("frames", total=0, rate=True)
 
     def __enter__(self):
         if self.enabled:
@@ -361,14 +369,21 @@ class _Progress:
 
     def start_video(self, key: str, frames_total: int) -> None:
         if self.enabled:
+            self.announced[key] = frames_total
             t = self.p.tasks[self.frames].total or 0
             self.p.update(self.frames, total=t + frames_total)
             self.p.update(self.videos, description=f"videos ({key[-40:]})")
+
+    def shrink_frames(self, key: str, analysed: int) -> None:
+        """A video stopped early: it will not bring the frames it announced."""
+        if self.enabled:
+            t = self.p.tasks[self.frames]
+            self.p.update(self.frames, total=t.total - (self.announced.pop(key) - analysed))
 
     def advance_frames(self, n: int) -> None:
         if self.enabled:
             self.p.advance(self.frames, n)
 
-    def end_video(self, failed: bool = False) -> None:
+    def end_video(self) -> None:
         if self.enabled:
             self.p.advance(self.videos)

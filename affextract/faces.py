@@ -336,8 +336,8 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class TrackerOptions:
     # A detection continues the track when its IoU with the last tracked box is at least this.
     iou_threshold: float = 0.3
-    # After this many consecutive updates without the tracked face, the largest face is taken again
-    # (30 = about one second of 30 fps video when every frame is analysed).
+    # After this many consecutive frames without the tracked face, the largest face is taken again
+    # (30 = about one second of 30 fps video).
     max_lost: int = 30
 
 
@@ -346,23 +346,27 @@ class PrimaryFaceTracker:
 
     Rule: the first face is the largest; afterwards the face overlapping the last tracked box best (IoU >=
     ``iou_threshold``) is followed, so a larger bystander entering the frame is ignored. When no face overlaps,
-    the frame has no primary face; after ``max_lost`` such updates in a row the largest face is acquired again.
+    the frame has no primary face; after ``max_lost`` such frames in a row the largest face is acquired again.
     """
 
     def __init__(self, iou_threshold: float = TrackerOptions.iou_threshold, max_lost: int = TrackerOptions.max_lost):
         self.options = TrackerOptions(iou_threshold=iou_threshold, max_lost=max_lost)
         self.box: np.ndarray | None = None  # (4,) last tracked box
-        self.lost = 0  # consecutive updates without the tracked face
+        self.lost = 0  # consecutive frames without the tracked face
 
     def reset(self) -> None:
         self.box = None
         self.lost = 0
 
-    def update(self, faces: Faces) -> int | None:
-        """Index of the primary face in ``faces``, or None when this frame has none."""
+    def update(self, faces: Faces, frames: int = 1) -> int | None:
+        """Index of the primary face in ``faces``, or None when this frame has none.
+
+        ``frames``: how many frames this update stands for (the key-frame interval when only key frames are
+        detected), so that ``max_lost`` counts frames of video whatever the interval.
+        """
         finite = np.isfinite(faces.boxes).all(1) if len(faces) else np.zeros(0, bool)
         if not finite.any():
-            self.lost += 1
+            self.lost += frames
             return None
         if self.box is None or self.lost >= self.options.max_lost:
             index = int(np.argmax(np.where(finite, faces.areas, -np.inf)))
@@ -370,7 +374,7 @@ class PrimaryFaceTracker:
             iou = np.where(finite, box_iou(self.box, faces.boxes)[0], -1.0)
             index = int(np.argmax(iou))
             if iou[index] < self.options.iou_threshold:
-                self.lost += 1
+                self.lost += frames
                 return None
         self.box = faces.boxes[index].astype(np.float32).copy()
         self.lost = 0
@@ -494,7 +498,7 @@ class PrimaryFaceStream:
         for i in range(n):
             if next_key is not None and next_key[0] == i:
                 faces = next_key[1]
-                index = self.tracker.update(faces)
+                index = self.tracker.update(faces, frames=self.options.detect_every)
                 if index is not None:
                     out.face[i] = True
                     out.boxes[i], out.scores[i], out.landmarks[i] = (

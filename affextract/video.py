@@ -109,6 +109,8 @@ def open_video(source: Source, fps: float | None, batch_size: int) -> tuple[Vide
     Raises DecodeError when the file cannot be opened; the iterator raises StreamBroken after yielding every frame
     that could be decoded before a break in the stream.
     """
+    if source.size_bytes == 0:
+        raise DecodeError("the file is empty (0 bytes)")
     if source.is_image:
         return _open_image(source)
     decord = import_decord()

@@ -162,6 +162,15 @@ def test_tracker_reacquires_the_largest_after_loss():
     assert tracker.update(_faces([305, 55, 505, 255])) == 0  # and follows the new face from there
 
 
+def test_tracker_counts_lost_frames_not_updates():
+    """With key-frame detection every 5th frame, a lost track is given up after max_lost frames, not updates."""
+    tracker = PrimaryFaceTracker(max_lost=30)
+    assert tracker.update(_faces([10, 10, 40, 40]), frames=5) == 0  # e.g. a false positive early in the video
+    elsewhere = _faces([300, 100, 500, 300])  # the real subject appears somewhere else
+    answers = [tracker.update(elsewhere, frames=5) for _ in range(8)]
+    assert answers == [None] * 6 + [0, 0]  # taken after 30 frames (6 key frames), then followed
+
+
 # --------------------------------------------------------------------------------------------------- alignment
 
 
