@@ -69,7 +69,7 @@ def train(
     features: Features = "va,expr,au",
     no_face: NoFace = "drop",
     t: T = None,
-    head: Annotated[str, typer.Option(help="mean | attn | mrnn (paper) | last | ridge.")] = "mean",
+    head: Annotated[str, typer.Option(help="attn | mean | mrnn (paper) | last | ridge.")] = "attn",
     mask: Annotated[bool, typer.Option(help="Mask (and routing for mrnn); --no-mask = paper's w/o Mask & "
                                             "Routing.")] = True,
     rnn: Annotated[str, typer.Option(help="gru | lstm.")] = "gru",
@@ -178,7 +178,7 @@ def sweep(
     features: Features = "va,expr,au",
     no_face: NoFace = "drop",
     t: T = None,
-    head: Annotated[str, typer.Option(help="Base head (presets and axes override it).")] = "mean",
+    head: Annotated[str, typer.Option(help="Base head (presets and axes override it).")] = "attn",
     epochs: Epochs = 30,
     patience: Patience = 6,
     batch_size: BatchSize = 16,
@@ -209,7 +209,7 @@ def sweep(
         _fail(e)
     table = Table(title=f"{out}: {len(res.ranked)} configurations ({res.n_run} runs now, {res.n_reused} reused)")
     for c in ("rank", "configuration", "val mean Pearson", "± std", "seeds", "best epoch", "s/run"):
-        table.add_column(c, justify="left" if c == "configuration" else "right")
+        table.add_column(c, justify="left" if c == "configuration" else "right", no_wrap=c == "configuration")
     for r in res.ranked.itertuples():
         table.add_row(str(r.rank), r.config, f"{r.val_mean_pearson:.4f}", f"{r.std:.4f}", str(r.seeds),
                       f"{r.best_epoch:.1f}", f"{r.seconds:.0f}")

@@ -6,7 +6,6 @@ applied), `read_labels` (validated id + numeric targets + split), `match` (label
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, unquote

@@ -21,7 +21,7 @@ from safetensors.torch import save_file as save_torch
 from affextract.schema import FEATURE_NAMES, FORMAT_VERSION
 
 from . import __version__
-from .data import (DataError, Labels, Video, find_labels, match, read_features, read_labels, split_indices,
+from .data import (Labels, Video, find_labels, match, read_features, read_labels, split_indices,
                    video_id, pad_batch)
 from .model import HEADS, ModelConfig, SeqHead
 
