@@ -208,8 +208,9 @@ def sweep(
     except (DataError, ValueError) as e:
         _fail(e)
     table = Table(title=f"{out}: {len(res.ranked)} configurations ({res.n_run} runs now, {res.n_reused} reused)")
-    for c in ("rank", "configuration", "val mean Pearson", "± std", "seeds", "best epoch", "s/run"):
-        table.add_column(c, justify="left" if c == "configuration" else "right", no_wrap=c == "configuration")
+    # Numbers never wrap; long configuration names do (the table must fit a narrow terminal).
+    for c in ("rank", "configuration", "val mean r", "± std", "seeds", "best epoch", "s/run"):
+        table.add_column(c, justify="left" if c == "configuration" else "right", no_wrap=c != "configuration")
     for r in res.ranked.itertuples():
         table.add_row(str(r.rank), r.config, f"{r.val_mean_pearson:.4f}", f"{r.std:.4f}", str(r.seeds),
                       f"{r.best_epoch:.1f}", f"{r.seconds:.0f}")

@@ -46,13 +46,14 @@ class SweepResult:
     n_reused: int  # runs found finished and not rerun
 
 
-# Ablations like the paper's Table 4, all on the paper's head (GRU(128) → concat → Mask → FC(32) → FC, routing).
+# Ablations like the paper's Table 4 (its ResNet50 row needs another frame CNN), all on the paper's head (GRU(128) → concat → Mask → FC(32) → FC, routing).
 PRESETS: dict[str, tuple[Variant, ...]] = {
     "table4": (
         Variant("MRNN (paper): GRU(128) + FC(32)", (("head", "mrnn"),)),
         Variant("GRU + FC(64)", (("head", "mrnn"), ("fc", 64))),
         Variant("GRU + FC(16)", (("head", "mrnn"), ("fc", 16))),
         Variant("GRU + FC(8)", (("head", "mrnn"), ("fc", 8))),
+        Variant("2 × GRU + FC(32)", (("head", "mrnn"), ("layers", 2))),
         Variant("LSTM + FC(32)", (("head", "mrnn"), ("rnn", "lstm"))),
         Variant("GRU(256) + FC(32)", (("head", "mrnn"), ("hidden", 256))),
         Variant("GRU(64) + FC(32)", (("head", "mrnn"), ("hidden", 64))),
