@@ -46,7 +46,8 @@ class SweepResult:
     n_reused: int  # runs found finished and not rerun
 
 
-# Ablations like the paper's Table 4 (its ResNet50 row needs another frame CNN), all on the paper's head (GRU(128) → concat → Mask → FC(32) → FC, routing).
+# Ablations like the paper's Table 4 (its ResNet50 row needs another frame CNN), all on the paper's head
+# (GRU(128) → concat → Mask → FC(32) → FC, routing).
 PRESETS: dict[str, tuple[Variant, ...]] = {
     "table4": (
         Variant("MRNN (paper): GRU(128) + FC(32)", (("head", "mrnn"),)),
