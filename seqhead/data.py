@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import quote, unquote
 
 import h5py
 import numpy as np
 import pandas as pd
 
-from affextract.schema import FEATURE_NAMES, FORMAT, FORMAT_VERSION, GROUPS
+from affextract.schema import FEATURE_NAMES, GROUPS
+from affextract.store import FormatError, check_format as check_affextract_format, escape_key, unescape_key
 
 # The Hume-Reaction layout (ABAW 2023 / MuSe 2022 Emotional Reactions).
 HUME_ID = "File_ID"
@@ -32,15 +32,6 @@ NO_FACE_POLICIES = ("drop", "fill")
 
 class DataError(ValueError):
     """Bad input file (features or labels); the message names the file, the rows and what to do."""
-
-
-def escape_key(source: str) -> str:
-    """HDF5 group name of a video: its relative path with '%' and '/' percent-encoded (reversible)."""
-    return quote(source, safe=" !\"#$&'()*+,-.:;<=>?@[\\]^_`{|}~")
-
-
-def unescape_key(key: str) -> str:
-    return unquote(key)
 
 
 def feature_indices(features: str, names: tuple[str, ...] = FEATURE_NAMES) -> list[int]:
@@ -68,16 +59,12 @@ class Video:
 
 
 def check_format(h5: h5py.File, path: Path) -> tuple[str, ...]:
-    """Refuse anything but affextract features, format version 1; return the file's feature names."""
-    fmt = h5.attrs.get("format")
-    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-    if fmt != FORMAT:
-        raise DataError(f"{path}: not an affextract features file (format attribute {fmt!r}, expected {FORMAT!r}); "
-                        "make one with `affextract run VIDEOS/ out.h5` or `seqhead simulate`")
-    version = int(h5.attrs.get("format_version", -1))
-    if version != FORMAT_VERSION:
-        raise DataError(f"{path}: features format version {version}, but this seqhead reads version "
-                        f"{FORMAT_VERSION} only; re-extract with a matching affextract or upgrade seqhead")
+    """Refuse anything but affextract features of the format version this seqhead reads (affextract's check);
+    return the file's feature names."""
+    try:
+        check_affextract_format(h5, path)
+    except FormatError as e:
+        raise DataError(f"{e} (seqhead reads what `affextract run` or `seqhead simulate` writes)") from e
     names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in h5.attrs["feature_names"])
     return names
 

@@ -21,9 +21,10 @@ import numpy as np
 import pandas as pd
 
 from affextract.schema import FEATURE_NAMES, FORMAT, FORMAT_VERSION
+from affextract.store import escape_key
 
 from . import __version__
-from .data import HUME_ID, HUME_TARGETS, escape_key
+from .data import HUME_ID, HUME_TARGETS
 
 HUME_SIZES = (15806, 4657, 4604)  # train, val, test videos of Hume-Reaction
 HUME_SUBJECTS = 2222

@@ -48,8 +48,8 @@ def test_escape_is_reversible():
         assert "/" not in escape_key(s) and unescape_key(escape_key(s)) == s
 
 
-@pytest.mark.parametrize("attrs, message", [({"format_version": 2}, "version 2"),
-                                            ({"format": "something-else"}, "not an affextract features file")])
+@pytest.mark.parametrize("attrs, message", [({"format_version": 2}, "format_version 2"),
+                                            ({"format": "something-else"}, "not an affextract feature file")])
 def test_refuses_other_formats(tmp_path, attrs, message):
     p = tmp_path / "x.h5"
     with h5py.File(p, "w") as h5:
