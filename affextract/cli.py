@@ -34,7 +34,7 @@ def run(
     detect_every: int = typer.Option(5, min=1, help="Full face detection on every k-th frame; frames in between re-fit the tracked face. 1 = detect on every frame."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     batch_size: int = typer.Option(64, min=1, help="Frames decoded, detected and run through the model together."),
-    workers: int = typer.Option(1, min=1, help="Processes that decode, detect and align (raise it with many cores and a GPU)."),
+    workers: int = typer.Option(0, min=0, help="Processes that decode, detect and align, each on its own videos. 0 = half the cores, at most 8."),
     fps: Optional[float] = typer.Option(None, min=0.001, help="Analyse frames at this rate (by timestamp). Default: every frame."),
     commit_every: float = typer.Option(60.0, min=0, help="Seconds between merges of finished videos into the output file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),

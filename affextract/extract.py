@@ -33,7 +33,7 @@ class ExtractOptions:
     detect_every: int = 5
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available; cuda:LOCAL_RANK under torchrun)
     batch_size: int = 64  # frames decoded, detected and run through the model together
-    workers: int = 1  # processes that decode, detect and align, each on its own videos (several per GPU keep it busy)
+    workers: int = 0  # processes that decode, detect and align, each on its own videos; 0 = half the cores, at most 8
     fps: float | None = None  # analyse frames at this rate (by timestamp); None = every frame
     commit_every: float = 60.0  # seconds between merges of finished videos into the output file
     progress: bool = True  # show a rich progress display on stderr
@@ -141,13 +141,16 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                 else:
                     todo.append(s)
             mine = todo[dist.rank::dist.world]
+            workers = options.workers or default_workers()
+            threads_before = torch.get_num_threads()
+            torch.set_num_threads(_cpu_threads(workers))
             features = _Features(model, device)
             spec = _WorkerSpec(options.fps, options.batch_size, options.detector, det_opts, options.detect_every,
-                               str(device), _worker_threads(options.workers, device))
+                               str(device), _cpu_threads(workers))
             ui = _Progress(options.progress and dist.rank == 0, len(mine))
             last_commit = time.monotonic()
             with ui:
-                for i, event in _analyse(mine, spec, options.workers):
+                for i, event in _analyse(mine, spec, workers):
                     src = mine[i]
                     if isinstance(event, VideoInfo):
                         writers[i] = store.begin_video(src.key, _video_attrs(src, event))
@@ -179,6 +182,8 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                         store.commit()
                         last_commit = time.monotonic()
         finally:
+            if "threads_before" in locals():
+                torch.set_num_threads(threads_before)
             for writer in writers.values():  # interrupted videos: their shards are dropped, the videos redone
                 writer.abort()
             dist.barrier()
@@ -251,13 +256,19 @@ class _WorkerSpec:
     threads: int  # torch threads of each worker
 
 
-def _worker_threads(workers: int, device: torch.device) -> int:
-    """Torch threads per worker: the workers share the cores with each other and with the main process."""
+def _cpu_threads(workers: int) -> int:
+    """Torch threads for each worker and for the main process. The processes share the cores: oversubscribed OpenMP
+    threads spin against each other (on 2 cores, 2 threads in each of 2 processes ran 4x slower than 1 in each)."""
     import os
 
-    if device.type == "cuda":
-        return 1
-    return max(1, (os.cpu_count() or 1) // max(workers, 1))
+    return max(1, (os.cpu_count() or 1) // (workers + 1))
+
+
+def default_workers() -> int:
+    """Half the cores, at most 8: detection dominates and scales better over processes than over threads."""
+    import os
+
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
 def _worker(sources: list[Source], indices: list[int], spec: _WorkerSpec, q) -> None:
