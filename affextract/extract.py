@@ -274,7 +274,7 @@ def default_workers() -> int:
 def _worker(sources: list[Source], indices: list[int], spec: _WorkerSpec, q) -> None:
     import os
 
-    from affextract.faces import PrimaryFaceStream, align_faces, get_detector
+    from affextract.faces import PrimaryFaceStream, get_detector, warp_faces
 
     # FFmpeg and decord print their complaints about broken files straight to the C-level stderr, through the
     # progress display; every failure reaches the run's summary through the queue instead.
@@ -297,8 +297,7 @@ def _worker(sources: list[Source], indices: list[int], spec: _WorkerSpec, q) -> 
             for chunk in chunks:
                 p = stream(chunk.frames)
                 with torch.inference_mode():
-                    crops = align_faces(chunk.frames[p.face], p.landmarks[p.face], device=spec.device)
-                    crops = ((crops + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+                    crops = warp_faces(chunk.frames[p.face], p.landmarks[p.face], device=spec.device).cpu().numpy()
                 q.put((i, Faces(chunk.frame, chunk.time, p.face, p.boxes, p.scores, p.landmarks, crops)))
             q.put((i, None))
         except StreamBroken as e:

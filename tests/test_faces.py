@@ -18,6 +18,7 @@ from affextract.faces import (
     PrimaryFaceStream,
     PrimaryFaceTracker,
     align_faces,
+    warp_faces,
     alignment_matrices,
     box_iou,
     get_detector,
@@ -200,7 +201,8 @@ def test_detector_finds_the_template_eyes_on_the_aligned_crop(detector, astronau
 
 
 @pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")  # skimage 0.26 via insightface
-def test_batched_warp_matches_insightface_norm_crop(astronaut, astronaut_face):
+@pytest.mark.parametrize("method", ["cv2", "grid"])  # grid is the GPU path, checked here on the CPU
+def test_warp_matches_insightface_norm_crop(astronaut, astronaut_face, method):
     from insightface.utils.face_align import norm_crop
 
     marks = astronaut_face.landmarks[0]
@@ -209,18 +211,22 @@ def test_batched_warp_matches_insightface_norm_crop(astronaut, astronaut_face):
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     variants = np.stack([marks, (marks - centre) @ rotation.T * 1.3 + centre, marks + [[150, 200]]])  # (3, 5, 2)
     frames = np.repeat(astronaut[None], 3, axis=0)
-    crops = align_faces(torch.from_numpy(frames), variants)
-    ours = ((crops.permute(0, 2, 3, 1) + 1) * 127.5).numpy()
+    crops = warp_faces(torch.from_numpy(frames), variants, method=method)
+    assert crops.dtype == torch.uint8 and crops.shape == (3, 3, 112, 112)
+    ours = crops.permute(0, 2, 3, 1).numpy().astype(np.float64)
     for i in range(3):
         reference = norm_crop(astronaut, variants[i]).astype(np.float64)
         difference = np.abs(ours[i] - reference)
-        assert difference.max() <= 2.0, f"variant {i}: {difference.max()} grey levels"
+        assert difference.max() <= (0 if method == "cv2" else 2.0), f"variant {i}: {difference.max()} grey levels"
         assert difference.mean() < 0.5
+    with pytest.raises(ValueError, match="unknown warp method"):
+        warp_faces(frames, variants, method="nearest")
 
 
-def test_alignment_of_a_frame_without_face_is_black(astronaut, astronaut_face):
+@pytest.mark.parametrize("method", ["cv2", "grid"])
+def test_alignment_of_a_frame_without_face_is_black(astronaut, astronaut_face, method):
     marks = np.stack([astronaut_face.landmarks[0], np.full((5, 2), np.nan)])
-    crops = align_faces(np.repeat(astronaut[None], 2, axis=0), marks)
+    crops = warp_faces(np.repeat(astronaut[None], 2, axis=0), marks, method=method).float() / 127.5 - 1
     assert (crops[1] == -1).all() and crops[0].std() > 0.1
     with pytest.raises(ValueError, match="one landmark set per frame"):
         align_faces(astronaut[None], marks)
