@@ -31,7 +31,7 @@ def run(
     weights: Optional[Path] = typer.Option(None, help="MMA weights (.safetensors). Default: the weights shipped with affextract."),
     detector: str = typer.Option("mtcnn", help="Face detector: mtcnn (offline, default) or scrfd."),
     detector_model: Optional[Path] = typer.Option(None, help="Local model file for the detector (scrfd: a .onnx)."),
-    detect_every: int = typer.Option(5, min=1, help="Full face detection on every k-th frame; frames in between re-fit the tracked face. 1 = detect on every frame."),
+    detect_every: int = typer.Option(10, min=1, help="Full face detection on every k-th frame; frames in between re-fit the tracked face. 1 = detect on every frame."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     batch_size: int = typer.Option(64, min=1, help="Frames decoded, detected and run through the model together."),
     workers: int = typer.Option(0, min=0, help="Processes that decode, detect and align, each on its own videos. 0 = half the cores, at most 8."),

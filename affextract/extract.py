@@ -28,9 +28,9 @@ class ExtractOptions:
     weights: Path | None = None  # MMA weights (.safetensors); None = the weights shipped with the package
     detector: str = "mtcnn"  # face detector name (see affextract.faces.DETECTORS)
     detector_model: Path | None = None  # local model file for detectors that need one (scrfd's .onnx)
-    # Full face detection on every k-th frame; the frames between only re-fit the tracked face (one O-Net pass). 5 costs
-    # about 2 px of landmark error on 640x360 talking faces and no face rate, for 2-5x the speed (see README).
-    detect_every: int = 5
+    # Full face detection on every k-th frame; the frames between only re-fit the tracked face (one O-Net pass). 10
+    # costs about 2.5 px of landmark error (faces 150-250 px wide) and no face rate, for twice the speed (README).
+    detect_every: int = 10
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available; cuda:LOCAL_RANK under torchrun)
     batch_size: int = 64  # frames decoded, detected and run through the model together
     workers: int = 0  # processes that decode, detect and align, each on its own videos; 0 = half the cores, at most 8
