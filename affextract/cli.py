@@ -121,7 +121,7 @@ def info(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An 
 
   emotionet:aus.csv[:IMAGE_ROOT]   manifest:list.csv[:raw]
 
-Example (the shipped default weights, see docs/model_card.md):
+Example (the shipped default weights, see README, "Model card"):
 
   affextract train --data ferplus:ferplus.h5:train --val ferplus:ferplus.h5:valid --derive-va --select acc_expr
 

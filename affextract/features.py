@@ -26,7 +26,7 @@ from affextract.store import FormatError, _str, check_format, escape_key, unesca
 
 @dataclass(frozen=True)
 class VideoFeatures:
-    """Everything stored for one video (format v1, see docs/hdf5_format.md)."""
+    """Everything stored for one video (format v1, see README, "The feature file")."""
 
     key: str  # the video's path relative to the input root ('/'-separated), as passed to FeatureFile[...]
     source: str  # the `source` attribute: relative path of the video file
