@@ -132,6 +132,9 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             store.__enter__()  # lock, check the file, merge what a crashed run left
         dist.barrier()
         writers: dict[int, ShardWriter] = {}  # video index -> shard of each video in flight
+        workers = options.workers or default_workers()
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(_cpu_threads(workers))
         try:
             stored = store.stored()
             todo = []
@@ -141,9 +144,6 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                 else:
                     todo.append(s)
             mine = todo[dist.rank::dist.world]
-            workers = options.workers or default_workers()
-            threads_before = torch.get_num_threads()
-            torch.set_num_threads(_cpu_threads(workers))
             features = _Features(model, device)
             spec = _WorkerSpec(options.fps, options.batch_size, options.detector, det_opts, options.detect_every,
                                str(device), _cpu_threads(workers))
@@ -171,8 +171,8 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                         ui.shrink_frames(src.key, writer.k)
                         report.written.append(src.key)
                         report.partial.append((src.key, str(event)))
-                    else:  # an error before any frame was decoded, or a crash of the decoder
-                        if writer is not None:  # the decoder crashed part-way through this video
+                    else:  # an error before any frame was decoded, or a crash of the worker
+                        if writer is not None:  # the worker crashed part-way through this video
                             writer.abort()
                         store.record_failure(src.key, _source_attrs(src), str(event))
                         report.failed.append((src.key, str(event)))
@@ -182,8 +182,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                         store.commit()
                         last_commit = time.monotonic()
         finally:
-            if "threads_before" in locals():
-                torch.set_num_threads(threads_before)
+            torch.set_num_threads(threads_before)
             for writer in writers.values():  # interrupted videos: their shards are dropped, the videos redone
                 writer.abort()
             dist.barrier()

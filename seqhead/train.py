@@ -191,8 +191,9 @@ def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, buck
         order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
                                 for c in np.array_split(order, max(1, math.ceil(len(order) / chunk)))])
     out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if len(out) > 1 and len(out[-1]) < 2:
-        out[-2] = np.concatenate([out[-2], out.pop()])
+    if len(out) > 1 and len(out[-1]) < 2:  # a batch of one has no Pearson correlation: join it to the one before
+        last = out.pop()
+        out[-1] = np.concatenate([out[-1], last])
     if bucket:
         out = [out[i] for i in rng.permutation(len(out))]
     return out

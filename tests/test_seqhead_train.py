@@ -135,3 +135,15 @@ def test_run_dir_reproduces_validation_metrics(sim, tmp_path, head):
     assert np.isclose(ev.mean_pearson, res.val_mean_pearson, atol=1e-4)
     for k, v in res.val_pearson.items():
         assert np.isclose(ev.pearson[k], v, atol=1e-4)
+
+
+@pytest.mark.parametrize("bucket", [False, True])
+def test_batches_cover_every_video_once_and_never_leave_one_alone(bucket):
+    from seqhead.train import batches
+
+    rng = np.random.default_rng(0)
+    for n in range(2, 40):
+        for size in (2, 4, 16):
+            out = batches(rng.integers(1, 480, n), size, rng, bucket)
+            assert sorted(np.concatenate(out).tolist()) == list(range(n)), (n, size)
+            assert min(len(b) for b in out) >= 2, (n, size)
