@@ -85,6 +85,16 @@ class _Dist:
 
             dist.barrier()
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def gather(self, obj):
         if self.world == 1:
             return [obj]
@@ -128,9 +138,18 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             alignment=ALIGNMENT, sampling=dumps({"fps": None if options.fps is None else float(options.fps)}),
         )
         store = FeatureStore(output, provenance, merge=dist.rank == 0)
+        opened: Exception | None = None
         if dist.rank == 0:
-            store.__enter__()  # lock, check the file, merge what a crashed run left
-        dist.barrier()
+            try:
+                store.__enter__()  # lock, check the file, merge what a crashed run left
+            except Exception as e:
+                opened = e
+        # Every rank learns whether rank 0 could open the file, so none waits for a run that will not happen.
+        refusal = dist.broadcast(None if opened is None else str(opened))
+        if opened is not None:
+            raise opened
+        if refusal is not None:
+            raise RuntimeError(f"rank 0 could not open {output}: {refusal}")
         writers: dict[int, ShardWriter] = {}  # video index -> shard of each video in flight
         workers = options.workers or default_workers()
         threads_before = torch.get_num_threads()

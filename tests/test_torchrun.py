@@ -35,3 +35,19 @@ def test_torchrun_two_ranks_equal_single_process(weights, tmp_path):
     # resuming the merged file with a single process skips everything it holds
     r = subprocess.run([sys.executable, *args[:4], str(multi), *args[4:]], capture_output=True, text=True, timeout=300)
     assert "0 extracted, 5 already done" in " ".join(r.stderr.split())
+
+
+def test_torchrun_fails_fast_on_every_rank_when_the_file_is_locked(weights, tmp_path):
+    from affextract.store import FeatureStore, Provenance
+
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun not on PATH")
+    d = tmp_path / "videos"
+    d.mkdir()
+    write_video(d / "v.mp4", astronaut_frames(4, size=(160, 120)))
+    out = tmp_path / "out.h5"
+    with FeatureStore(out, Provenance("x", "y", "z", "a", "s")):
+        r = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29518", "-m", "affextract", "run",
+                            str(d), str(out), "--weights", str(weights), "-q"],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "rank 0 could not open" in r.stderr and "being written by another affextract run" in r.stderr
