@@ -88,10 +88,12 @@ def info(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An 
     """Show the videos in a feature file (frames, face rate, status) and how the file was made."""
     from rich.table import Table
 
-    from affextract.store import FormatError, summarize
+    from affextract.features import open_features
+    from affextract.store import FormatError
 
     try:
-        attrs, rows = summarize(path)
+        with open_features(path) as ff:
+            attrs, rows = ff.attrs, ff.summary()
     except (FormatError, OSError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)

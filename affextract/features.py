@@ -84,6 +84,17 @@ class VideoFeatures:
         return pd.concat([df, feats], axis=1)
 
 
+@dataclass(frozen=True)
+class VideoSummary:
+    """One line of `affextract info`."""
+
+    key: str
+    frames: int  # K, frames analysed
+    face_rate: float  # fraction of analysed frames with a face
+    status: str  # complete | partial | failed
+    error: str
+
+
 class FeatureFile:
     """An affextract HDF5 file opened for reading. Use as a context manager, or call close().
 
@@ -148,6 +159,16 @@ class FeatureFile:
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
         return VideoFeatures(key=key, source=str(attrs.get("source", key)),
                              features=np.ascontiguousarray(d.pop("features").T), attrs=attrs, **d)
+
+    def summary(self) -> list[VideoSummary]:
+        """One row per stored or failed video, sorted by key; reads only each video's `face` flags."""
+        rows = [VideoSummary(key, 0, 0.0, "failed", error) for key, error in self.failed.items()]
+        for key in self.keys:
+            g = self._f["videos"][escape_key(key)]
+            face = g["face"][()]
+            rows.append(VideoSummary(key, len(face), float(face.mean()) if len(face) else 0.0,
+                                     _str(g.attrs.get("status", "complete")), _str(g.attrs.get("error", ""))))
+        return sorted(rows, key=lambda r: r.key)
 
     def find(self, name: str) -> str:
         """The key of a video given its key or a unique file name or stem ("clip" for "sub/clip.mp4")."""

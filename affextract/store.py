@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -271,39 +270,6 @@ class FeatureStore:
         f.attrs["affextract_version"] = __version__
         self.provenance.write(f.attrs)
         f.attrs["created"] = _now()
-
-
-# -- reading ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class VideoSummary:
-    key: str
-    frames: int  # K, frames analysed
-    face_rate: float  # fraction of analysed frames with a face
-    status: str  # complete | partial | failed
-    error: str
-
-
-def summarize(path: Path | str) -> tuple[dict, list[VideoSummary]]:
-    """Provenance attributes of the file and one summary per stored or failed video."""
-    with h5py.File(path, "r") as f:
-        check_format(f, path)
-        attrs = {k: _str(v) if not isinstance(v, np.ndarray) else [_str(x) for x in v] for k, v in f.attrs.items()}
-        rows = []
-        for name, g in f.get("videos", {}).items():
-            face = g["face"][:]
-            rows.append(VideoSummary(unescape_key(name), len(face), float(face.mean()) if len(face) else 0.0,
-                                     _str(g.attrs.get("status", "complete")), _str(g.attrs.get("error", ""))))
-        for name, g in f.get("failed", {}).items():
-            rows.append(VideoSummary(unescape_key(name), 0, 0.0, "failed", _str(g.attrs.get("error", ""))))
-    return attrs, sorted(rows, key=lambda r: r.key)
-
-
-def iter_videos(path: Path | str) -> Iterator[tuple[str, dict[str, np.ndarray], dict]]:
-    """(key, datasets, attrs) for every stored video, loading one video at a time."""
-    with h5py.File(path, "r") as f:
-        check_format(f, path)
-        for name, g in f.get("videos", {}).items():
-            yield unescape_key(name), {k: g[k][()] for k in g}, {k: _str(v) for k, v in g.attrs.items()}
 
 
 def _now() -> str:

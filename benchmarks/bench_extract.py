@@ -27,8 +27,8 @@ import torch
 
 from affextract.extract import ExtractOptions, extract, resolve_device
 from affextract.faces import PrimaryFaceStream, align_faces, get_detector
+from affextract.features import open_features
 from affextract.model import load_weights
-from affextract.store import iter_videos
 from affextract.video import find_sources, import_decord, open_video
 
 
@@ -92,14 +92,14 @@ def stage_costs(source, model, detector, device, detect_every: int, batch: int) 
 
 def landmark_cost(h5_every: Path, h5_ref: Path) -> dict[str, float]:
     """Landmark error (px) and face rates of a --detect-every run against detecting on every frame."""
-    ref = {k: v for k, v, _ in iter_videos(h5_ref)}
     errs, rate, rate_ref = [], [], []
-    for k, v, _ in iter_videos(h5_every):
-        r = ref[k]
-        both = v["face"] & r["face"]
-        errs.append(np.linalg.norm(v["landmarks"][both] - r["landmarks"][both], axis=-1).mean(-1))
-        rate.append(v["face"].mean())
-        rate_ref.append(r["face"].mean())
+    with open_features(h5_every) as every, open_features(h5_ref) as ref:
+        for v in every:
+            r = ref[v.key]
+            both = v.face & r.face
+            errs.append(np.linalg.norm(v.landmarks[both] - r.landmarks[both], axis=-1).mean(-1))
+            rate.append(v.face.mean())
+            rate_ref.append(r.face.mean())
     e = np.concatenate(errs)
     return {"landmark_err_px_mean": float(e.mean()), "landmark_err_px_p95": float(np.percentile(e, 95)),
             "face_rate": float(np.mean(rate)), "face_rate_every_frame": float(np.mean(rate_ref))}

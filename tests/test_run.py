@@ -15,7 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from affextract.cli import app
-from affextract.store import FeatureStore, Provenance, check_format, summarize
+from affextract.features import open_features
+from affextract.store import FeatureStore, Provenance, check_format
 from conftest import astronaut_frames, garble_second_half, noface_frames, write_video
 
 runner = CliRunner()
@@ -77,7 +78,8 @@ def test_run_folder_end_to_end(batch, weights, tmp_path):
     g = v["garbled.mp4"]
     assert g["attrs"]["status"] == "partial" and 0 < g["features"].shape[1] < 40
     assert v["still.png"]["face"].tolist() == [True]
-    _, rows = summarize(out)
+    with open_features(out) as ff:
+        rows = ff.summary()
     failed = {r.key: r.error for r in rows if r.status == "failed"}
     assert set(failed) == {"empty.mp4", "text.mp4"}
     assert "empty" in failed["empty.mp4"] and "cannot decode" in failed["text.mp4"]
@@ -163,7 +165,8 @@ def test_kill_9_then_rerun_completes_without_loss_or_duplicates(weights, tmp_pat
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         if out.exists():  # whatever was merged is readable
-            _, rows = summarize(out)
+            with open_features(out) as ff:
+                rows = ff.summary()
             assert all(r.status == "complete" for r in rows)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 
 from affextract.schema import FEATURE_NAMES
+from affextract.features import open_features
 from affextract.store import (FeatureStore, FormatError, IncompatibleError, LockedError, Provenance, escape_key,
-                              iter_videos, summarize, unescape_key)
+                              unescape_key)
 
 PROV = Provenance(model="m", model_sha256="0" * 64, detector='{"name": "mtcnn"}', alignment="arcface",
                   sampling='{"fps": null}')
@@ -54,8 +55,9 @@ def test_layout_matches_format_v1(tmp_path):
         for a in ("source", "size_bytes", "mtime", "fps", "frames_total", "width", "height"):
             assert a in g.attrs
         assert g.attrs["source"] == "d/v.mp4" and g.attrs["status"] == "complete"
-    key, data, attrs = next(iter_videos(out))
-    assert key == "d/v.mp4" and np.array_equal(data["frame"], np.arange(7))
+    with open_features(out) as ff:
+        v = ff["d/v.mp4"]
+    assert ff.keys == ["d/v.mp4"] and np.array_equal(v.frame, np.arange(7))
     assert not (tmp_path / "out.h5.parts").exists() and not (tmp_path / "out.h5.lock").exists()
 
 
@@ -63,12 +65,14 @@ def test_failures_recorded_and_replaced_by_success(tmp_path):
     out = tmp_path / "out.h5"
     with FeatureStore(out, PROV) as store:
         store.record_failure("bad.mp4", {"source": "bad.mp4", "size_bytes": 0, "mtime": 0.0}, "cannot decode")
-    _, summary = summarize(out)
+    with open_features(out) as ff:
+        summary = ff.summary()
     assert [(s.key, s.status, s.error) for s in summary] == [("bad.mp4", "failed", "cannot decode")]
     with FeatureStore(out, PROV) as store:
         assert store.stored() == {}  # failures are retried
         write(store, "bad.mp4", 3)
-    _, summary = summarize(out)
+    with open_features(out) as ff:
+        summary = ff.summary()
     assert [(s.key, s.status, s.frames) for s in summary] == [("bad.mp4", "complete", 3)]
 
 
@@ -116,8 +120,8 @@ def test_reader_refuses_unknown_version(tmp_path):
     with h5py.File(p, "w") as f:
         f.attrs["format"], f.attrs["format_version"] = "affextract-features", 2
     with pytest.raises(FormatError, match="format_version 2.*reads version 1"):
-        summarize(p)
+        open_features(p)
     q = tmp_path / "other.h5"
     h5py.File(q, "w").close()
     with pytest.raises(FormatError, match="not an affextract feature file"):
-        summarize(q)
+        open_features(q)

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from affextract.store import iter_videos, summarize
+from affextract.features import open_features
 from conftest import astronaut_frames, noface_frames, write_video
 
 
@@ -25,13 +25,15 @@ def test_torchrun_two_ranks_equal_single_process(weights, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "broken.mp4" in r.stderr  # the failure is reported, torchrun exits non-zero
     subprocess.run([sys.executable, *args[:4], str(single), *args[4:]], capture_output=True, timeout=300)
-    a, b = {k: v for k, v, _ in iter_videos(multi)}, {k: v for k, v, _ in iter_videos(single)}
+    with open_features(multi) as fa, open_features(single) as fb:
+        a, b = {v.key: v for v in fa}, {v.key: v for v in fb}
+        failed = [r.key for r in fa.summary() if r.status == "failed"]
     assert sorted(a) == sorted(b) == ["nf.mp4", "v0.mp4", "v1.mp4", "v2.mp4", "v3.mp4"]
     for k in a:
         for name in ("face", "frame", "time"):
-            np.testing.assert_array_equal(a[k][name], b[k][name])
-        np.testing.assert_allclose(a[k]["features"], b[k]["features"], atol=1e-5)
-    assert [r.key for r in summarize(multi)[1] if r.status == "failed"] == ["broken.mp4"]
+            np.testing.assert_array_equal(getattr(a[k], name), getattr(b[k], name))
+        np.testing.assert_allclose(a[k].features, b[k].features, atol=1e-5)
+    assert failed == ["broken.mp4"]
     # resuming the merged file with a single process skips everything it holds
     r = subprocess.run([sys.executable, *args[:4], str(multi), *args[4:]], capture_output=True, text=True, timeout=300)
     assert "0 extracted, 5 already done" in " ".join(r.stderr.split())
