@@ -49,7 +49,6 @@ class ExtractReport:
     ignored: list[Path] = field(default_factory=list)  # files in input folders that are neither video nor image
     frames: int = 0  # frames analysed in this run
     seconds: float = 0.0
-    world_size: int = 1  # processes that shared the work (torchrun)
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -123,15 +122,15 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
 
     t0 = time.perf_counter()
     dist = _Dist()
-    report = ExtractReport(output=Path(output), world_size=dist.world)
+    report = ExtractReport(output=Path(output))
     try:
         sources, report.ignored = find_sources([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
         device = resolve_device(options.device, dist.local_rank)
         model, winfo = load_weights(options.weights, device=device)
         det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
-        # Built here to fail early on a bad name or a missing model and to record its settings; the workers build
-        # their own.
-        detector = get_detector(options.detector, device=str(device), **det_opts)
+        # Built here, on the CPU, only to fail early on a bad name or a missing model and to record its settings; the
+        # workers build their own on `device`.
+        detector = get_detector(options.detector, device="cpu", **det_opts)
         provenance = Provenance(
             model=winfo.name, model_sha256=winfo.sha256,
             detector=dumps(detector.settings() | {"detect_every": options.detect_every}),
