@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     help="Per-frame facial-affect features (valence/arousal, 7 expressions, 17 AUs) from video.",
@@ -23,6 +24,8 @@ console = Console(stderr=True)
 
   affextract run a.mp4 b.mov out.h5 --fps 5          two files, 5 analysed frames per second
 
+  affextract run videos/ out.h5 2> run.log           progress lines every 30 s in run.log
+
   affextract run videos/ out.h5 --device cuda:1 --batch-size 256
 
 Rerunning the same command skips finished, unchanged videos and retries failed ones.""")
@@ -31,29 +34,35 @@ def run(
     weights: Optional[Path] = typer.Option(None, help="MMA weights (.safetensors). Default: the weights shipped with affextract."),
     detector: str = typer.Option("mtcnn", help="Face detector: mtcnn (offline, default) or scrfd."),
     detector_model: Optional[Path] = typer.Option(None, help="Local model file for the detector (scrfd: a .onnx)."),
-    detect_every: int = typer.Option(10, min=1, help="Full face detection on every k-th frame; frames in between re-fit the tracked face. 1 = detect on every frame."),
+    detect_interval: float = typer.Option(0.4, min=0, help="Seconds of video between full face detections; frames in between re-fit the tracked face, and a face lost there is detected again at once. 0 = detect on every frame."),
+    detect_every: Optional[int] = typer.Option(None, hidden=True, help="Replaced by --detect-interval."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     batch_size: int = typer.Option(64, min=1, help="Frames decoded, detected and run through the model together."),
     workers: int = typer.Option(0, min=0, help="Processes that decode, detect and align, each on its own videos. 0 = half the cores, at most 8."),
     fps: Optional[float] = typer.Option(None, min=0.001, help="Analyse frames at this rate (by timestamp). Default: every frame."),
     commit_every: float = typer.Option(60.0, min=0, help="Seconds between merges of finished videos into the output file."),
+    progress_every: float = typer.Option(30.0, min=0, help="Seconds between progress lines when stderr is not a terminal (a log file)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Extract per-frame affect features (26 values per frame) of videos into an HDF5 file."""
     from affextract.extract import ExtractOptions, extract
 
+    if detect_every is not None:
+        raise typer.BadParameter("--detect-every was replaced by --detect-interval SECONDS: key frames are spaced in "
+                                 "time, so --fps does not stretch them (--detect-every 10 at 25 fps is "
+                                 "--detect-interval 0.4)")
     if len(paths) < 2:
         raise typer.BadParameter("give at least one input and the output file, e.g. `affextract run videos/ out.h5`")
     *inputs, output = paths
     if output.suffix.lower() not in (".h5", ".hdf5"):
         raise typer.BadParameter(f"the last path is the output file and must end in .h5 (got {output})")
-    opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model, detect_every=detect_every,
-                          device=device, batch_size=batch_size, workers=workers, fps=fps, commit_every=commit_every,
-                          progress=not quiet)
+    opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
+                          detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
+                          fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every)
     try:
         report = extract(inputs, output, opts)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        console.print(f"[red]error:[/red] {e}")
+    except (OSError, ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
     if int(os.environ.get("RANK", "0")) == 0:
         _render_report(report)
@@ -292,7 +301,7 @@ def plot(
   affextract export out.h5 --format parquet -o frames.parquet --geometry""")
 def export(
     path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An affextract .h5 file."),
-    format: str = typer.Option("csv", "--format", "-f", help="csv or parquet (parquet needs pyarrow: pip install \"affextract[parquet]\")."),
+    format: str = typer.Option("csv", "--format", "-f", help="csv or parquet (parquet needs pyarrow: pip install \"affextract\\[parquet]\")."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write. Default: the .h5 path with .csv/.parquet."),
     video: Optional[list[str]] = typer.Option(None, "--video", help="Export only this video (repeatable). Default: all."),
     geometry: bool = typer.Option(False, "--geometry", help="Add the face box and 5 landmark columns."),

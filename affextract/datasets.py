@@ -460,7 +460,8 @@ def _align_raw(fs: FaceSet, idx: list[int]) -> torch.Tensor:
 
     The dataset's own landmarks are used where it has them; otherwise the most confident MTCNN face.
     """
-    from affextract import faces  # lazy: the detector stack is only needed for unaligned images
+    from affextract.align import align_faces  # lazy: the detector stack is only needed for unaligned images
+    from affextract.detectors import get_detector
 
     crops = []
     detector = None
@@ -468,12 +469,12 @@ def _align_raw(fs: FaceSet, idx: list[int]) -> torch.Tensor:
         img = _read_rgb(fs.images[i], fs.origin[i])
         lm = None if fs.landmarks is None else fs.landmarks[i]
         if lm is None or not np.isfinite(lm).all():
-            detector = detector or faces.get_detector("mtcnn")
+            detector = detector or get_detector("mtcnn")
             found = detector.detect(img[None])[0]
             if len(found) == 0:
                 raise DatasetError(f"{fs.origin[i]}: no face found in {fs.images[i]}; remove the row or crop the image")
             lm = found.landmarks[0]  # best score first
-        crops.append(faces.align_faces(img[None], np.asarray(lm, np.float32)[None])[0])
+        crops.append(align_faces(img[None], np.asarray(lm, np.float32)[None])[0])
     return torch.stack(crops)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from affextract.detectors import LANDMARK_NAMES
 from affextract.features import VideoFeatures, open_features
 from affextract.schema import FEATURE_NAMES
 
@@ -65,8 +66,6 @@ def frame_table(video: VideoFeatures, geometry: bool = False) -> "pd.DataFrame":
 
 def landmark_columns() -> tuple[str, ...]:
     """left_eye_x, left_eye_y, ... in the stored landmark order (image left/right)."""
-    from affextract.faces import LANDMARK_NAMES  # imported here: the faces module loads torch
-
     return tuple(f"{n}_{c}" for n in LANDMARK_NAMES for c in "xy")
 
 

@@ -1,24 +1,25 @@
 """`affextract run`: decode → detect and track the primary face → align → MMA → HDF5, resumable and crash-safe.
 
-Decoding, face detection, tracking and alignment run in worker processes, each on its own videos; they send only the
-aligned 112x112 crops and the face geometry (about 40 KB a frame instead of a raw frame), and the main process runs the
-MMA and writes. The stages overlap, and a decoder crash on a malformed file costs that file only: the worker is
-restarted on the next one.
+Decoding, face detection, tracking and alignment run in worker processes (`affextract.workers`), each on its own
+videos; they send the aligned crops and the face geometry, and the main process runs the MMA and writes. The stages
+overlap, and a decoder crash on a malformed file costs that file only. Nothing heavy happens before it is needed: a
+rerun with nothing left to do reads the output file's index and returns, without loading torch, the model or a worker.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import queue
+import hashlib
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from affextract.store import FeatureStore, Provenance, ShardWriter, dumps
-from affextract.video import DecodeError, Source, StreamBroken, VideoInfo, find_sources, open_video
+from affextract.store import FeatureStore, Provenance, ShardWriter, StoredVideo, dumps
+from affextract.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, VideoInfo, find_sources
+from affextract.workers import Broken, FaceChunk, Failed, Finished, Opened, WorkerSpec, analyse
 
 ALIGNMENT = "arcface-5pt similarity (insightface.utils.face_align.estimate_norm) to 112x112 RGB in [-1, 1]"
 
@@ -26,17 +27,20 @@ ALIGNMENT = "arcface-5pt similarity (insightface.utils.face_align.estimate_norm)
 @dataclass(frozen=True)
 class ExtractOptions:
     weights: Path | None = None  # MMA weights (.safetensors); None = the weights shipped with the package
-    detector: str = "mtcnn"  # face detector name (see affextract.faces.DETECTORS)
+    detector: str = "mtcnn"  # face detector name (see affextract.detectors.DETECTORS)
     detector_model: Path | None = None  # local model file for detectors that need one (scrfd's .onnx)
-    # Full face detection on every k-th frame; the frames between only re-fit the tracked face (one O-Net pass). 10
-    # costs about 2.5 px of landmark error (faces 150-250 px wide) and no face rate, for twice the speed (README).
-    detect_every: int = 10
+    # Seconds of video between full face detections; the frames in between only re-fit the tracked face (one O-Net
+    # pass) and a face lost there is detected again at once. In time, so --fps does not stretch the gaps. 0.4 s is
+    # every 10th frame of 25 fps video: about 2.5 px of landmark error (faces 150-250 px wide) for twice the speed of
+    # detecting every frame (README, "Performance"). 0 = detect on every frame.
+    detect_interval: float = 0.4
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available; cuda:LOCAL_RANK under torchrun)
     batch_size: int = 64  # frames decoded, detected and run through the model together
     workers: int = 0  # processes that decode, detect and align, each on its own videos; 0 = half the cores, at most 8
     fps: float | None = None  # analyse frames at this rate (by timestamp); None = every frame
     commit_every: float = 60.0  # seconds between merges of finished videos into the output file
-    progress: bool = True  # show a rich progress display on stderr
+    progress: bool = True  # report progress on stderr: a live display on a terminal, a plain line now and then otherwise
+    progress_every: float = 30.0  # seconds between plain progress lines (stderr not a terminal, e.g. a log file)
 
 
 @dataclass
@@ -51,24 +55,18 @@ class ExtractReport:
     seconds: float = 0.0
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for, but this PyTorch build sees no CUDA GPU; use --device cpu")
-    return d
+class KeyClashError(ValueError):
+    """An input would replace a different video stored under the same key."""
 
 
 class _Dist:
     """The process group when started by torchrun (WORLD_SIZE > 1): videos are sharded by rank; rank 0 merges."""
 
     def __init__(self):
-        import os
+        from affextract.runtime import ranks
 
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        r = ranks()
+        self.world, self.rank = r.world, r.rank
         if self.world > 1:
             import datetime
 
@@ -117,30 +115,33 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
     Under torchrun each rank takes every WORLD_SIZE-th video still to do and writes its own shard files; rank 0 merges
     them into `output`, so the result (and resuming it) is the same as a single-process run.
     """
-    from affextract.faces import get_detector
-    from affextract.model import load_weights
+    from affextract.detectors import describe_detector
 
     t0 = time.perf_counter()
     dist = _Dist()
     report = ExtractReport(output=Path(output))
     try:
-        sources, report.ignored = find_sources([inputs] if isinstance(inputs, (str, Path)) else list(inputs))
-        device = resolve_device(options.device, dist.local_rank)
-        model, winfo = load_weights(options.weights, device=device)
+        roots = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+        sources, report.ignored = find_sources(roots)
+        if not sources:
+            raise ValueError(
+                f"no video or image file in {', '.join(map(str, roots))}"
+                + (f" ({len(report.ignored)} other file(s) ignored)" if report.ignored else "")
+                + f"; videos end in {' '.join(sorted(VIDEO_EXTENSIONS))}, images in {' '.join(sorted(IMAGE_EXTENSIONS))}"
+            )
         det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
-        # Built here, on the CPU, only to fail early on a bad name or a missing model and to record its settings; the
-        # workers build their own on `device`.
-        detector = get_detector(options.detector, device="cpu", **det_opts)
+        name, sha256 = _weights_identity(options.weights)
         provenance = Provenance(
-            model=winfo.name, model_sha256=winfo.sha256,
-            detector=dumps(detector.settings() | {"detect_every": options.detect_every}),
+            model=name, model_sha256=sha256,
+            detector=dumps(describe_detector(options.detector, **det_opts)
+                           | {"detect_interval": float(options.detect_interval)}),
             alignment=ALIGNMENT, sampling=dumps({"fps": None if options.fps is None else float(options.fps)}),
         )
         store = FeatureStore(output, provenance, merge=dist.rank == 0)
         opened: Exception | None = None
         if dist.rank == 0:
             try:
-                store.__enter__()  # lock, check the file, merge what a crashed run left
+                store.open()  # lock, check the file, merge what a crashed run left
             except Exception as e:
                 opened = e
         # Every rank learns whether rank 0 could open the file, so none waits for a run that will not happen.
@@ -149,63 +150,15 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             raise opened
         if refusal is not None:
             raise RuntimeError(f"rank 0 could not open {output}: {refusal}")
-        writers: dict[int, ShardWriter] = {}  # video index -> shard of each video in flight
-        workers = options.workers or default_workers()
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(_cpu_threads(workers))
         try:
-            stored = store.stored()
-            todo = []
-            for s in sources:
-                if stored.get(s.key) == (s.size_bytes, s.mtime):
-                    report.skipped.append(s.key)
-                else:
-                    todo.append(s)
+            todo = _plan(sources, store.stored(), report)
             mine = todo[dist.rank::dist.world]
-            features = _Features(model, device)
-            spec = _WorkerSpec(options.fps, options.batch_size, options.detector, det_opts, options.detect_every,
-                               str(device), _cpu_threads(workers))
-            ui = _Progress(options.progress and dist.rank == 0, len(mine))
-            last_commit = time.monotonic()
-            with ui:
-                for i, event in _analyse(mine, spec, workers):
-                    src = mine[i]
-                    if isinstance(event, VideoInfo):
-                        writers[i] = store.begin_video(src.key, _video_attrs(src, event))
-                        ui.start_video(src.key, event.frames_analysed)
-                        continue
-                    if isinstance(event, Faces):
-                        writers[i].append(features(event), event.face, event.frame, event.time, event.boxes,
-                                          event.landmarks, np.where(event.face, event.scores, np.nan))
-                        report.frames += len(event.frame)
-                        ui.advance_frames(len(event.frame))
-                        continue
-                    writer = writers.pop(i, None)
-                    if event is None:  # end of a complete video
-                        writer.finish("complete")
-                        report.written.append(src.key)
-                    elif isinstance(event, StreamBroken):
-                        writer.finish("partial", str(event))
-                        ui.shrink_frames(src.key, writer.k)
-                        report.written.append(src.key)
-                        report.partial.append((src.key, str(event)))
-                    else:  # an error before any frame was decoded, or a crash of the worker
-                        if writer is not None:  # the worker crashed part-way through this video
-                            writer.abort()
-                        store.record_failure(src.key, _source_attrs(src), str(event))
-                        report.failed.append((src.key, str(event)))
-                    ui.end_video()
-                    if dist.rank == 0 and time.monotonic() - last_commit > max(options.commit_every,
-                                                                               20 * store.last_commit_s):
-                        store.commit()
-                        last_commit = time.monotonic()
+            if mine:
+                _run(mine, store, provenance, options, dist.rank == 0, report)
         finally:
-            torch.set_num_threads(threads_before)
-            for writer in writers.values():  # interrupted videos: their shards are dropped, the videos redone
-                writer.abort()
             dist.barrier()
             if dist.rank == 0:
-                store.__exit__(None, None, None)  # final merge of every rank's shards, unlock
+                store.close()  # final merge of every rank's shards, unlock
         reports = dist.gather(report)
     finally:
         dist.close()
@@ -220,26 +173,130 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
     return report
 
 
+def _plan(sources: list[Source], stored: dict[str, StoredVideo], report: ExtractReport) -> list[Source]:
+    """The sources to extract; the unchanged ones go to report.skipped. A source whose key holds a different file
+    (another path, another size or time) is refused, so that no stored video is ever replaced by another one."""
+    todo, clashes = [], []
+    for s in sources:
+        old = stored.get(s.key)
+        if old is None:
+            todo.append(s)
+        elif (old.size_bytes, old.mtime) == (s.size_bytes, s.mtime):  # the same file, even if its folder moved
+            report.skipped.append(s.key)
+        elif old.path in ("", str(s.path)):  # the same file, changed since: extracted again
+            todo.append(s)
+        else:
+            clashes.append(f"'{s.key}' (stored from {old.path}; this run has {s.path})")
+    if clashes:
+        more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+        raise KeyClashError(
+            f"{report.output} already holds a different video under the same name: {'; '.join(clashes[:3])}{more}. "
+            "Extracting would replace it. Write to another output file, or give the folders' common parent as the "
+            "input so that the names differ."
+        )
+    return todo
+
+
+def _weights_identity(weights: Path | str | None) -> tuple[str, str]:
+    """Name and SHA-256 of the MMA weights for the file's provenance, found without importing torch, so a rerun with
+    nothing to do does not load the model. load_weights checks the file again (against its recorded checksum)."""
+    path = Path(weights) if weights is not None else Path(__file__).parent / "weights" / "mma_ferplus_small.safetensors"
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: MMA weights must be a .safetensors file (pickled checkpoints are not loaded)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return path.stem, h.hexdigest()
+
+
+def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, options: ExtractOptions, merges: bool,
+         report: ExtractReport) -> None:
+    """Extract `sources` into `store` (this rank's share)."""
+    import torch
+
+    from affextract.model import load_weights
+    from affextract.runtime import resolve_device
+
+    device = resolve_device(options.device)
+    model, winfo = load_weights(options.weights, device=device)
+    if winfo.sha256 != provenance.model_sha256:
+        raise RuntimeError(f"the weights file {options.weights} changed while the run started; run again")
+    workers = options.workers or default_workers()
+    det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
+    spec = WorkerSpec(options.fps, options.batch_size, options.detector, det_opts, float(options.detect_interval),
+                      str(device), _cpu_threads(workers))
+    features = _Features(model, device)
+    writers: dict[int, ShardWriter] = {}  # video index -> shard of each video in flight
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(_cpu_threads(workers))
+    last_commit = time.monotonic()
+    ui = _Progress(options.progress and merges, [s.size_bytes for s in sources], options.progress_every)
+    try:
+        with ui:
+            for event in analyse(sources, spec, workers):
+                src = sources[event.index]
+                match event:
+                    case Opened(info=info):
+                        writers[event.index] = store.begin_video(src.key, _video_attrs(src, info))
+                        ui.opened(event.index, info.frames_analysed)
+                    case FaceChunk():
+                        writers[event.index].append(features(event), event.face, event.frame, event.time,
+                                                    event.boxes, event.landmarks,
+                                                    np.where(event.face, event.scores, np.nan))
+                        report.frames += len(event.frame)
+                        ui.analysed(event.index, len(event.frame))
+                    case Finished():
+                        writers.pop(event.index).finish("complete")
+                        report.written.append(src.key)
+                    case Broken(error=error):
+                        writers.pop(event.index).finish("partial", error)
+                        report.written.append(src.key)
+                        report.partial.append((src.key, error))
+                    case Failed(error=error):
+                        writer = writers.pop(event.index, None)
+                        if writer is not None:  # the worker crashed part-way through this video
+                            writer.abort()
+                        store.record_failure(src.key, _source_attrs(src), error)
+                        report.failed.append((src.key, error))
+                if event.ends:
+                    ui.ended(event.index)
+                    if merges and time.monotonic() - last_commit > max(options.commit_every, 20 * store.last_commit_s):
+                        store.commit()
+                        last_commit = time.monotonic()
+    finally:
+        torch.set_num_threads(threads_before)
+        for writer in writers.values():  # interrupted videos: their shards are dropped, the videos redone
+            writer.abort()
+
+
 class _Features:
     """The MMA on a chunk's aligned faces: (n, 26) rows, NaN where there is no face."""
 
-    def __init__(self, model, device: torch.device):
+    def __init__(self, model, device):
+        import torch
+
         self.model, self.device = model, device
         # Half precision on GPUs: the model's outputs are probabilities and tanh values, far above bf16 error.
         self.dtype = torch.bfloat16 if device.type == "cuda" else None
 
-    @torch.inference_mode()
-    def __call__(self, faces: "Faces") -> np.ndarray:
+    def __call__(self, faces: FaceChunk) -> np.ndarray:
+        import torch
+
         out = np.full((len(faces.face), 26), np.nan, np.float32)
         if len(faces.crops):
             x = torch.from_numpy(faces.crops).to(self.device, non_blocking=True).float() / 127.5 - 1.0
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype,
+                                                         enabled=self.dtype is not None):
                 out[faces.face] = self.model.features(x).float().cpu().numpy()
         return out
 
 
+
 def _source_attrs(src: Source) -> dict:
-    return {"source": src.key, "size_bytes": src.size_bytes, "mtime": src.mtime}
+    return {"source": src.key, "path": str(src.path), "size_bytes": src.size_bytes, "mtime": src.mtime}
 
 
 def _video_attrs(src: Source, info: VideoInfo) -> dict:
@@ -247,170 +304,107 @@ def _video_attrs(src: Source, info: VideoInfo) -> dict:
                                  "width": info.width, "height": info.height}
 
 
-# -- decoding in a worker process -----------------------------------------------------------------------------------
-# -- decode, detect, track and align in worker processes ----------------------------------------------------------------
-@dataclass(frozen=True)
-class Faces:
-    """A chunk after the face stage: what the worker sends (aligned crops, not frames, so little crosses processes)."""
-
-    frame: np.ndarray  # (n,) int32 frame index in the stream
-    time: np.ndarray  # (n,) float64 seconds
-    face: np.ndarray  # (n,) bool
-    boxes: np.ndarray  # (n, 4) float32
-    scores: np.ndarray  # (n,) float32
-    landmarks: np.ndarray  # (n, 5, 2) float32
-    crops: np.ndarray  # (m, 3, 112, 112) uint8 RGB, m = face.sum(): aligned faces (uint8 as insightface's norm_crop)
-
-
-@dataclass(frozen=True)
-class _WorkerSpec:
-    fps: float | None  # frame sampling
-    batch_size: int  # frames per chunk
-    detector: str  # detector name
-    detector_options: dict  # its options
-    detect_every: int  # key-frame interval
-    device: str  # where detection and alignment run
-    threads: int  # torch threads of each worker
-
-
 def _cpu_threads(workers: int) -> int:
     """Torch threads for each worker and for the main process. The processes share the cores: oversubscribed OpenMP
     threads spin against each other (on 2 cores, 2 threads in each of 2 processes ran 4x slower than 1 in each)."""
-    import os
-
     return max(1, (os.cpu_count() or 1) // (workers + 1))
 
 
 def default_workers() -> int:
     """Half the cores, at most 8: detection dominates and scales better over processes than over threads."""
-    import os
-
     return max(1, min(8, (os.cpu_count() or 1) // 2))
 
 
-def _worker(sources: list[Source], indices: list[int], spec: _WorkerSpec, q) -> None:
-    import os
-
-    from affextract.faces import PrimaryFaceStream, get_detector, warp_faces
-
-    # FFmpeg and decord print their complaints about broken files straight to the C-level stderr, through the
-    # progress display; every failure reaches the run's summary through the queue instead.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    torch.set_num_threads(spec.threads)
-    detector = get_detector(spec.detector, device=spec.device, **spec.detector_options)
-    for i in indices:
-        try:
-            info, chunks = open_video(sources[i], spec.fps, spec.batch_size)
-        except DecodeError as e:
-            q.put((i, str(e)))
-            continue
-        except Exception as e:  # anything else the decoder throws is still this file's failure, not the batch's
-            q.put((i, f"cannot decode: {type(e).__name__}: {e}"))
-            continue
-        q.put((i, info))
-        stream = PrimaryFaceStream(detector, detect_every=spec.detect_every)
-        try:
-            for chunk in chunks:
-                p = stream(chunk.frames)
-                with torch.inference_mode():
-                    crops = warp_faces(chunk.frames[p.face], p.landmarks[p.face], device=spec.device).cpu().numpy()
-                q.put((i, Faces(chunk.frame, chunk.time, p.face, p.boxes, p.scores, p.landmarks, crops)))
-            q.put((i, None))
-        except StreamBroken as e:
-            q.put((i, e))
-        except Exception as e:
-            q.put((i, StreamBroken(f"decoding stopped: {type(e).__name__}: {e}")))
-
-
-def _analyse(sources: list[Source], spec: _WorkerSpec, workers: int = 1):
-    """Yield (index, event) per video: VideoInfo, Faces..., then None (complete), StreamBroken (partial) or str (failed).
-
-    Each worker process takes every `workers`-th video, so events of different videos interleave; the events of one
-    video keep their order. If a worker dies (a segfault in the decoder on a malformed file), its current file is
-    reported as failed and a new worker resumes with its next one.
-    """
-    ctx = mp.get_context("spawn")
-    # Bounded: a few chunks per worker in flight, so memory does not grow with video length.
-    q = ctx.Queue(maxsize=4 * max(workers, 1))
-    todo = {w: list(range(w, len(sources), workers)) for w in range(min(workers, len(sources)))}
-    procs: dict[int, mp.Process] = {}
-
-    def start(w: int) -> None:
-        procs[w] = ctx.Process(target=_worker, args=(sources, todo[w], spec, q), daemon=True)
-        procs[w].start()
-
-    for w in todo:
-        start(w)
-    try:
-        while any(todo.values()):
-            try:
-                i, event = q.get(timeout=1.0)
-            except queue.Empty:
-                for w, p in procs.items():
-                    if todo[w] and not p.is_alive():
-                        crashed = todo[w].pop(0)
-                        yield crashed, f"the worker crashed on this file (exit code {p.exitcode})"
-                        if todo[w]:
-                            start(w)
-                continue
-            yield i, event
-            if not isinstance(event, (VideoInfo, Faces)):
-                todo[i % workers].remove(i)
-    finally:
-        for p in procs.values():
-            if p.is_alive():
-                p.kill()
-            p.join()
-
-
-# -- progress display -------------------------------------------------------------------------------------------------
+# -- progress ---------------------------------------------------------------------------------------------------------
 class _Progress:
-    def __init__(self, enabled: bool, n_videos: int):
-        self.enabled = enabled
-        self.announced: dict[str, int] = {}  # frames each video in flight said it would bring
-        if not enabled:
-            return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+    """Progress on stderr: a live display on a terminal, a plain line every `every` seconds otherwise (logs, jobs).
 
-        class _FPS(TextColumn):
-            def render(self, task):
-                speed = task.finished_speed or task.speed
-                text = f"{speed:,.0f} frames/s" if task.fields.get("rate") and speed else ""
-                return super().render(task) if not text else text
+    Work is counted in bytes of the videos to do, known before any video is opened, so the time left is sound from the
+    start. A video's frame count is known once it is opened; until every video has been, the frame total is a lower
+    bound, shown with "≥".
+    """
 
-        self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          _FPS(""), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
-        self.videos = self.p.add_task("videos", total=n_videos)
-        self.frames = self.p.add_task("frames", total=0, rate=True)
+    def __init__(self, enabled: bool, sizes: list[int], every: float):
+        self.enabled, self.sizes, self.every = enabled, sizes, every
+        self.total_bytes = max(sum(sizes), 1)
+        self.done_bytes = 0.0  # of videos that ended
+        self.ended_videos = 0
+        self.announced: dict[int, int] = {}  # frames each open video will bring
+        self.done: dict[int, int] = {}  # frames analysed of each open video
+        self.frames = 0  # analysed so far
+        self.frames_total = 0  # announced by the videos opened so far, less what broken videos did not bring
+        self.known = 0  # videos whose frame count is known (opened, or failed before opening)
+        self.t0 = time.monotonic()
+        self.printed = -float("inf")
+        self.last = ""
+        self.live = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    def __enter__(self):
-        if self.enabled:
-            self.p.__enter__()
+            self.live = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), transient=False)
+            self.task = self.live.add_task(self._summary(), total=self.total_bytes)
+
+    def __enter__(self) -> _Progress:
+        if self.live is not None:
+            self.live.__enter__()
         return self
 
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.p.__exit__(*exc)
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+        elif self.enabled and exc[0] is None:
+            self._print(force=True)
 
-    def start_video(self, key: str, frames_total: int) -> None:
-        if self.enabled:
-            self.announced[key] = frames_total
-            t = self.p.tasks[self.frames].total or 0
-            self.p.update(self.frames, total=t + frames_total)
-            self.p.update(self.videos, description=f"videos ({key[-40:]})")
+    def opened(self, i: int, frames: int) -> None:
+        self.announced[i], self.done[i] = frames, 0
+        self.frames_total += frames
+        self.known += 1
+        self._show()
 
-    def shrink_frames(self, key: str, analysed: int) -> None:
-        """A video stopped early: it will not bring the frames it announced."""
-        if self.enabled:
-            t = self.p.tasks[self.frames]
-            self.p.update(self.frames, total=t.total - (self.announced.pop(key) - analysed))
+    def analysed(self, i: int, n: int) -> None:
+        self.done[i] += n
+        self.frames += n
+        self._show()
 
-    def advance_frames(self, n: int) -> None:
-        if self.enabled:
-            self.p.advance(self.frames, n)
+    def ended(self, i: int) -> None:
+        if i in self.announced:
+            self.frames_total -= self.announced.pop(i) - self.done.pop(i)  # a broken stream brings fewer frames
+        else:
+            self.known += 1
+        self.ended_videos += 1
+        self.done_bytes += self.sizes[i]
+        self._show()
 
-    def end_video(self) -> None:
-        if self.enabled:
-            self.p.advance(self.videos)
+    def _work(self) -> float:
+        """Bytes done, counting each open video's share of frames analysed."""
+        return self.done_bytes + sum(self.sizes[i] * self.done[i] / max(n, 1) for i, n in self.announced.items())
+
+    def _summary(self) -> str:
+        bound = "≥" if self.known < len(self.sizes) else ""
+        return f"{self.ended_videos}/{len(self.sizes)} videos, {self.frames:,}/{bound}{self.frames_total:,} frames"
+
+    def _show(self) -> None:
+        if self.live is not None:
+            self.live.update(self.task, completed=self._work(), description=self._summary())
+        elif self.enabled:
+            self._print()
+
+    def _print(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.printed < self.every:
+            return
+        elapsed = now - self.t0
+        work = self._work() / self.total_bytes
+        left = f", about {_clock(elapsed * (1 - work) / work)} left" if 0 < work < 1 else ""
+        line = (f"progress: {self._summary()}, {self.frames / max(elapsed, 1e-9):,.1f} frames/s, "
+                f"{_clock(elapsed)} elapsed{left}")
+        if force and line.split(", ")[:2] == self.last.split(", ")[:2]:
+            return  # nothing new since the last line
+        print(line, file=sys.stderr, flush=True)
+        self.printed, self.last = now, line
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -8,7 +8,8 @@
         df = ff.dataframe()                   # every video: video, frame, time, face + 26 columns
 
 Arrays are frame-major, (K, 26), the transpose of the file's `features` dataset (26, K), so that rows line up with
-`frame`, `time` and `face` and with the rows of the DataFrame.
+`frame`, `time` and `face` and with the rows of the DataFrame. This is the one reader of the format: seqhead and the
+examples read through it, and `affextract.store.FeatureWriter` writes what it returns.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ import h5py
 import numpy as np
 
 from affextract.schema import AU, EXPR, FEATURE_NAMES, VA
-from affextract.store import FormatError, _str, check_format, escape_key, unescape_key
+from affextract.store import DATASETS, FormatError, Provenance, _str, check_format, escape_key, unescape_key
 
 
 @dataclass(frozen=True)
 class VideoFeatures:
-    """Everything stored for one video (format v1, see README, "The feature file")."""
+    """Everything stored for one video (format v1, see README, "The feature file").
+
+    A video read with `FeatureFile.read(key, datasets)` has None for the datasets that were not asked for.
+    """
 
     key: str  # the video's path relative to the input root ('/'-separated), as passed to FeatureFile[...]
     source: str  # the `source` attribute: relative path of the video file
@@ -37,7 +41,9 @@ class VideoFeatures:
     box: np.ndarray  # (K, 4) float32 x1, y1, x2, y2 of the tracked face in source pixels (NaN if none)
     landmarks: np.ndarray  # (K, 5, 2) float32 eyes, nose, mouth corners (x, y) in source pixels
     score: np.ndarray  # (K,) float32 detector confidence (NaN if none)
-    attrs: dict = field(default_factory=dict)  # fps, frames_total, width, height, size_bytes, mtime, status, error
+    attrs: dict = field(default_factory=dict)  # source, path, size_bytes, mtime, fps, frames_total, width, height, status, error
+    # Per-frame datasets beyond format v1's (e.g. measured movement), name -> (K, ...) array as stored.
+    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -117,6 +123,9 @@ class FeatureFile:
             raise
         self.attrs: dict = {k: ([_str(x) for x in v] if isinstance(v, np.ndarray) else _str(v))
                             for k, v in self._f.attrs.items()}  # provenance: model, detector, created, ...
+        # What made the features (weights, detector settings, alignment, sampling); files written from these features
+        # carry it on (FeatureWriter(path, ff.provenance)).
+        self.provenance: Provenance = Provenance.read(self._f.attrs)
         self.feature_names: tuple[str, ...] = tuple(self.attrs["feature_names"])
         videos = self._f.get("videos", {})
         self.keys: list[str] = sorted(unescape_key(n) for n in videos)  # videos stored with features
@@ -150,15 +159,26 @@ class FeatureFile:
 
     def __getitem__(self, key: str) -> VideoFeatures:
         """The video stored under `key` (its path relative to the input root, e.g. "sub/clip.mp4")."""
-        name = escape_key(key)
-        g = self._f.get("videos", {}).get(name)
+        return self.read(key)
+
+    def read(self, key: str, datasets: Iterable[str] | None = None) -> VideoFeatures:
+        """The video stored under `key`, with only the named datasets read (default: all, extra ones included);
+        the others are None. Reading ("features", "face") of many videos is several times faster than all."""
+        g = self._f.get("videos", {}).get(escape_key(key))
         if g is None:
             raise KeyError(self._unknown(key))
-        d = {k: g[k][()] for k in ("features", "face", "frame", "time", "box", "landmarks", "score")}
+        names = list(g) if datasets is None else list(datasets)
+        missing = [n for n in names if n not in g]
+        if missing:
+            raise KeyError(f"video {key!r} of {self.path} has no dataset {', '.join(missing)}")
+        d = {n: g[n][()] for n in names}
+        if d.get("features") is not None:
+            d["features"] = np.ascontiguousarray(d["features"].T)
         attrs = {k: _str(v) for k, v in g.attrs.items()}
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
-        return VideoFeatures(key=key, source=str(attrs.get("source", key)),
-                             features=np.ascontiguousarray(d.pop("features").T), attrs=attrs, **d)
+        return VideoFeatures(key=key, source=str(attrs.get("source", key)), attrs=attrs,
+                             extra={n: v for n, v in d.items() if n not in DATASETS},
+                             **{n: d.get(n) for n in DATASETS})
 
     def summary(self) -> list[VideoSummary]:
         """One row per stored or failed video, sorted by key; reads only each video's `face` flags."""

@@ -232,7 +232,7 @@ def _colorbar_box(box):
 
 def _crops(src: Path, v: VideoFeatures, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(frames (n, H, W, 3), aligned faces (n, 112, 112, 3)) uint8 of the sampled rows."""
-    from affextract.faces import align_faces
+    from affextract.align import align_faces
 
     if len(rows) == 0:
         return np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0, 112, 112, 3), np.uint8)

@@ -1,9 +1,13 @@
-"""The HDF5 feature file (format version 1): crash-safe writing, resume bookkeeping and reading.
+"""Writing the HDF5 feature file (format version 1): the one writer of its layout, crash-safe runs, resume bookkeeping.
 
-Crash safety: results never go straight into out.h5. Each video is written to its own shard file in
-`out.h5.parts/` (as `*.tmp`, renamed to `*.h5` once complete), and shards are merged into a copy of out.h5 that then
-atomically replaces it. A kill at any moment leaves out.h5 as it was after the last merge plus complete shards that the
-next run merges first, so no video is lost or stored twice.
+`VideoWriter` writes one video's group, chunk by chunk; `FeatureStore` is the output of `affextract run` (locked,
+resumable, crash-safe); `FeatureWriter` writes a new file in one go (simulated data, derived files). Reading is
+`affextract.features.open_features`.
+
+Crash safety of `FeatureStore`: results never go straight into out.h5. Each video is written to its own shard file
+in `out.h5.parts/` (as `*.tmp`, renamed to `*.h5` once complete), and shards are merged into a copy of out.h5 that
+then atomically replaces it. A kill at any moment leaves out.h5 as it was after the last merge plus complete shards
+that the next run merges first, so no video is lost or stored twice.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
 from affextract import __version__
 from affextract.schema import FEATURE_NAMES, FORMAT, FORMAT_VERSION
+
+if TYPE_CHECKING:
+    from affextract.features import VideoFeatures
 
 N = len(FEATURE_NAMES)
 
@@ -80,44 +88,93 @@ def check_format(f: h5py.File, path: Path | str) -> None:
         )
 
 
-class ShardWriter:
-    """Writes one video's results frame chunk by frame chunk, so memory does not grow with the video's length."""
+# name -> (dtype, shape of one frame's value) of every per-video dataset of format v1. `features` is stored
+# feature-major, (26, K); every other dataset frame-major, (K, ...).
+DATASETS: dict[str, tuple[type, tuple[int, ...]]] = {
+    "features": (np.float32, (N,)),
+    "face": (np.bool_, ()),
+    "frame": (np.int32, ()),
+    "time": (np.float64, ()),
+    "box": (np.float32, (4,)),
+    "landmarks": (np.float32, (5, 2)),
+    "score": (np.float32, ()),
+}
+_CHUNK = 1024  # frames per HDF5 chunk
+
+
+class VideoWriter:
+    """Writes one video's group under `videos/` of an open HDF5 file, chunk after chunk of frames, so memory does not
+    grow with the video's length.
+
+    Besides the datasets of format v1, a video may carry extra per-frame datasets (named arrays whose first axis is
+    the frame, stored frame-major as given); the first `append` fixes which, and every later one brings the same.
+    """
+
+    def __init__(self, f: h5py.File, key: str, attrs: dict):
+        self.group = f.require_group("videos").create_group(escape_key(key))
+        for k, v in attrs.items():
+            self.group.attrs[k] = v
+        self.ds: dict[str, h5py.Dataset] = {}
+        self.k = 0  # frames written
+
+    def _create(self, name: str, dtype, row: tuple[int, ...]) -> h5py.Dataset:
+        if name == "features":
+            return self.group.create_dataset(name, (N, 0), dtype, maxshape=(N, None), chunks=(N, _CHUNK))
+        return self.group.create_dataset(name, (0, *row), dtype, maxshape=(None, *row), chunks=(_CHUNK, *row))
+
+    def append(self, features, face, frame, time, box, landmarks, score, **extra) -> None:
+        """features (n, 26); face (n,); frame (n,); time (n,); box (n, 4); landmarks (n, 5, 2); score (n,); each
+        extra dataset (n, ...)."""
+        arrays = dict(features=features, face=face, frame=frame, time=time, box=box, landmarks=landmarks,
+                      score=score)
+        arrays |= {k: np.asarray(v) for k, v in extra.items()}
+        n = len(frame)
+        bad = [k for k, v in arrays.items() if len(v) != n]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: one row per frame needed ({n} frames)")
+        if not self.ds:
+            for name, value in arrays.items():
+                dtype, row = DATASETS.get(name, (value.dtype, value.shape[1:]))
+                self.ds[name] = self._create(name, dtype, row)
+        elif arrays.keys() != self.ds.keys():
+            raise ValueError(f"every chunk of a video brings the same datasets: {sorted(self.ds)}, "
+                             f"this one {sorted(arrays)}")
+        k0, self.k = self.k, self.k + n
+        for name, value in arrays.items():
+            d = self.ds[name]
+            if name == "features":
+                d.resize((N, self.k))
+                d[:, k0:] = np.asarray(value, np.float32).T
+            else:
+                d.resize((self.k, *d.shape[1:]))
+                d[k0:] = value
+
+    def finish(self, status: str = "complete", error: str = "") -> None:
+        """status: complete, or partial (the stream broke; `error` says how)."""
+        if not self.ds:  # a video with no analysed frame still has every dataset, empty
+            for name, (dtype, row) in DATASETS.items():
+                self._create(name, dtype, row)
+        self.group.attrs["status"] = status
+        self.group.attrs["error"] = error
+
+    def add(self, video: VideoFeatures) -> None:
+        """A whole video as the reader returns it (affextract.features.VideoFeatures), `extra` included."""
+        self.append(video.features, video.face, video.frame, video.time, video.box, video.landmarks, video.score,
+                    **video.extra)
+        self.finish(video.attrs.get("status", "complete"), video.attrs.get("error", ""))
+
+
+class ShardWriter(VideoWriter):
+    """A VideoWriter into its own shard file: the file appears (renamed from *.tmp) only when the video is finished."""
 
     def __init__(self, path: Path, key: str, attrs: dict):
         self.final = path
         self.tmp = path.with_suffix(".tmp")
         self.f = h5py.File(self.tmp, "w")
-        g = self.f.create_group("videos").create_group(escape_key(key))
-        for k, v in attrs.items():
-            g.attrs[k] = v
-        c = 1024
-        self.ds = {
-            "features": g.create_dataset("features", (N, 0), np.float32, maxshape=(N, None), chunks=(N, c)),
-            "face": g.create_dataset("face", (0,), bool, maxshape=(None,), chunks=(c,)),
-            "frame": g.create_dataset("frame", (0,), np.int32, maxshape=(None,), chunks=(c,)),
-            "time": g.create_dataset("time", (0,), np.float64, maxshape=(None,), chunks=(c,)),
-            "box": g.create_dataset("box", (0, 4), np.float32, maxshape=(None, 4), chunks=(c, 4)),
-            "landmarks": g.create_dataset("landmarks", (0, 5, 2), np.float32, maxshape=(None, 5, 2), chunks=(c, 5, 2)),
-            "score": g.create_dataset("score", (0,), np.float32, maxshape=(None,), chunks=(c,)),
-        }
-        self.group = g
-        self.k = 0
+        super().__init__(self.f, key, attrs)
 
-    def append(self, features, face, frame, time, box, landmarks, score) -> None:
-        """features (n, 26); face (n,); frame (n,); time (n,); box (n, 4); landmarks (n, 5, 2); score (n,)."""
-        n = len(frame)
-        k0, self.k = self.k, self.k + n
-        self.ds["features"].resize((N, self.k))
-        self.ds["features"][:, k0:] = np.asarray(features, np.float32).T
-        for name, value in (("face", face), ("frame", frame), ("time", time), ("box", box),
-                            ("landmarks", landmarks), ("score", score)):
-            d = self.ds[name]
-            d.resize((self.k,) + d.shape[1:])
-            d[k0:] = value
-
-    def finish(self, status: str, error: str = "") -> None:
-        self.group.attrs["status"] = status
-        self.group.attrs["error"] = error
+    def finish(self, status: str = "complete", error: str = "") -> None:
+        super().finish(status, error)
         self.f.close()
         os.replace(self.tmp, self.final)
 
@@ -126,14 +183,78 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-class FeatureStore:
-    """An output file opened for writing by one process at a time (an exclusive lock beside it)."""
+def write_root(f: h5py.File, provenance: Provenance, attrs: dict | None = None) -> None:
+    """The file attributes of format v1 (format, version, feature names, provenance, created) plus `attrs`."""
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.attrs["feature_names"] = np.array(FEATURE_NAMES, dtype=h5py.string_dtype())
+    f.attrs["affextract_version"] = __version__
+    provenance.write(f.attrs)
+    for k, v in (attrs or {}).items():
+        f.attrs[k] = v
+    f.attrs["created"] = f.attrs["updated"] = _now()
 
-    def __init__(self, path: Path | str, provenance: Provenance, merge: bool = True):
-        """`merge=False`: only write shards (the other ranks of a torchrun job); the merging process owns the lock."""
+
+class FeatureWriter:
+    """A new feature file written in one go by one process (no lock, no shards): simulated data, files derived from
+    another feature file. Refuses to overwrite an existing file unless `overwrite`.
+
+        with FeatureWriter("segments.h5", ff.provenance) as out:
+            out.add(video)                          # a VideoFeatures, e.g. from open_features(...)
+    """
+
+    def __init__(self, path: str | Path, provenance: Provenance, attrs: dict | None = None, overwrite: bool = False):
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists; remove it or write to another file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = h5py.File(self.path, "w")
+        write_root(self.f, provenance, attrs)
+        self.f.require_group("videos")
+
+    def video(self, key: str, attrs: dict) -> VideoWriter:
+        """A writer for one video stored under `key`, to fill chunk by chunk (append, then finish)."""
+        return VideoWriter(self.f, key, attrs)
+
+    def add(self, video: VideoFeatures) -> None:
+        """One whole video under video.key, with its attrs."""
+        VideoWriter(self.f, video.key, video.attrs).add(video)
+
+    def close(self) -> None:
+        self.f.attrs["updated"] = _now()
+        self.f.close()
+
+    def __enter__(self) -> FeatureWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class StoredVideo:
+    """What the output file knows about a video it holds: enough to tell whether a source is the same file."""
+
+    size_bytes: int
+    mtime: float
+    path: str  # absolute path of the source when it was extracted ("" in files written before it was recorded)
+
+
+class FeatureStore:
+    """An output file opened for writing by one process at a time (an exclusive lock beside it).
+
+        store = FeatureStore("out.h5", provenance).open()   # or: with FeatureStore(...) as store:
+        ...
+        store.close()                                        # the final merge, then the lock is released
+    """
+
+    def __init__(self, path: Path | str, provenance: Provenance, merge: bool = True, attrs: dict | None = None):
+        """`merge=False`: only write shards (the other ranks of a torchrun job); the merging process owns the lock.
+        `attrs`: file attributes beyond format v1's, written when the file is created."""
         self.path = Path(path)
         self.merge = merge
         self.provenance = provenance
+        self.attrs = dict(attrs or {})
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock_fd: int | None = None
@@ -141,12 +262,20 @@ class FeatureStore:
         self.last_commit_s = 0.0  # how long the last merge took; callers pace merges by it
 
     # -- lifetime ---------------------------------------------------------------------------------------------
-    def __enter__(self) -> "FeatureStore":
+    def open(self) -> FeatureStore:
+        """Lock the file, check it is a feature file of this provenance, merge what a crashed run left."""
+        if self.path.is_dir():
+            raise FormatError(f"{self.path} is a folder, not a feature file; give a file name ending in .h5")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
             if self.path.exists():
-                with h5py.File(self.path, "r") as f:
+                try:
+                    f = h5py.File(self.path, "r")
+                except OSError:
+                    raise FormatError(f"{self.path} exists and is not an HDF5 file; it was left as it is: "
+                                      "write to another output file") from None
+                with f:
                     check_format(f, self.path)
                     self._check_compatible(Provenance.read(f.attrs), str(self.path))
             self.parts.mkdir(exist_ok=True)
@@ -158,13 +287,20 @@ class FeatureStore:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
+        """Merge what is left and release the lock."""
         try:
             self.commit()
             if self.parts.exists() and not any(self.parts.iterdir()):
                 self.parts.rmdir()
         finally:
             self._unlock()
+
+    def __enter__(self) -> FeatureStore:
+        return self.open()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _lock(self) -> None:
         while True:
@@ -204,13 +340,14 @@ class FeatureStore:
             )
 
     # -- state ------------------------------------------------------------------------------------------------
-    def stored(self) -> dict[str, tuple[int, float]]:
-        """Key -> (size_bytes, mtime) of every video stored with features (failures are not included)."""
-        out: dict[str, tuple[int, float]] = {}
+    def stored(self) -> dict[str, StoredVideo]:
+        """Key -> what is known of every video stored with features (failures are not included)."""
+        out: dict[str, StoredVideo] = {}
         if self.path.exists():
             with h5py.File(self.path, "r") as f:
                 for name, g in f.get("videos", {}).items():
-                    out[unescape_key(name)] = (int(g.attrs["size_bytes"]), float(g.attrs["mtime"]))
+                    out[unescape_key(name)] = StoredVideo(int(g.attrs["size_bytes"]), float(g.attrs["mtime"]),
+                                                          _str(g.attrs.get("path", "")))
         return out
 
     # -- writing ----------------------------------------------------------------------------------------------
@@ -243,7 +380,7 @@ class FeatureStore:
             shutil.copyfile(self.path, tmp)
         with h5py.File(tmp, "a" if self.path.exists() else "w") as f:
             if "format" not in f.attrs:
-                self._init_root(f)
+                write_root(f, self.provenance, self.attrs)
             for grp in ("videos", "failed"):
                 f.require_group(grp)
             for shard in shards:
@@ -262,14 +399,6 @@ class FeatureStore:
             shard.unlink()
         self.last_commit_s = time.perf_counter() - t0
         return len(shards)
-
-    def _init_root(self, f: h5py.File) -> None:
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["feature_names"] = np.array(FEATURE_NAMES, dtype=h5py.string_dtype())
-        f.attrs["affextract_version"] = __version__
-        self.provenance.write(f.attrs)
-        f.attrs["created"] = _now()
 
 
 def _now() -> str:

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from affextract.extract import ExtractOptions, extract, resolve_device
-from affextract.faces import PrimaryFaceStream, align_faces, get_detector
+from affextract.align import align_faces
+from affextract.detectors import get_detector
+from affextract.tracking import PrimaryFaceStream
 from affextract.features import open_features
 from affextract.model import load_weights
 from affextract.video import find_sources, import_decord, open_video

@@ -84,3 +84,43 @@ def weights(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def other_weights(tmp_path_factory) -> Path:
     return make_weights(tmp_path_factory.mktemp("w") / "random_b.safetensors", 1)
+
+
+def group_frames(n: int, fps: float = 25.0, size: tuple[int, int] = (640, 470)) -> np.ndarray:
+    """(n, H, W, 3) uint8 RGB frames of three people from insightface's bundled group photo (t1.jpg), filmed by a
+    hand-held camera: the view pans and bobs by a fraction of a face width per second, as in a real clip."""
+    import insightface
+
+    path = Path(insightface.__file__).parent / "data" / "images" / "t1.jpg"
+    img = cv2.imread(str(path))[:, :, ::-1]  # (886, 1280, 3): three of its faces lie in x 700-1240, y 50-480
+    w, h = size
+    frames = []
+    for i in range(n):
+        t = i / fps
+        dx, dy = int(round(40 * np.sin(2 * np.pi * t / 3.0))), int(round(20 * np.sin(2 * np.pi * t / 2.3)))
+        crop = img[20 + dy:520 + dy, 620 + dx:1260 + dx]
+        frames.append(cv2.resize(crop, (w, h), interpolation=cv2.INTER_AREA))
+    return np.ascontiguousarray(np.stack(frames))
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (Linux /proc)."""
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        for c in map(int, children):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

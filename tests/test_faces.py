@@ -12,17 +12,10 @@ import torch
 from skimage import data
 
 from affextract.mtcnn import pyramid_scales
-from affextract.faces import (
-    DETECTORS,
-    Faces,
-    PrimaryFaceStream,
-    PrimaryFaceTracker,
-    align_faces,
-    warp_faces,
-    alignment_matrices,
-    box_iou,
-    get_detector,
-)
+from affextract.align import align_faces, alignment_matrices, warp_faces
+from affextract.detectors import DETECTORS, Faces, get_detector
+from affextract.tracking import PrimaryFaceStream, PrimaryFaceTracker, box_iou
+from conftest import group_frames
 
 INSIGHTFACE_IMAGES = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images"
 
@@ -138,38 +131,47 @@ def _faces(*boxes) -> Faces:
 
 def test_tracker_starts_on_the_largest_face():
     tracker = PrimaryFaceTracker()
-    assert tracker.update(_faces([0, 0, 20, 20], [100, 100, 180, 180])) == 1
+    assert tracker.update(_faces([0, 0, 20, 20], [100, 100, 180, 180]), 0.0) == 1
 
 
 def test_tracker_does_not_jump_to_a_larger_bystander():
     tracker = PrimaryFaceTracker()
     subject = np.array([100, 100, 160, 160], np.float32)
-    assert tracker.update(_faces(subject)) == 0
+    assert tracker.update(_faces(subject), 0.0) == 0
     for step in range(10):
         moved = subject + step * 2
         bystander = [300, 50, 500, 250]  # much larger, appears later
-        assert tracker.update(_faces(bystander, moved)) == 1
-    # The subject disappears: no primary face, even though the bystander is there.
-    for _ in range(5):
-        assert tracker.update(_faces([300, 50, 500, 250])) is None
+        assert tracker.update(_faces(bystander, moved), 0.04 * step) == 1
+    # The subject disappears: no primary face, even though the bystander is there (for max_lost = 1 s).
+    for step in range(5):
+        assert tracker.update(_faces([300, 50, 500, 250]), 0.4 + 0.1 * step) is None
 
 
 def test_tracker_reacquires_the_largest_after_loss():
-    tracker = PrimaryFaceTracker(max_lost=3)
-    assert tracker.update(_faces([100, 100, 160, 160])) == 0
-    for _ in range(3):
-        assert tracker.update(Faces.empty()) is None
-    assert tracker.update(_faces([0, 0, 10, 10], [300, 50, 500, 250])) == 1
-    assert tracker.update(_faces([305, 55, 505, 255])) == 0  # and follows the new face from there
+    tracker = PrimaryFaceTracker(max_lost=0.1)
+    assert tracker.update(_faces([100, 100, 160, 160]), 0.0) == 0
+    for t in (0.04, 0.08):
+        assert tracker.update(Faces.empty(), t) is None
+    assert tracker.update(_faces([0, 0, 10, 10], [300, 50, 500, 250]), 0.12) == 1
+    assert tracker.update(_faces([305, 55, 505, 255]), 0.16) == 0  # and follows the new face from there
 
 
-def test_tracker_counts_lost_frames_not_updates():
-    """With key-frame detection every 5th frame, a lost track is given up after max_lost frames, not updates."""
-    tracker = PrimaryFaceTracker(max_lost=30)
-    assert tracker.update(_faces([10, 10, 40, 40]), frames=5) == 0  # e.g. a false positive early in the video
+def test_tracker_gives_up_a_lost_track_after_max_lost_seconds_whatever_the_frame_rate():
+    tracker = PrimaryFaceTracker(max_lost=1.0)
+    assert tracker.update(_faces([10, 10, 40, 40]), 0.0) == 0  # e.g. a false positive early in the video
     elsewhere = _faces([300, 100, 500, 300])  # the real subject appears somewhere else
-    answers = [tracker.update(elsewhere, frames=5) for _ in range(8)]
-    assert answers == [None] * 6 + [0, 0]  # taken after 30 frames (6 key frames), then followed
+    answers = [tracker.update(elsewhere, k / 5) for k in range(1, 9)]  # 5 frames per second
+    assert answers == [None] * 4 + [0] * 4  # taken after 1 s, then followed
+
+
+def test_tracker_follows_the_refitted_box():
+    """A box re-fitted between detections moves the track, so a face that moved far is still the subject."""
+    tracker = PrimaryFaceTracker()
+    assert tracker.update(_faces([100, 100, 160, 160]), 0.0) == 0
+    for k in range(1, 6):
+        tracker.follow(np.array([100 + 12 * k, 100, 160 + 12 * k, 160]), 0.04 * k)
+    bystander, subject = [0, 0, 200, 200], [172, 100, 232, 160]  # 72 px right of where it was first seen
+    assert tracker.update(_faces(bystander, subject), 0.24) == 1
 
 
 # --------------------------------------------------------------------------------------------------- alignment
@@ -278,15 +280,39 @@ def test_stream_detects_key_frames_and_refines_between(detector, astronaut, astr
     # A 7-frame "video": the astronaut drifting right 3 px a frame, with frame 4 blanked (face gone).
     video = np.stack([np.roll(astronaut, 3 * t, axis=1) for t in range(7)])
     video[4] = 128
-    stream = PrimaryFaceStream(detector, detect_every=3)
-    first = stream(video[:5])  # batches need not align with key frames
-    second = stream(video[5:])
+    times = np.arange(7) / 25.0
+    stream = PrimaryFaceStream(detector, detect_interval=0.12)  # every 3rd frame of 25 fps
+    first = stream(video[:5], times[:5])  # batches need not align with key frames
+    second = stream(video[5:], times[5:])
     face = np.concatenate([first.face, second.face])
     detected = np.concatenate([first.detected, second.detected])
     boxes = np.concatenate([first.boxes, second.boxes])
-    np.testing.assert_array_equal(detected, [True, False, False, True, False, False, True])
+    # Frame 4 loses the face: it gets a full detection at once; frame 5 finds it again where it was.
+    np.testing.assert_array_equal(detected, [True, False, False, True, True, False, True])
     np.testing.assert_array_equal(face, [True, True, True, True, False, True, True])
     expected = astronaut_face.boxes[0] + 3 * np.arange(7)[:, None] * np.array([1, 0, 1, 0])
     for t in np.flatnonzero(face):
         assert box_iou(boxes[t], expected[t])[0, 0] > 0.8, f"frame {t}"
     assert np.isnan(boxes[4]).all()
+
+
+@pytest.mark.parametrize("fps", [5.0, 25.0])
+def test_stream_reports_the_front_face_of_a_group_wherever_the_detector_finds_it(detector, fps):
+    """Three people, a hand-held camera: on every frame where a full detection finds the front (largest) face, the
+    stream reports that face, at 5 analysed frames per second as at the full 25."""
+    seconds = 4.0 if fps == 5.0 else 1.2
+    step = int(25 / fps)
+    video = group_frames(int(25 * seconds), size=(480, 352))[::step]
+    times = np.arange(len(video)) * step / 25.0
+    stream = PrimaryFaceStream(detector, detect_interval=0.4)
+    parts = [stream(video[s:s + 8], times[s:s + 8]) for s in range(0, len(video), 8)]
+    face = np.concatenate([p.face for p in parts])
+    boxes = np.concatenate([p.boxes for p in parts])
+    assert not np.concatenate([p.detected for p in parts]).all()  # key frames only, plus re-detections
+    whole = PrimaryFaceStream(detector, detect_interval=0.4)(video, times)
+    np.testing.assert_array_equal(whole.boxes, boxes)  # the same however the video is cut into batches
+    for t, found in enumerate(detector.detect(video)):
+        assert len(found) >= 3
+        front = found.boxes[np.argmax(found.areas)]
+        assert face[t], f"frame {t} ({times[t]:.2f} s): no face reported, the detector finds {len(found)}"
+        assert box_iou(boxes[t], front)[0, 0] > 0.5, f"frame {t}: not the front face"

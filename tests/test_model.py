@@ -101,7 +101,8 @@ def test_shipped_weights_see_happiness_on_a_smiling_face():
     """Full pipeline on a real photo: MTCNN -> ArcFace alignment -> shipped MMA. The astronaut smiles."""
     from skimage.data import astronaut
 
-    from affextract.faces import align_faces, get_detector
+    from affextract.align import align_faces
+    from affextract.detectors import get_detector
 
     m, info = load_weights()
     assert info.metadata["feature_names"] == list(FEATURE_NAMES)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from affextract.cli import app
 from affextract.features import open_features
 from affextract.store import FeatureStore, Provenance, check_format
-from conftest import astronaut_frames, garble_second_half, noface_frames, write_video
+from conftest import alive, astronaut_frames, descendants, garble_second_half, noface_frames, write_video
 
 runner = CliRunner()
 
@@ -162,8 +162,13 @@ def test_kill_9_then_rerun_completes_without_loss_or_duplicates(weights, tmp_pat
             if wait_for == "first merge" and out.exists():
                 break
             time.sleep(0.02)
+        workers = descendants(p.pid)
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if alive(w)], "worker processes outlived the killed run"
         if out.exists():  # whatever was merged is readable
             with open_features(out) as ff:
                 rows = ff.summary()

@@ -1,0 +1,48 @@
+"""Where a process runs: its rank under torchrun and its torch device (one rule for extraction, training, seqhead)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The process's place in a torchrun job (rank 0 of 1 when started alone)."""
+
+    rank: int  # global rank, RANK
+    world: int  # number of processes, WORLD_SIZE
+    local: int  # rank on this machine, LOCAL_RANK: the GPU it owns
+
+
+def ranks() -> Ranks:
+    env = os.environ
+    return Ranks(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for "auto" | "cpu" | "cuda" | "cuda:N".
+
+    "auto" is the GPU when torch sees one, else the CPU. Under torchrun each process owns the GPU of its LOCAL_RANK,
+    so "auto" and "cuda" mean cuda:LOCAL_RANK there. A GPU asked for on a build or machine without one is an error
+    saying what to pass instead.
+    """
+    import torch
+
+    local = ranks().local
+    if device == "auto":
+        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} was asked for, but this PyTorch build sees no CUDA GPU; use cpu")
+        if d.index is None:
+            d = torch.device(f"cuda:{local}")
+    return d
