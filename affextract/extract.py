@@ -39,7 +39,7 @@ class ExtractOptions:
     workers: int = 0  # processes that decode, detect and align, each on its own videos; 0 = half the cores, at most 8
     fps: float | None = None  # analyse frames at this rate (by timestamp); None = every frame
     commit_every: float = 60.0  # seconds between merges of finished videos into the output file
-    progress: bool = True  # report progress on stderr: a live display on a terminal, a plain line now and then otherwise
+    progress: bool = True  # progress on stderr: a live display on a terminal, a plain line now and then otherwise
     progress_every: float = 30.0  # seconds between plain progress lines (stderr not a terminal, e.g. a log file)
 
 
@@ -127,7 +127,8 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             raise ValueError(
                 f"no video or image file in {', '.join(map(str, roots))}"
                 + (f" ({len(report.ignored)} other file(s) ignored)" if report.ignored else "")
-                + f"; videos end in {' '.join(sorted(VIDEO_EXTENSIONS))}, images in {' '.join(sorted(IMAGE_EXTENSIONS))}"
+                + f"; videos end in {' '.join(sorted(VIDEO_EXTENSIONS))}, "
+                f"images in {' '.join(sorted(IMAGE_EXTENSIONS))}"
             )
         det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
         name, sha256 = _weights_identity(options.weights)
@@ -240,7 +241,8 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
                 src = sources[event.index]
                 match event:
                     case Opened(info=info):
-                        writers[event.index] = store.begin_video(src.key, _video_attrs(src, info))
+                        writers[event.index] = store.begin_video(src.key, _video_attrs(src, info),
+                                                                 info.frames_analysed)
                         ui.opened(event.index, info.frames_analysed)
                     case FaceChunk():
                         writers[event.index].append(features(event), event.face, event.frame, event.time,

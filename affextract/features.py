@@ -14,7 +14,7 @@ examples read through it, and `affextract.store.FeatureWriter` writes what it re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -41,18 +41,24 @@ class VideoFeatures:
     box: np.ndarray  # (K, 4) float32 x1, y1, x2, y2 of the tracked face in source pixels (NaN if none)
     landmarks: np.ndarray  # (K, 5, 2) float32 eyes, nose, mouth corners (x, y) in source pixels
     score: np.ndarray  # (K,) float32 detector confidence (NaN if none)
-    attrs: dict = field(default_factory=dict)  # source, path, size_bytes, mtime, fps, frames_total, width, height, status, error
+    # source, path, size_bytes, mtime, fps, frames_total, width, height, status, error
+    attrs: dict = field(default_factory=dict)
     # Per-frame datasets beyond format v1's (e.g. measured movement), name -> (K, ...) array as stored.
     extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.frame)
+        return next((len(a) for a in (self.frame, self.face, self.features, self.time) if a is not None), 0)
 
     @classmethod
     def empty(cls, key: str = "") -> "VideoFeatures":
         """A video with no analysed frame (K = 0): gives tables their columns when there is nothing to show."""
         return cls(key, key, np.zeros((0, 26), np.float32), np.zeros(0, bool), np.zeros(0, np.int32), np.zeros(0),
                    np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros(0, np.float32))
+
+    def take(self, rows) -> VideoFeatures:
+        """The same video with only the frames `rows` (indices, a slice or a boolean mask), extra datasets included."""
+        return replace(self, extra={k: v[rows] for k, v in self.extra.items()},
+                       **{n: None if getattr(self, n) is None else getattr(self, n)[rows] for n in DATASETS})
 
     def __getitem__(self, name: str) -> np.ndarray:
         """One feature over time by name, e.g. video["AU12"] -> (K,)."""

@@ -99,7 +99,7 @@ DATASETS: dict[str, tuple[type, tuple[int, ...]]] = {
     "landmarks": (np.float32, (5, 2)),
     "score": (np.float32, ()),
 }
-_CHUNK = 1024  # frames per HDF5 chunk
+_CHUNK = 1024  # frames per HDF5 chunk, at most: HDF5 allocates whole chunks, so short videos get shorter ones
 
 
 class VideoWriter:
@@ -110,17 +110,19 @@ class VideoWriter:
     the frame, stored frame-major as given); the first `append` fixes which, and every later one brings the same.
     """
 
-    def __init__(self, f: h5py.File, key: str, attrs: dict):
+    def __init__(self, f: h5py.File, key: str, attrs: dict, frames: int | None = None):
+        """`frames`: how many frames the video will have, when known (sizes the HDF5 chunks)."""
         self.group = f.require_group("videos").create_group(escape_key(key))
         for k, v in attrs.items():
             self.group.attrs[k] = v
+        self.chunk = min(_CHUNK, max(1, frames)) if frames is not None else _CHUNK
         self.ds: dict[str, h5py.Dataset] = {}
         self.k = 0  # frames written
 
     def _create(self, name: str, dtype, row: tuple[int, ...]) -> h5py.Dataset:
         if name == "features":
-            return self.group.create_dataset(name, (N, 0), dtype, maxshape=(N, None), chunks=(N, _CHUNK))
-        return self.group.create_dataset(name, (0, *row), dtype, maxshape=(None, *row), chunks=(_CHUNK, *row))
+            return self.group.create_dataset(name, (N, 0), dtype, maxshape=(N, None), chunks=(N, self.chunk))
+        return self.group.create_dataset(name, (0, *row), dtype, maxshape=(None, *row), chunks=(self.chunk, *row))
 
     def append(self, features, face, frame, time, box, landmarks, score, **extra) -> None:
         """features (n, 26); face (n,); frame (n,); time (n,); box (n, 4); landmarks (n, 5, 2); score (n,); each
@@ -167,11 +169,11 @@ class VideoWriter:
 class ShardWriter(VideoWriter):
     """A VideoWriter into its own shard file: the file appears (renamed from *.tmp) only when the video is finished."""
 
-    def __init__(self, path: Path, key: str, attrs: dict):
+    def __init__(self, path: Path, key: str, attrs: dict, frames: int | None = None):
         self.final = path
         self.tmp = path.with_suffix(".tmp")
         self.f = h5py.File(self.tmp, "w")
-        super().__init__(self.f, key, attrs)
+        super().__init__(self.f, key, attrs, frames)
 
     def finish(self, status: str = "complete", error: str = "") -> None:
         super().finish(status, error)
@@ -212,13 +214,13 @@ class FeatureWriter:
         write_root(self.f, provenance, attrs)
         self.f.require_group("videos")
 
-    def video(self, key: str, attrs: dict) -> VideoWriter:
+    def video(self, key: str, attrs: dict, frames: int | None = None) -> VideoWriter:
         """A writer for one video stored under `key`, to fill chunk by chunk (append, then finish)."""
-        return VideoWriter(self.f, key, attrs)
+        return VideoWriter(self.f, key, attrs, frames)
 
     def add(self, video: VideoFeatures) -> None:
         """One whole video under video.key, with its attrs."""
-        VideoWriter(self.f, video.key, video.attrs).add(video)
+        VideoWriter(self.f, video.key, video.attrs, len(video.frame)).add(video)
 
     def close(self) -> None:
         self.f.attrs["updated"] = _now()
@@ -355,8 +357,9 @@ class FeatureStore:
         self._n += 1
         return self.parts / f"{os.getpid()}-{time.time_ns()}-{self._n}.h5"
 
-    def begin_video(self, key: str, attrs: dict) -> ShardWriter:
-        return ShardWriter(self._shard_path(), key, attrs)
+    def begin_video(self, key: str, attrs: dict, frames: int | None = None) -> ShardWriter:
+        """A writer for one video (`frames`: how many it will have, when known)."""
+        return ShardWriter(self._shard_path(), key, attrs, frames)
 
     def record_failure(self, key: str, attrs: dict, error: str) -> None:
         path = self._shard_path()

@@ -99,8 +99,9 @@ class PrimaryFaceStream:
 
     Key frames (the first frame at or after every ``detect_interval`` seconds) get a full detection, all of a batch in
     one call, and go through ``PrimaryFaceTracker``. The frames between two key frames re-fit the box of the latest
-    detection (one batched ``refine`` call), so the result is the same however the video is cut into batches. A frame whose re-fit fails gets a full detection at once, so a face that moved or
-    turned is found again there, not at the next key frame; while the subject stays unseen, every following frame up
+    detection (one batched ``refine`` call), so the result is the same however the video is cut into batches. A frame
+    whose re-fit fails gets a full detection at once, so a face that moved or turned is found again there, not at the
+    next key frame; while the subject stays unseen, every following frame up
     to the next key frame is tried the same way (re-fit where it was last seen, then a full detection). Only after a
     key frame without the subject does the stream wait for the next key frame. Detectors without ``refine`` are run
     on every frame.

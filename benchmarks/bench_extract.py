@@ -3,8 +3,8 @@
     python benchmarks/bench_extract.py CLIP_OR_FOLDER... [--device cuda --copies 40 --workers 8 --batch-size 256]
 
 Prints frames/s of: decoding alone; a naive loop (decode one frame -> detect -> align -> MMA at batch 1); the full
-pipeline with --detect-every 1 / 5 / 10; per-stage cost on one batch; the landmark error and face rate that
---detect-every costs against detecting every frame; and peak memory of a short and a 5x longer video (the long-video
+pipeline with --detect-interval 0 / 0.2 / 0.4 s; per-stage cost on one batch; the landmark error and face rate
+that key-frame detection costs against detecting every frame; and peak memory of a short and a 5x longer video (the long-video
 check: memory must not grow with length). With --json FILE the figures are also written as JSON.
 """
 
@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from affextract.extract import ExtractOptions, extract, resolve_device
 from affextract.align import align_faces
 from affextract.detectors import get_detector
-from affextract.tracking import PrimaryFaceStream
+from affextract.extract import ExtractOptions, extract
 from affextract.features import open_features
 from affextract.model import load_weights
+from affextract.runtime import resolve_device
+from affextract.tracking import PrimaryFaceStream
 from affextract.video import find_sources, import_decord, open_video
 
 
@@ -64,18 +65,18 @@ def naive_loop(sources, model, detector, device, max_frames: int) -> tuple[int, 
 
 
 @torch.inference_mode()
-def stage_costs(source, model, detector, device, detect_every: int, batch: int) -> dict[str, float]:
+def stage_costs(source, model, detector, device, interval: float, batch: int) -> dict[str, float]:
     """Milliseconds per frame of each stage on one batch of real frames (after a warm-up batch)."""
     _, chunks = open_video(source, None, batch)
     t = time.perf_counter()
     chunk = next(chunks)
     decode = time.perf_counter() - t
-    stream = PrimaryFaceStream(detector, detect_every=detect_every)
-    stream(chunk.frames)  # warm-up
-    stream = PrimaryFaceStream(detector, detect_every=detect_every)
+    stream = PrimaryFaceStream(detector, detect_interval=interval)
+    stream(chunk.frames, chunk.time)  # warm-up
+    stream = PrimaryFaceStream(detector, detect_interval=interval)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t = time.perf_counter()
-    prim = stream(chunk.frames)
+    prim = stream(chunk.frames, chunk.time)
     sync()
     detect = time.perf_counter() - t
     t = time.perf_counter()
@@ -93,7 +94,7 @@ def stage_costs(source, model, detector, device, detect_every: int, batch: int) 
 
 
 def landmark_cost(h5_every: Path, h5_ref: Path) -> dict[str, float]:
-    """Landmark error (px) and face rates of a --detect-every run against detecting on every frame."""
+    """Landmark error (px) and face rates of a --detect-interval run against detecting on every frame."""
     errs, rate, rate_ref = [], [], []
     with open_features(h5_every) as every, open_features(h5_ref) as ref:
         for v in every:
@@ -169,13 +170,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--copies", type=int, default=1, help="link each clip this many times (many videos in flight)")
     ap.add_argument("--naive-frames", type=int, default=200, help="frames timed in the naive loop")
-    ap.add_argument("--every", default="1,5,10", help="--detect-every values to compare")
+    ap.add_argument("--intervals", default="0,0.2,0.4", help="--detect-interval values (seconds) to compare")
+    ap.add_argument("--fps", type=float, default=None, help="analysed frames per second (default: every frame)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-baselines", action="store_true", help="only the pipeline runs (no decode-only/naive/stages)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
     device = resolve_device(a.device)
+    every = [float(x) for x in a.intervals.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     clips = work / "clips"
     clips.mkdir()
@@ -201,30 +204,30 @@ def main() -> None:
         print(f"naive per-frame loop {n / t:8.1f} frames/s  ({n} frames)")
 
     runs = {}
-    for k in [int(x) for x in a.every.split(",")]:
+    for k in every:
         out = work / f"every{k}.h5"
-        opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, detect_every=k,
-                              workers=a.workers, progress=False)
+        opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, detect_interval=k,
+                              workers=a.workers, fps=a.fps, progress=False)
         with GpuSampler(device) as gpu:
             rep = extract([clips], out, opts)
         fps = rep.frames / rep.seconds
         runs[k] = out
-        res[f"pipeline_every{k}_fps"] = fps
-        res[f"pipeline_every{k}_gpu_util"] = gpu.mean
+        res[f"pipeline_interval{k}_fps"] = fps
+        res[f"pipeline_interval{k}_gpu_util"] = gpu.mean
         util = f", GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else ""
         ratios = "" if a.skip_baselines else (f" = {fps / res['naive_fps']:.1f}x naive, "
                                               f"{fps / res['decode_only_fps']:.2f}x decode-only")
-        print(f"pipeline every {k:<3d}   {fps:8.1f} frames/s{ratios} ({rep.frames} frames, {rep.seconds:.1f} s{util})")
+        print(f"pipeline interval {k:<4g} s {fps:8.1f} frames/s{ratios} ({rep.frames} frames, {rep.seconds:.1f} s{util})")
     for k in runs:
-        if k != 1 and 1 in runs:
-            c = landmark_cost(runs[k], runs[1])
-            res[f"every{k}_vs_every1"] = c
-            print(f"detect every {k:<3d} vs every frame: landmark error {c['landmark_err_px_mean']:.2f} px mean, "
+        if k != 0 and 0 in runs:
+            c = landmark_cost(runs[k], runs[0])
+            res[f"interval{k}_vs_every_frame"] = c
+            print(f"detect interval {k:<4g} s vs every frame: landmark error {c['landmark_err_px_mean']:.2f} px mean, "
                   f"{c['landmark_err_px_p95']:.2f} px p95; face rate {c['face_rate']:.3f} vs {c['face_rate_every_frame']:.3f}")
     for k in runs if not a.skip_baselines else ():
         st = stage_costs(sources[0], model, detector, device, k, a.batch_size)
-        res[f"stages_every{k}_ms_per_frame"] = st
-        print(f"stages (every {k}, ms/frame): " + ", ".join(f"{s} {v:.2f}" for s, v in st.items()))
+        res[f"stages_interval{k}_ms_per_frame"] = st
+        print(f"stages (interval {k:g} s, ms/frame): " + ", ".join(f"{s} {v:.2f}" for s, v in st.items()))
 
     if not a.skip_memory:
         # The same clip re-encoded once and five times over, so codec and resolution are equal.

@@ -45,33 +45,24 @@ def segment(features: Path, out: Path, seconds: float) -> list[str]:
     A segment keeps its frames' original indices, times and source path, so `affextract plot` works on it too.
     Segments without any face frame are left out (nothing to learn from). Returns the segment keys.
     """
+    from dataclasses import replace
+
     from affextract import open_features
-    from affextract.store import FeatureStore, Provenance
+    from affextract.store import FeatureWriter
 
     keys = []
-    with open_features(features) as ff:
-        import h5py
-
-        with h5py.File(features) as f:
-            provenance = Provenance.read(f.attrs)  # the segments come from the same model and detector
-        out.unlink(missing_ok=True)
-        with FeatureStore(out, provenance) as store:
-            for v in ff:
-                if len(v) < 2:
-                    continue  # a still image has no time to cut
-                bins = np.floor((v.time - v.time[0]) / seconds).astype(int)
-                for b in np.unique(bins):
-                    rows = np.flatnonzero(bins == b)
-                    if not v.face[rows].any() or v.time[rows[-1]] - v.time[rows[0]] < seconds / 2:
-                        continue  # no face, or a stub at the end of the clip
-                    key = f"{v.key.replace('/', '__')}_seg{b:03d}"
-                    attrs = {k: v.attrs[k] for k in ("source", "size_bytes", "mtime", "fps", "frames_total",
-                                                       "width", "height")}
-                    w = store.begin_video(key, attrs)
-                    w.append(v.features[rows], v.face[rows], v.frame[rows], v.time[rows], v.box[rows],
-                             v.landmarks[rows], v.score[rows])
-                    w.finish("complete")
-                    keys.append(key)
+    with open_features(features) as ff, FeatureWriter(out, ff.provenance, overwrite=True) as writer:
+        for v in ff:  # the segments come from the same model and detector: the provenance carries on
+            if len(v) < 2:
+                continue  # a still image has no time to cut
+            bins = np.floor((v.time - v.time[0]) / seconds).astype(int)
+            for b in np.unique(bins):
+                rows = np.flatnonzero(bins == b)
+                if not v.face[rows].any() or v.time[rows[-1]] - v.time[rows[0]] < seconds / 2:
+                    continue  # no face, or a stub at the end of the clip
+                key = f"{v.key.replace('/', '__')}_seg{b:03d}"
+                writer.add(replace(v.take(rows), key=key))
+                keys.append(key)
     return keys
 
 

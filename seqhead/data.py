@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import h5py
 import numpy as np
 import pandas as pd
 
+from affextract.features import FeatureFile, open_features
 from affextract.schema import FEATURE_NAMES, GROUPS
-from affextract.store import FormatError, check_format as check_affextract_format, escape_key, unescape_key
+from affextract.store import FormatError, escape_key, unescape_key  # noqa: F401 (unescape_key re-exported: Video.key is escaped)
 
 # The Hume-Reaction layout (ABAW 2023 / MuSe 2022 Emotional Reactions).
 HUME_ID = "File_ID"
@@ -58,15 +58,12 @@ class Video:
     n_face: int  # frames with a face among them
 
 
-def check_format(h5: h5py.File, path: Path) -> tuple[str, ...]:
-    """Refuse anything but affextract features of the format version this seqhead reads (affextract's check);
-    return the file's feature names."""
+def open_checked(path: Path) -> FeatureFile:
+    """The features file opened with affextract's reader, which refuses anything but the format version it reads."""
     try:
-        check_affextract_format(h5, path)
-    except FormatError as e:
+        return open_features(path)
+    except (FormatError, FileNotFoundError) as e:
         raise DataError(f"{e} (seqhead reads what `affextract run` or `seqhead simulate` writes)") from e
-    names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in h5.attrs["feature_names"])
-    return names
 
 
 def read_features(path: Path, features: str = "va,expr,au", no_face: str = "drop",
@@ -85,17 +82,15 @@ def read_features(path: Path, features: str = "va,expr,au", no_face: str = "drop
     if not path.exists():
         raise DataError(f"{path}: no such features file")
     out = []
-    with h5py.File(path, "r") as h5:
-        names = check_format(h5, path)
+    with open_checked(path) as ff:
+        names = ff.feature_names
         cols = feature_indices(features, names)
-        if "videos" not in h5:
-            raise DataError(f"{path}: no videos/ group (the extraction wrote no video yet)")
-        for key, g in h5["videos"].items():
-            if keys is not None and key not in keys:
+        for key in sorted(ff.keys, key=escape_key):  # Video.key is the group name, in the file's order
+            if keys is not None and escape_key(key) not in keys:
                 continue
-            feats = g["features"][()]  # (26, K)
-            face = g["face"][()].astype(bool)  # (K,)
-            x = np.ascontiguousarray(feats[cols].T, dtype=np.float32)  # (K, F)
+            v = ff.read(key, ("features", "face"))
+            face = v.face.astype(bool)  # (K,)
+            x = np.ascontiguousarray(v.features[:, cols], dtype=np.float32)  # (K, F)
             face &= np.isfinite(x).all(axis=1)
             if no_face == "drop":
                 x = x[face]
@@ -106,9 +101,7 @@ def read_features(path: Path, features: str = "va,expr,au", no_face: str = "drop
                 x = x[idx]
             else:
                 x = x[:0]
-            src = g.attrs.get("source", unescape_key(key))
-            src = src.decode() if isinstance(src, bytes) else str(src)
-            out.append(Video(key, src, x, int(face.shape[0]), int(face.sum())))
+            out.append(Video(escape_key(key), v.source, x, int(face.shape[0]), int(face.sum())))
     if not out:
         raise DataError(f"{path}: no videos in the file")
     return out, tuple(names[i] for i in cols)

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 
-from affextract.schema import FEATURE_NAMES, FORMAT, FORMAT_VERSION
-from affextract.store import escape_key
+from affextract.store import FeatureWriter, Provenance
 
 from . import __version__
 from .data import HUME_ID, HUME_TARGETS
@@ -88,20 +85,11 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
     labels_path = Path(opts.labels) if opts.labels else out.with_name("labels.csv")
     out.parent.mkdir(parents=True, exist_ok=True)
     labels_path.parent.mkdir(parents=True, exist_ok=True)
-    now = datetime.now(timezone.utc).isoformat()
     total_frames = 0
-    with h5py.File(out, "w") as h5:
-        h5.attrs["format"] = FORMAT
-        h5.attrs["format_version"] = FORMAT_VERSION
-        h5.attrs["feature_names"] = np.array(FEATURE_NAMES, dtype=h5py.string_dtype())
-        h5.attrs["affextract_version"] = f"seqhead-simulate {__version__}"
-        h5.attrs["model"] = "simulated"
-        h5.attrs["model_sha256"] = ""
-        h5.attrs["detector"] = json.dumps({"name": "simulated", "seed": opts.seed})
-        h5.attrs["alignment"] = "arcface-112"
-        h5.attrs["created"] = now
-        h5.attrs["updated"] = now
-        videos = h5.create_group("videos")
+    provenance = Provenance(model="simulated", model_sha256="", alignment="arcface-112", sampling=json.dumps({"fps": None}),
+                            detector=json.dumps({"name": "simulated", "seed": opts.seed}))
+    written_by = {"affextract_version": f"seqhead-simulate {__version__}"}
+    with FeatureWriter(out, provenance, written_by, overwrite=True) as h5:
         for i in range(n):
             K = int(lengths[i])
             total_frames += K
@@ -136,21 +124,16 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
                     face[g0:g0 + int(rng.integers(3, 22))] = False
             feats[~face] = np.nan
             source = f"{split[i]}/{ids[i]}.mp4"
-            g = videos.create_group(escape_key(source))
-            g.create_dataset("features", data=np.ascontiguousarray(feats.T))  # (26, K)
-            g.create_dataset("face", data=face)
-            g.create_dataset("frame", data=np.arange(K, dtype=np.int32))
-            g.create_dataset("time", data=np.arange(K, dtype=np.float64) / 30.0)
             box = np.tile(np.array([200, 80, 330, 250], dtype=np.float32), (K, 1))
             box += rng.normal(0, 2, (K, 4)).astype(np.float32)
             box[~face] = np.nan
-            g.create_dataset("box", data=box)
             lm = np.array([[240, 140], [290, 140], [265, 170], [245, 200], [285, 200]], dtype=np.float32)
             lm = np.repeat(lm[None], K, axis=0) + box[:, None, :2] - np.float32([200, 80])
-            g.create_dataset("landmarks", data=lm)
-            g.create_dataset("score", data=np.where(face, 0.99, np.nan).astype(np.float32))
-            g.attrs.update(dict(source=source, size_bytes=K * 900, mtime=0.0, fps=30.0, frames_total=K,
-                                width=640, height=360))
+            video = h5.video(source, dict(source=source, size_bytes=K * 900, mtime=0.0, fps=30.0, frames_total=K,
+                                          width=640, height=360), frames=K)
+            video.append(feats, face, np.arange(K, dtype=np.int32), np.arange(K, dtype=np.float64) / 30.0, box, lm,
+                         np.where(face, 0.99, np.nan).astype(np.float32))
+            video.finish()
     df = pd.DataFrame(y, columns=list(HUME_TARGETS)).round(4)
     df.insert(0, HUME_ID, ids)
     df["Split"] = split

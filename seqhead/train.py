@@ -18,6 +18,7 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
 
+from affextract.runtime import resolve_device
 from affextract.schema import FEATURE_NAMES, FORMAT_VERSION
 
 from . import __version__
@@ -171,12 +172,6 @@ def pooled_stats(seqs: list[np.ndarray]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def standardize(seqs: list[np.ndarray], mean: np.ndarray, std: np.ndarray) -> list[np.ndarray]:
