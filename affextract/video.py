@@ -156,6 +156,9 @@ def _iter_chunks(vr, indices: np.ndarray, timestamps: np.ndarray, batch_size: in
             if good:
                 k = len(good)
                 yield Chunk(np.stack(good), idx[:k].astype(np.int32), timestamps[idx[:k]])
+            if len(good) == len(idx):  # each frame decodes on its own: only the batched read failed
+                vr.seek(0)
+                continue
             raise StreamBroken(f"stream broke at frame {int(idx[len(good)])}: {_first_line(e)}") from None
         # decord's decoder thread keeps decoding ahead while we work on this chunk and holds every frame it decoded,
         # so memory grows with the video's length (dmlc/decord#197, #208); a seek stops it. Decoding gets about 25%
@@ -177,7 +180,8 @@ def _open_image(source: Source) -> tuple[VideoInfo, Iterator[Chunk]]:
 
 
 def _first_line(e: BaseException) -> str:
+    """The message's first non-empty line: decord puts what went wrong there and a C++ stack trace after it."""
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    text = lines[-1] if lines else type(e).__name__
+    text = lines[0] if lines else type(e).__name__
     # decord prefixes messages (sometimes nested) with "[hh:mm:ss] /path/to/source.cc:line: "; keep what follows.
     return re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text).strip()

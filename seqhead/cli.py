@@ -143,7 +143,8 @@ def evaluate(
     labels: Annotated[Path, typer.Option(help="Label CSV.")],
     id_column: IdColumn = None,
     split: Annotated[Optional[str], typer.Option(help="Only rows of this split (train | val | test).")] = None,
-    split_column: SplitColumn = None,
+    split_column: Annotated[Optional[str], typer.Option(help="Split column of the labels for --split (default: "
+                                                            "auto: split, set, partition, …).")] = None,
 ):
     """Pearson per target and the mean, over the videos present in both files."""
     from .evaluate import EvaluateOptions, evaluate as run_evaluate

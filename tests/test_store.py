@@ -4,8 +4,8 @@ import pytest
 
 from affextract.schema import FEATURE_NAMES
 from affextract.features import open_features
-from affextract.store import (FeatureStore, FormatError, IncompatibleError, LockedError, Provenance, escape_key,
-                              unescape_key)
+from affextract.store import (FeatureStore, FeatureWriter, FormatError, IncompatibleError, LockedError, Provenance,
+                              escape_key, unescape_key)
 
 PROV = Provenance(model="m", model_sha256="0" * 64, detector='{"name": "mtcnn"}', alignment="arcface",
                   sampling='{"fps": null}')
@@ -100,8 +100,7 @@ def test_lock_refuses_second_writer(tmp_path):
 
 def test_leftover_shards_of_a_crash_are_merged_and_partial_ones_dropped(tmp_path):
     out = tmp_path / "out.h5"
-    store = FeatureStore(out, PROV)
-    store.__enter__()
+    store = FeatureStore(out, PROV).open()
     write(store, "done.mp4", 5)
     w = store.begin_video("cut.mp4", ATTRS)  # a video cut off mid-way: its shard is still *.tmp
     w.append(*rows(2))
@@ -125,3 +124,55 @@ def test_reader_refuses_unknown_version(tmp_path):
     h5py.File(q, "w").close()
     with pytest.raises(FormatError, match="not an affextract feature file"):
         open_features(q)
+
+
+def test_open_and_close_without_a_with_block(tmp_path):
+    out = tmp_path / "out.h5"
+    store = FeatureStore(out, PROV).open()
+    assert (tmp_path / "out.h5.lock").exists()
+    write(store, "a.mp4", 3)
+    store.close()
+    assert not (tmp_path / "out.h5.lock").exists() and not (tmp_path / "out.h5.parts").exists()
+    with open_features(out) as ff:
+        assert ff.keys == ["a.mp4"]
+
+
+def test_writer_and_reader_round_trip_provenance_extra_datasets_and_attributes(tmp_path):
+    src = tmp_path / "src.h5"
+    rng = np.random.default_rng(0)
+    moves = rng.random((7, 52)).astype(np.float32)  # e.g. measured movement beside the 26 features
+    with FeatureStore(src, PROV, attrs={"movement_names": "m0 m1"}) as store:
+        w = store.begin_video("d/v.mp4", ATTRS | {"source": "d/v.mp4"}, frames=7)
+        r = rows(7)
+        for part in (slice(0, 4), slice(4, 7)):
+            w.append(*(a[part] for a in r), movement=moves[part])
+        w.finish("complete")
+    with open_features(src) as ff:
+        assert ff.provenance == PROV and ff.attrs["movement_names"] == "m0 m1"
+        v = ff["d/v.mp4"]
+        np.testing.assert_array_equal(v.extra["movement"], moves)
+        np.testing.assert_array_equal(v.features, r[0])
+        light = ff.read("d/v.mp4", ("features", "face"))
+        assert light.box is None and light.extra == {} and len(light) == 7
+        derived = tmp_path / "derived.h5"
+        with FeatureWriter(derived, ff.provenance) as out:
+            out.add(v.take(v.time < 0.1))  # frames 0, 1, 2 (25 fps)
+        with pytest.raises(FileExistsError, match="derived.h5 exists"):
+            FeatureWriter(derived, ff.provenance)
+    with open_features(derived) as ff:
+        d = ff["d/v.mp4"]
+        assert ff.provenance == PROV and len(d) == 3 and d.attrs["source"] == "d/v.mp4"
+        np.testing.assert_array_equal(d.extra["movement"], moves[:3])
+        np.testing.assert_array_equal(d.landmarks, r[5][:3].astype(np.float32))
+    with h5py.File(derived) as f:
+        assert f["videos/d%2Fv.mp4/features"].shape == (26, 3) and f["videos/d%2Fv.mp4/movement"].shape == (3, 52)
+
+
+def test_every_chunk_of_a_video_brings_the_same_datasets(tmp_path):
+    with FeatureWriter(tmp_path / "x.h5", PROV) as out:
+        w = out.video("a.mp4", ATTRS)
+        w.append(*rows(2), movement=np.zeros((2, 3)))
+        with pytest.raises(ValueError, match="same datasets"):
+            w.append(*rows(2))
+        with pytest.raises(ValueError, match="movement: one row per frame"):
+            w.append(*rows(2), movement=np.zeros((5, 3)))

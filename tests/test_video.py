@@ -100,3 +100,11 @@ def test_still_image_is_one_frame_video(tmp_path):
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(DecodeError, match="cannot read the image"):
         open_video(find_sources([bad])[0][0], None, 8)
+
+
+def test_decoder_errors_keep_their_first_line_not_the_stack_trace():
+    from affextract.video import _first_line
+
+    error = RuntimeError("[12:00:00] /github/workspace/src/video/video_reader.cc:83: ERROR opening: x.mp4, Invalid data "
+                         "found when processing input\n\nStack trace:\n  [bt] (0) /usr/lib/libdecord.so(+0x1f2a3) [0x7f]\n")
+    assert _first_line(error) == "ERROR opening: x.mp4, Invalid data found when processing input"
