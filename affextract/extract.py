@@ -42,6 +42,14 @@ class ExtractOptions:
     progress: bool = True  # progress on stderr: a live display on a terminal, a plain line now and then otherwise
     progress_every: float = 30.0  # seconds between plain progress lines (stderr not a terminal, e.g. a log file)
 
+    def __post_init__(self):
+        for name, low in (("detect_interval", 0), ("batch_size", 1), ("workers", 0), ("commit_every", 0),
+                          ("progress_every", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"ExtractOptions.{name} must be >= {low}, got {getattr(self, name)}")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"ExtractOptions.fps must be > 0 (or None for every frame), got {self.fps}")
+
 
 @dataclass
 class ExtractReport:

@@ -101,10 +101,10 @@ class PrimaryFaceStream:
     one call, and go through ``PrimaryFaceTracker``. The frames between two key frames re-fit the box of the latest
     detection (one batched ``refine`` call), so the result is the same however the video is cut into batches. A frame
     whose re-fit fails gets a full detection at once, so a face that moved or turned is found again there, not at the
-    next key frame; while the subject stays unseen, every following frame up
-    to the next key frame is tried the same way (re-fit where it was last seen, then a full detection). Only after a
-    key frame without the subject does the stream wait for the next key frame. Detectors without ``refine`` are run
-    on every frame.
+    next key frame. While the subject stays unseen (a detection missed it, on a key frame or not), every following
+    frame is tried the same way, a re-fit where it was last seen and then a full detection, for up to the tracker's
+    ``max_lost`` seconds; after that, faces are looked for on key frames only, so a video without faces costs one
+    detection per key frame. Detectors without ``refine`` are run on every frame.
     """
 
     def __init__(self, detector: Detector, detect_interval: float = 0.0, min_refine_score: float = 0.8,
@@ -115,8 +115,9 @@ class PrimaryFaceStream:
         refines = hasattr(detector, "refine")
         self.options = StreamOptions(detect_interval if refines else 0.0, min_refine_score)
         self.tracker = tracker if tracker is not None else PrimaryFaceTracker()
-        # The subject's box at its latest full detection, which the frames after it re-fit (not the previous frame's
-        # re-fitted box: so the result does not depend on where batches start); None when that detection missed it.
+        # The subject's box at its latest full detection that found it, which the frames after it re-fit (not the
+        # previous frame's re-fitted box: so the result does not depend on where batches start); None once the subject
+        # has been unseen for the tracker's max_lost.
         self._box: np.ndarray | None = None
         self._next_key: float | None = None  # time (s) of the next scheduled key frame
         self._last_key = -np.inf
@@ -135,7 +136,8 @@ class PrimaryFaceStream:
         i = 0
         while i < n:
             if i in found:
-                self._take(out, i, found[i], times[i])
+                if not self._take(out, i, found[i], times[i]) and self._box is not None:
+                    self._refit(frames, times, out, i, i + 1)  # the detection missed the subject: look where it was
                 i += 1
                 continue
             end = i + 1
@@ -157,18 +159,21 @@ class PrimaryFaceStream:
                 self._next_key, self._last_key = t + self.options.detect_interval, t
         return keys
 
-    def _take(self, out: PrimaryFaces, i: int, faces: Faces, time: float) -> None:
-        """Frame i had a full detection: the tracker picks the subject among `faces`."""
+    def _take(self, out: PrimaryFaces, i: int, faces: Faces, time: float) -> bool:
+        """Frame i had a full detection: the tracker picks the subject among `faces`. Returns whether it did."""
         index = self.tracker.update(faces, time)
         if index is None:
-            self._box = None
-            return
+            if time - self.tracker.seen >= self.tracker.options.max_lost:
+                self._box = None
+            return False
         out.face[i] = True
         out.boxes[i], out.scores[i], out.landmarks[i] = faces.boxes[index], faces.scores[index], faces.landmarks[index]
         self._box = faces.boxes[index].astype(np.float32)
+        return True
 
     def _refit(self, frames: np.ndarray, times: np.ndarray, out: PrimaryFaces, start: int, end: int) -> None:
-        """Frames start..end-1 (no key frame among them) follow the subject by re-fitting its box."""
+        """Frames start..end-1 follow the subject by re-fitting its box; a frame that loses it gets a full detection
+        unless it had one already."""
         while start < end and self._box is not None:
             refined = self.detector.refine(frames[start:end], np.repeat(self._box[None], end - start, axis=0))
             ok = refined.scores >= self.options.min_refine_score
@@ -181,9 +186,7 @@ class PrimaryFaceStream:
                 self.tracker.follow(refined.boxes[kept - 1], times[start + kept - 1])
             start += kept
             if start < end:  # the track is lost on this frame: detect it again at once
-                out.detected[start] = True
-                last = self._box
-                self._take(out, start, self.detector.detect(frames[start:start + 1])[0], times[start])
-                if self._box is None:  # not there: the next frames look again where the face was last seen
-                    self._box = last
+                if not out.detected[start]:
+                    out.detected[start] = True
+                    self._take(out, start, self.detector.detect(frames[start:start + 1])[0], times[start])
                 start += 1

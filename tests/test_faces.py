@@ -310,7 +310,9 @@ def test_stream_reports_the_front_face_of_a_group_wherever_the_detector_finds_it
     boxes = np.concatenate([p.boxes for p in parts])
     assert not np.concatenate([p.detected for p in parts]).all()  # key frames only, plus re-detections
     whole = PrimaryFaceStream(detector, detect_interval=0.4)(video, times)
-    np.testing.assert_array_equal(whole.boxes, boxes)  # the same however the video is cut into batches
+    # The same however the video is cut into batches (to float rounding: batched convolutions sum in another order).
+    np.testing.assert_array_equal(whole.face, face)
+    np.testing.assert_allclose(whole.boxes, boxes, atol=1e-3)
     for t, found in enumerate(detector.detect(video)):
         assert len(found) >= 3
         front = found.boxes[np.argmax(found.areas)]

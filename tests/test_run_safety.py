@@ -142,16 +142,16 @@ def test_rerun_with_nothing_to_do_starts_no_worker_and_loads_no_model(weights, t
     write_video(d / "a.mp4", astronaut_frames(4))
     out = tmp_path / "out.h5"
     assert run_cli("run", d, out, "--weights", weights, "-q").exit_code == 0
-    import affextract.model
-    import subprocess as sp
     import multiprocessing.context
+
+    import affextract.model
 
     def refuse(*a, **k):
         raise AssertionError("nothing to do, yet this was called")
 
     monkeypatch.setattr(affextract.model, "load_weights", refuse)
-    monkeypatch.setattr(sp.Popen, "__init__", refuse)
-    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse, raising=False)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
     r = run_cli("run", d, out, "--weights", weights, "-q")
     assert r.exit_code == 0 and "0 extracted, 1 already done" in r.text, r.output
 
