@@ -126,17 +126,16 @@ class _Worker:
         self.ready = False
         payload = pickle.dumps(({i: sources[i] for i in indices}, indices, spec, os.getpid()))
         # Written from a thread: a long job fills the pipe before the worker has started to read it.
-        threading.Thread(target=_write_all, args=(job_w, struct.pack("!Q", len(payload)) + payload),
-                         daemon=True).start()
+        self.sender = threading.Thread(target=_write_all, args=(job_w, struct.pack("!Q", len(payload)) + payload),
+                                       daemon=True)
+        self.sender.start()
 
     def stop(self) -> None:
-        try:
-            os.close(self.job)
-        except OSError:
-            pass
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+        self.sender.join()  # done, or failed on the closed pipe: the job's descriptor is no longer in use
+        os.close(self.job)
         self.events.close()
 
 
