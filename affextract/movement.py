@@ -197,6 +197,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, doc: dict, half: bo
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.half() if half else v.float()).contiguous() for k, v in state.items()}
     save_file(tensors, str(path), metadata={"format": WEIGHTS_FORMAT})
+    path.chmod(0o644)  # package data, readable by all
     digest = _sha256(path)
     path.with_suffix(".json").write_text(json.dumps({"format": WEIGHTS_FORMAT, "sha256": digest, **doc}, indent=2)
                                          + "\n")
@@ -416,3 +417,72 @@ def gaze_degrees(mesh: torch.Tensor, rot: torch.Tensor, scale: torch.Tensor, t: 
         dirs.append(torch.cat([off, (1 - (off ** 2).sum(1, keepdim=True)).clamp_min(0.05).sqrt()], 1))
     g = torch.einsum("bij,bj->bi", rot, F.normalize(dirs[0] + dirs[1], dim=1))
     return torch.rad2deg(torch.stack([torch.atan2(g[:, 0], g[:, 2]), torch.asin(g[:, 1].clamp(-1, 1))], 1))
+
+
+# ------------------------------------------------------------------------------------------------------ the stage
+
+
+@dataclass(frozen=True)
+class MovementOptions:
+    # Faces per forward pass of the mesh; bounds memory (64 crops of 192x192 need ~60 MB of activations on the CPU).
+    batch_size: int = 64
+    # Run the mesh channels-last (NHWC), which oneDNN's CPU depthwise convolutions prefer.
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class MovementOut:
+    """Per face (n rows), as float32 numpy arrays."""
+
+    blendshapes: np.ndarray  # (n, 52) in [0, 1], BLENDSHAPE_NAMES order (index 0 = _neutral)
+    pose: np.ndarray  # (n, 3) yaw, pitch, roll in degrees (POSE_NAMES)
+    gaze: np.ndarray  # (n, 2) gaze yaw, pitch in degrees (GAZE_NAMES)
+    presence: np.ndarray  # (n,) the mesh's face-presence probability
+    mesh: np.ndarray  # (n, 478, 3) points in image pixels (x, y; z relative depth scaled like x)
+
+
+class Movement:
+    """MediaPipe face mesh + blendshapes + head pose + gaze on batches of 192x192 crops, on one torch device.
+
+        mv = Movement("cpu")
+        m = roi_from_points(landmarks5)                   # (n, 2, 3) image -> crop
+        out = mv(crop_faces(frames, m), invert_affine(m))
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", options: MovementOptions | None = None) -> None:
+        self.device = torch.device(device)
+        self.options = options or MovementOptions()
+        self.mesh = load_face_mesh().to(self.device)
+        if self.options.channels_last:
+            self.mesh = self.mesh.to(memory_format=torch.channels_last)
+        self.blendshapes = load_blendshapes().to(self.device)
+        canonical, weights = load_geometry()
+        self.canonical, self.weights = canonical.to(self.device), weights.to(self.device)
+        self._index = torch.as_tensor(BLENDSHAPE_LANDMARKS, device=self.device)
+
+    @torch.inference_mode()
+    def __call__(self, crops: torch.Tensor, crop_to_image) -> MovementOut:
+        """crops (n, 3, 192, 192) uint8 RGB (any device) and (n, 2, 3) crop -> image affines -> MovementOut."""
+        if crops.ndim != 4 or tuple(crops.shape[1:]) != (3, CROP_SIZE, CROP_SIZE):
+            raise ValueError(f"Movement expects (n, 3, {CROP_SIZE}, {CROP_SIZE}) crops, got {tuple(crops.shape)}")
+        affine = torch.as_tensor(np.asarray(crop_to_image, np.float32), device=self.device).reshape(-1, 2, 3)
+        if len(affine) != len(crops):
+            raise ValueError(f"{len(crops)} crops but {len(affine)} crop -> image affines")
+        parts = []
+        for s in range(0, len(crops), self.options.batch_size):
+            x = crops[s:s + self.options.batch_size].to(self.device, non_blocking=True).float().div_(255)
+            if self.options.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            parts.append(self.mesh(x))
+        if parts:
+            landmarks, logits = (torch.cat(t) for t in zip(*parts))
+        else:
+            landmarks, logits = torch.zeros(0, N_LANDMARKS, 3, device=self.device), torch.zeros(0, device=self.device)
+        mesh = mesh_to_image(landmarks, affine)
+        blend = self.blendshapes(mesh[:, self._index, :2])
+        camera = _to_camera(mesh)
+        rot, scale, t = procrustes(camera[:, :N_FACE], self.canonical, self.weights)
+        pose = euler_degrees(rot)
+        gaze = gaze_degrees(camera, rot, scale, t)
+        out = (blend, pose, gaze, torch.sigmoid(logits), mesh)
+        return MovementOut(*(v.float().cpu().numpy() for v in out))
