@@ -96,9 +96,10 @@ class _BlazeBlock(nn.Module):
             y, short = self.dw(x), x
         else:
             y, short = self.dw(_same_pad(x)), F.max_pool2d(x, 2)
-            if self.extra:
-                short = F.pad(short, (0, 0, 0, 0, 0, self.extra))
-        return self.act(self.pw(self.act_dw(y)) + short)
+        y = self.pw(self.act_dw(y))
+        # The shortcut's appended channels are zeros: add into the first ones only, in place.
+        (y[:, :short.shape[1]] if self.extra else y).add_(short)
+        return self.act(y)
 
 
 # (in channels, out channels, stride) of the trunk's blocks, as in face_landmarks_detector.tflite.
@@ -424,8 +425,10 @@ def gaze_degrees(mesh: torch.Tensor, rot: torch.Tensor, scale: torch.Tensor, t: 
 
 @dataclass(frozen=True)
 class MovementOptions:
-    # Faces per forward pass of the mesh; bounds memory (64 crops of 192x192 need ~60 MB of activations on the CPU).
-    batch_size: int = 64
+    # Faces per forward pass of the mesh and blendshapes. 16 keeps the mesh's largest activations (96x96x16 floats
+    # per face) in a CPU's cache and measured fastest per face on the CPU (benchmarks/bench_movement.py); raise it
+    # on a GPU.
+    batch_size: int = 16
     # Run the mesh channels-last (NHWC), which oneDNN's CPU depthwise convolutions prefer.
     channels_last: bool = True
 
@@ -468,21 +471,22 @@ class Movement:
         affine = torch.as_tensor(np.asarray(crop_to_image, np.float32), device=self.device).reshape(-1, 2, 3)
         if len(affine) != len(crops):
             raise ValueError(f"{len(crops)} crops but {len(affine)} crop -> image affines")
-        parts = []
+        meshes, logits, blends = [], [], []
         for s in range(0, len(crops), self.options.batch_size):
             x = crops[s:s + self.options.batch_size].to(self.device, non_blocking=True).float().div_(255)
             if self.options.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            parts.append(self.mesh(x))
-        if parts:
-            landmarks, logits = (torch.cat(t) for t in zip(*parts))
-        else:
-            landmarks, logits = torch.zeros(0, N_LANDMARKS, 3, device=self.device), torch.zeros(0, device=self.device)
-        mesh = mesh_to_image(landmarks, affine)
-        blend = self.blendshapes(mesh[:, self._index, :2])
+            landmarks, logit = self.mesh(x)
+            meshes.append(mesh_to_image(landmarks, affine[s:s + len(x)]))
+            logits.append(logit)
+            blends.append(self.blendshapes(meshes[-1][:, self._index, :2]))
+        if not meshes:
+            empty = torch.zeros(0, device=self.device)
+            meshes, logits, blends = [empty.view(0, N_LANDMARKS, 3)], [empty], [empty.view(0, len(BLENDSHAPE_NAMES))]
+        mesh, blend = torch.cat(meshes), torch.cat(blends)
         camera = _to_camera(mesh)
         rot, scale, t = procrustes(camera[:, :N_FACE], self.canonical, self.weights)
         pose = euler_degrees(rot)
         gaze = gaze_degrees(camera, rot, scale, t)
-        out = (blend, pose, gaze, torch.sigmoid(logits), mesh)
+        out = (blend, pose, gaze, torch.sigmoid(torch.cat(logits)), mesh)
         return MovementOut(*(v.float().cpu().numpy() for v in out))
