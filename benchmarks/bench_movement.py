@@ -33,7 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--tflite", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "models" / "mediapipe")
+    ap.add_argument("--tflite", type=Path,
+                    default=Path(__file__).resolve().parents[2] / "shared" / "models" / "mediapipe")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from skimage import data
@@ -55,7 +56,8 @@ def main() -> None:
     with torch.inference_mode():
         x1 = crop.float().div(255).to(device)
         lm, _ = mesh_cf(x1)
-        pts1 = mv.mesh_to_image(lm, torch.from_numpy(mv.invert_affine(m)).float().to(device))[:, list(mv.BLENDSHAPE_LANDMARKS), :2]
+        image_mesh = mv.mesh_to_image(lm, torch.from_numpy(mv.invert_affine(m)).float().to(device))
+        pts1 = image_mesh[:, list(mv.BLENDSHAPE_LANDMARKS), :2]
         for batch in (1, 16, 64):
             x = x1.repeat(batch, 1, 1, 1)
             xl = x.contiguous(memory_format=torch.channels_last)
@@ -90,8 +92,10 @@ def main() -> None:
     ms = np.repeat(m, 64, 0)
     crops = mv.crop_faces(frames, ms, device)
     inv = mv.invert_affine(ms)
-    print(f"\nMovement (mesh + blendshapes + pose + gaze), batch 64: {per_face_ms(lambda: stage(crops, inv), 64):.3f} ms/face")
-    print(f"crop_faces (512x512 frames), batch 64: {per_face_ms(lambda: mv.crop_faces(frames, ms, device), 64):.3f} ms/face")
+    whole = per_face_ms(lambda: stage(crops, inv), 64)
+    warp = per_face_ms(lambda: mv.crop_faces(frames, ms, device), 64)
+    print(f"\nMovement (mesh + blendshapes + pose + gaze), 64 faces: {whole:.3f} ms/face")
+    print(f"crop_faces (512x512 frames), 64 faces: {warp:.3f} ms/face")
 
 
 if __name__ == "__main__":
