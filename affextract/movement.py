@@ -1,0 +1,491 @@
+"""Movement stage: MediaPipe Face Mesh v2 and blendshapes in torch, with head pose, gaze and MediaPipe's face crop.
+
+Google's MediaPipe face models (Apache-2.0) are run from weights converted out of their .tflite files by
+``tools/convert_mediapipe.py`` (``weights/NOTICE-mediapipe``, ``weights/LICENSE-mediapipe``); nothing here needs
+TensorFlow, LiteRT or MediaPipe. Parity with the LiteRT runtime is tested in ``tests/test_movement.py``.
+
+Pipeline per face: 5 detector points -> ``roi_from_points`` (MediaPipe's rotated square around the face) ->
+``crop_faces`` (192x192 crop) -> ``FaceMesh`` (478 points + presence) -> points back to the image ->
+``Blendshapes`` (52 coefficients from 146 of the points), ``head_pose`` (yaw, pitch, roll) and ``gaze``.
+``Movement`` runs all of it on a batch of crops on one device.
+
+Coordinates: image points are (x, y) pixels with x to the right and y down, measured like OpenCV's (pixel i's centre
+at i). Crop points are pixels of the 192x192 crop in the same convention; the crop's corner (0, 0) is the ROI's
+corner, as in MediaPipe's ImageToTensor. Mesh z is MediaPipe's relative depth (smaller = nearer the camera), in the
+same pixel scale as x.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MESH_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_mesh_v2.safetensors"
+BLENDSHAPE_WEIGHTS = WEIGHTS_DIR / "mediapipe_blendshapes.safetensors"
+GEOMETRY_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_geometry.safetensors"
+WEIGHTS_FORMAT = "affextract-mediapipe"
+
+CROP_SIZE = 192  # side of the face mesh input
+N_LANDMARKS = 478  # 468 face points + 2 x 5 iris points
+N_FACE = 468  # face points (the canonical model's vertices); 468..472 right iris, 473..477 left iris (subject's)
+
+# The 52 outputs of the blendshapes model, in its order (MediaPipe face_landmarker_graph.cc). All 52 are kept so that
+# indices match MediaPipe's; ``_neutral`` (index 0) carries no movement and is to be ignored by readers. Left/Right
+# are the subject's (ARKit convention): mouthSmileLeft is the corner on the image's right in an unmirrored video.
+BLENDSHAPE_NAMES = (
+    "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight", "cheekPuff",
+    "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight", "eyeLookDownLeft", "eyeLookDownRight",
+    "eyeLookInLeft", "eyeLookInRight", "eyeLookOutLeft", "eyeLookOutRight", "eyeLookUpLeft", "eyeLookUpRight",
+    "eyeSquintLeft", "eyeSquintRight", "eyeWideLeft", "eyeWideRight", "jawForward", "jawLeft", "jawOpen", "jawRight",
+    "mouthClose", "mouthDimpleLeft", "mouthDimpleRight", "mouthFrownLeft", "mouthFrownRight", "mouthFunnel",
+    "mouthLeft", "mouthLowerDownLeft", "mouthLowerDownRight", "mouthPressLeft", "mouthPressRight", "mouthPucker",
+    "mouthRight", "mouthRollLower", "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper", "mouthSmileLeft",
+    "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight", "mouthUpperUpLeft", "mouthUpperUpRight",
+    "noseSneerLeft", "noseSneerRight",
+)
+# Head pose in degrees. yaw > 0: the subject turns to their left (the nose moves to the image's right in an
+# unmirrored video); pitch > 0: chin up (the nose points above the camera); roll > 0: the head tilts towards the
+# subject's left shoulder (the face turns counter-clockwise on screen). A frontal upright face is (0, 0, 0).
+POSE_NAMES = ("yaw", "pitch", "roll")
+# Gaze direction of both eyes together, in degrees, relative to the camera (head pose included): yaw > 0 towards the
+# subject's left (the image's right), pitch > 0 upwards. Looking straight into the camera is (0, 0).
+GAZE_NAMES = ("gaze_yaw", "gaze_pitch")
+
+# The 146 of the 478 mesh points fed to the blendshapes model, in order (MediaPipe face_blendshapes_graph.cc).
+BLENDSHAPE_LANDMARKS = (
+    0, 1, 4, 5, 6, 7, 8, 10, 13, 14, 17, 21, 33, 37, 39, 40, 46, 52, 53, 54, 55, 58, 61, 63, 65, 66, 67, 70, 78, 80,
+    81, 82, 84, 87, 88, 91, 93, 95, 103, 105, 107, 109, 127, 132, 133, 136, 144, 145, 146, 148, 149, 150, 152, 153,
+    154, 155, 157, 158, 159, 160, 161, 162, 163, 168, 172, 173, 176, 178, 181, 185, 191, 195, 197, 234, 246, 249, 251,
+    263, 267, 269, 270, 276, 282, 283, 284, 285, 288, 291, 293, 295, 296, 297, 300, 308, 310, 311, 312, 314, 317, 318,
+    321, 323, 324, 332, 334, 336, 338, 356, 361, 362, 365, 373, 374, 375, 377, 378, 379, 380, 381, 382, 384, 385, 386,
+    387, 388, 389, 390, 397, 398, 400, 402, 405, 409, 415, 454, 466, 468, 469, 470, 471, 472, 473, 474, 475, 476, 477,
+)
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+
+def _same_pad(x: torch.Tensor) -> torch.Tensor:
+    """TF 'SAME' padding for a 3x3, stride-2 window on an even-sized input: one row/column after, none before."""
+    return F.pad(x, (0, 1, 0, 1))
+
+
+class _BlazeBlock(nn.Module):
+    """Depthwise 3x3 -> PReLU -> pointwise -> + shortcut -> PReLU; stride 2 halves the size, the shortcut then is a
+    2x2 max pool with zero channels appended."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.stride, self.extra = stride, cout - cin
+        self.dw = nn.Conv2d(cin, cin, 3, stride, 1 if stride == 1 else 0, groups=cin)
+        self.act_dw = nn.PReLU(cin)
+        self.pw = nn.Conv2d(cin, cout, 1)
+        self.act = nn.PReLU(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            y, short = self.dw(x), x
+        else:
+            y, short = self.dw(_same_pad(x)), F.max_pool2d(x, 2)
+        y = self.pw(self.act_dw(y))
+        # The shortcut's appended channels are zeros: add into the first ones only, in place.
+        (y[:, :short.shape[1]] if self.extra else y).add_(short)
+        return self.act(y)
+
+
+# (in channels, out channels, stride) of the trunk's blocks, as in face_landmarks_detector.tflite.
+_MESH_BLOCKS = ((16, 16, 1), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 32, 1), (32, 64, 2), (64, 64, 1),
+                (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 128, 1), (128, 128, 2), (128, 128, 1), (128, 128, 1),
+                (128, 128, 2), (128, 128, 1), (128, 128, 1))
+
+
+class FaceMesh(nn.Module):
+    """Face Mesh v2: (B, 3, 192, 192) RGB in [0, 1] -> landmarks (B, 478, 3) in crop pixels, presence logit (B,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, 2, 0)
+        self.stem_act = nn.PReLU(16)
+        self.blocks = nn.Sequential(*(_BlazeBlock(*b) for b in _MESH_BLOCKS))
+        self.neck = nn.Conv2d(128, 8, 1)
+        self.neck_act = nn.PReLU(8)
+        self.neck_block = _BlazeBlock(8, 8, 1)
+        self.presence = nn.Conv2d(8, 1, 3)  # 3x3 'VALID' on the 3x3 map: one value
+        self.landmarks = nn.Conv2d(8, 3 * N_LANDMARKS, 3)
+
+    def layers(self) -> list[nn.Module]:
+        """Parametrised layers in the order the .tflite graph applies them (the converter fills them in this order)."""
+        out: list[nn.Module] = [self.stem, self.stem_act]
+        for b in [*self.blocks, None, self.neck_block]:
+            out += [self.neck, self.neck_act] if b is None else [b.dw, b.act_dw, b.pw, b.act]
+        return out + [self.presence, self.landmarks]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.stem_act(self.stem(_same_pad(x)))
+        h = self.neck_block(self.neck_act(self.neck(self.blocks(h))))
+        return self.landmarks(h).reshape(-1, N_LANDMARKS, 3), self.presence(h).reshape(-1)
+
+
+class _MixerBlock(nn.Module):
+    """MLP-Mixer block: token mixing then channel mixing, each after a layer norm without bias, with residuals."""
+
+    def __init__(self, tokens: int, channels: int, token_hidden: int, channel_hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels, bias=False)
+        self.token1, self.token2 = nn.Linear(tokens, token_hidden), nn.Linear(token_hidden, tokens)
+        self.norm2 = nn.LayerNorm(channels, bias=False)
+        self.channel1, self.channel2 = nn.Linear(channels, channel_hidden), nn.Linear(channel_hidden, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        y = self.norm1(x).transpose(1, 2)
+        x = x + self.token2(F.relu(self.token1(y))).transpose(1, 2)
+        return x + self.channel2(F.relu(self.channel1(self.norm2(x))))
+
+
+class Blendshapes(nn.Module):
+    """MediaPipe's blendshapes MLP-Mixer: (B, 146, 2) points (x, y in pixels of any one image) -> (B, 52) in [0, 1].
+
+    The points are centred and scaled to unit mean distance inside, so any image's pixel frame works."""
+
+    def __init__(self, points: int = len(BLENDSHAPE_LANDMARKS), tokens: int = 96, channels: int = 64,
+                 blocks: int = 4, outputs: int = len(BLENDSHAPE_NAMES)) -> None:
+        super().__init__()
+        self.register_buffer("input_scale", torch.ones(()))  # constant of the graph after normalisation
+        self.points_to_tokens = nn.Linear(points, tokens)
+        self.embed = nn.Linear(2, channels)
+        self.extra_token = nn.Parameter(torch.zeros(1, 1, channels))
+        self.blocks = nn.ModuleList(_MixerBlock(tokens + 1, channels, 384, 256) for _ in range(blocks))
+        self.out = nn.Linear(channels, outputs)
+
+    def forward(self, points: torch.Tensor) -> torch.Tensor:
+        x = points - points.mean(1, keepdim=True)
+        x = x / x.norm(dim=2).mean(1)[:, None, None] * self.input_scale
+        x = self.embed(self.points_to_tokens(x.transpose(1, 2)).transpose(1, 2))  # (B, 96, 64)
+        x = torch.cat([self.extra_token.expand(len(x), -1, -1), x], 1)  # (B, 97, 64)
+        for block in self.blocks:
+            x = block(x)
+        return torch.sigmoid(self.out(x[:, 0]))
+
+    def set_eps(self, eps: float) -> None:
+        for block in self.blocks:
+            block.norm1.eps = block.norm2.eps = eps
+
+
+# ------------------------------------------------------------------------------------------------------ weights
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, doc: dict, half: bool) -> str:
+    """Write ``path`` (.safetensors, fp16 when ``half``) and its .json (``doc`` plus the file's SHA-256)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.half() if half else v.float()).contiguous() for k, v in state.items()}
+    save_file(tensors, str(path), metadata={"format": WEIGHTS_FORMAT})
+    path.chmod(0o644)  # package data, readable by all
+    digest = _sha256(path)
+    path.with_suffix(".json").write_text(json.dumps({"format": WEIGHTS_FORMAT, "sha256": digest, **doc}, indent=2)
+                                         + "\n")
+    return digest
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(fp32 tensors, description) of a converted MediaPipe file; refuses one whose SHA-256 differs from its .json."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = path.with_suffix(".json")
+    for p in (path, meta):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: missing; reinstall affextract or run tools/convert_mediapipe.py")
+    doc = json.loads(meta.read_text())
+    if doc.get("format") != WEIGHTS_FORMAT or "sha256" not in doc:
+        raise ValueError(f"{meta}: not a description of converted MediaPipe weights")
+    digest = _sha256(path)
+    if digest != doc["sha256"]:
+        raise ValueError(f"{path}: SHA-256 {digest} does not match {doc['sha256']} recorded in {meta.name}; the file "
+                         "is corrupt or was replaced. Reinstall affextract or rerun tools/convert_mediapipe.py.")
+    return {k: v.float() for k, v in load_file(str(path)).items()}, doc
+
+
+def _load(model: nn.Module, path: Path) -> tuple[nn.Module, dict]:
+    state, doc = load_weights(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not fit {type(model).__name__} (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.eval(), doc
+
+
+def load_face_mesh(path: str | Path = MESH_WEIGHTS) -> FaceMesh:
+    """The converted Face Mesh v2 (fp32, CPU, eval mode)."""
+    return _load(FaceMesh(), Path(path))[0]
+
+
+def load_blendshapes(path: str | Path = BLENDSHAPE_WEIGHTS) -> Blendshapes:
+    """The converted blendshapes model (fp32, CPU, eval mode)."""
+    model, doc = _load(Blendshapes(), Path(path))
+    if tuple(doc.get("names", ())) != BLENDSHAPE_NAMES:
+        raise ValueError(f"{path}: blendshape names differ from this affextract's BLENDSHAPE_NAMES")
+    model.set_eps(float(doc["config"]["eps"]))
+    return model
+
+
+def load_geometry(path: str | Path = GEOMETRY_WEIGHTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """MediaPipe's canonical face: vertices (468, 3) in cm and Procrustes landmark weights (468,)."""
+    state, _ = load_weights(path)
+    return state["canonical"], state["weights"]
+
+
+# ------------------------------------------------------------------------------------------------------ the crop
+
+# MediaPipe's face crop (face_landmarks_detector_graph.cc, used on every tracked frame): the bounding box of the 478
+# points, rotated so that the line from point 33 to point 263 (the outer eye corners, image-left one first) is
+# horizontal, its long side times 1.5 as the side of a square.
+ROI_SCALE = 1.5
+ROI_EYES = (33, 263)
+
+# Where the 5 points of MTCNN (LANDMARK_NAMES order: image-left eye, image-right eye, nose, image-left and image-right
+# mouth corner) fall in MediaPipe's crop (192x192 pixels), on average: measured with tools/fit_mediapipe_crop.py by
+# running the mesh to its own crop's fixed point on 202 faces of 5 real clips. ``roi_from_points`` places this
+# template; its crop lands within 2.4% (median; 95%: 5.4%) of the side from MediaPipe's, with a side within 5-10%.
+POINTS_TEMPLATE = np.array([[72.03, 72.19], [119.97, 72.19], [96.0, 96.36], [74.63, 121.07], [117.37, 121.07]])
+
+
+def roi_matrices(center: np.ndarray, side: np.ndarray, angle: np.ndarray) -> np.ndarray:
+    """Rotated squares (N, 2) centres, (N,) sides in image pixels, (N,) angles in radians (of the square's x axis,
+    clockwise on screen) -> (N, 2, 3) float64 affines image -> 192x192 crop, as MediaPipe's ImageToTensor cuts them
+    (the square's corners go to the crop's corners)."""
+    center, side, angle = np.asarray(center, np.float64), np.asarray(side, np.float64), np.asarray(angle, np.float64)
+    k = CROP_SIZE / side
+    c, s = np.cos(angle) * k, np.sin(angle) * k
+    out = np.empty((len(side), 2, 3))
+    out[:, 0, 0], out[:, 0, 1], out[:, 1, 0], out[:, 1, 1] = c, s, -s, c
+    out[:, :, 2] = CROP_SIZE / 2 - np.einsum("nij,nj->ni", out[:, :, :2], center)
+    return out
+
+
+def invert_affine(m: np.ndarray) -> np.ndarray:
+    """(N, 2, 3) affines -> their inverses (N, 2, 3)."""
+    m = np.asarray(m, np.float64)
+    lin = np.linalg.inv(m[:, :, :2])
+    return np.concatenate([lin, -np.einsum("nij,nj->ni", lin, m[:, :, 2])[:, :, None]], 2)
+
+
+def roi_from_mesh(mesh: np.ndarray) -> np.ndarray:
+    """(N, 478, >=2) mesh points in image pixels -> (N, 2, 3) image -> crop affines: MediaPipe's crop for the next
+    frame (its landmarks-to-ROI rule), hence also the crop the mesh was trained on."""
+    xy = np.asarray(mesh, np.float64)[:, :, :2]
+    lo, hi = xy.min(1), xy.max(1)
+    d = xy[:, ROI_EYES[1]] - xy[:, ROI_EYES[0]]
+    # The side comes from the box in image axes, before rotation, as MediaPipe computes it.
+    return roi_matrices((lo + hi) / 2, ROI_SCALE * (hi - lo).max(1), np.arctan2(d[:, 1], d[:, 0]))
+
+
+def roi_from_points(points: np.ndarray) -> np.ndarray:
+    """(N, 5, 2) detector points (MTCNN order, image pixels) -> (N, 2, 3) image -> crop affines approximating
+    MediaPipe's crop: eyes level (the angle of the eye line), scale and position by least squares of
+    ``POINTS_TEMPLATE`` onto the points at that angle. Rows with non-finite points are NaN."""
+    p = np.asarray(points, np.float64).reshape(-1, 5, 2)
+    d = p[:, 1] - p[:, 0]
+    angle = np.arctan2(d[:, 1], d[:, 0])
+    t = POINTS_TEMPLATE - POINTS_TEMPLATE.mean(0)  # (5, 2) crop pixels, centred
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], 1)  # (N, 2, 2) crop axes -> image axes
+    rt = np.einsum("nij,kj->nki", rot, t)  # template rotated into the image, (N, 5, 2)
+    pc = p - p.mean(1, keepdims=True)
+    scale = (rt * pc).sum((1, 2)) / (t ** 2).sum()  # image pixels per crop pixel
+    # Crop centre (96, 96) in the image: the points' mean minus the rotated, scaled template mean offset.
+    offset = np.einsum("nij,j->ni", rot, POINTS_TEMPLATE.mean(0) - CROP_SIZE / 2)
+    center = p.mean(1) - scale[:, None] * offset
+    return roi_matrices(center, scale * CROP_SIZE, angle)
+
+
+def crop_faces(frames, image_to_crop: np.ndarray, device: str | torch.device = "cpu", method: str = "auto"
+               ) -> torch.Tensor:
+    """Frames (N, H, W, 3) uint8 RGB (numpy or torch) and (N, 2, 3) image -> crop affines -> (N, 3, 192, 192) uint8
+    on ``device``; rows with non-finite affines are black.
+
+    ``method="cv2"`` (the default on the CPU): cv2.warpAffine per face, bilinear, black outside the frame, as
+    MediaPipe's CPU ImageToTensor. ``"grid"`` (the default on GPUs): one batched grid_sample on the device, within
+    a grey level of cv2."""
+    if method not in ("auto", "cv2", "grid"):
+        raise ValueError(f"unknown warp method {method!r}; known: auto, cv2, grid")
+    device = torch.device(device)
+    images = torch.as_tensor(frames)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"frames must be (N, H, W, 3) RGB, got shape {tuple(images.shape)}")
+    m = np.asarray(image_to_crop, np.float64).reshape(-1, 2, 3)
+    n, h, w, _ = images.shape
+    if len(m) != n:
+        raise ValueError(f"crop_faces needs one affine per frame: {n} frames, {len(m)} affines")
+    ok = np.isfinite(m).all((1, 2))
+    size = CROP_SIZE
+    if method == "cv2" or (method == "auto" and device.type == "cpu"):
+        import cv2
+
+        images = images.cpu().numpy()
+        out = np.zeros((n, size, size, 3), np.uint8)
+        for i in np.flatnonzero(ok):
+            out[i] = cv2.warpAffine(images[i], m[i], (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
+        return torch.from_numpy(out).permute(0, 3, 1, 2).to(device)
+    inverse = invert_affine(np.where(ok[:, None, None], m, [[1.0, 0, 0], [0, 1.0, 0]]))
+    # grid_sample with align_corners=True: normalised -1..1 spans pixel centres 0..size-1 (crop) and 0..W-1 (frame).
+    from_crop = np.array([[(size - 1) / 2, 0, (size - 1) / 2], [0, (size - 1) / 2, (size - 1) / 2], [0, 0, 1]])
+    to_frame = np.array([[2 / (w - 1), 0, -1], [0, 2 / (h - 1), -1]])
+    full = np.concatenate([inverse, np.tile([[[0.0, 0, 1]]], (n, 1, 1))], 1)
+    theta = torch.as_tensor(to_frame @ full @ from_crop, dtype=torch.float32, device=device)
+    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=True)
+    source = images.to(device).permute(0, 3, 1, 2).float()
+    crops = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    crops[torch.as_tensor(~ok, device=device)] = 0.0
+    return crops.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def mesh_to_image(mesh: torch.Tensor, crop_to_image: torch.Tensor) -> torch.Tensor:
+    """(B, 478, 3) crop pixels and (B, 2, 3) crop -> image affines -> (B, 478, 3) image pixels; z scaled like x."""
+    xy = mesh[..., :2] @ crop_to_image[:, :, :2].transpose(1, 2) + crop_to_image[:, None, :, 2]
+    scale = crop_to_image[:, :, :2].det().abs().sqrt()[:, None, None]
+    return torch.cat([xy, mesh[..., 2:] * scale], -1)
+
+
+# --------------------------------------------------------------------------------------------- pose and gaze
+
+EYEBALL_RADIUS_CM = 1.2  # adult eyeball radius: turns the iris offset (cm, head frame) into an eye rotation
+# (outer corner, inner corner, iris centre) of the subject's right and left eye.
+_EYES = ((33, 133, 468), (263, 362, 473))
+
+
+def _to_camera(mesh: torch.Tensor) -> torch.Tensor:
+    """Image-pixel mesh (x right, y down, z away from the camera) -> camera axes as the canonical face's
+    (x right, y up, z towards the camera), so a frontal upright face has the identity rotation."""
+    return mesh * mesh.new_tensor([1.0, -1.0, -1.0])
+
+
+def procrustes(points: torch.Tensor, reference: torch.Tensor, weights: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted similarity fit ``points ~ s * reference @ R.T + t``: (B, P, 3), (P, 3), (P,) -> rotation (B, 3, 3),
+    scale (B,), translation (B, 3) (Umeyama 1991; reflections excluded)."""
+    w = weights / weights.sum()
+    mp = (w[:, None] * points).sum(1, keepdim=True)
+    mr = (w[:, None] * reference).sum(0)
+    p, r = points - mp, reference - mr
+    cov = torch.einsum("p,bpi,pj->bij", w, p, r)  # (B, 3, 3)
+    u, sv, vt = torch.linalg.svd(cov)
+    d = torch.ones_like(sv)
+    d[:, 2] = torch.sign(torch.linalg.det(u @ vt))
+    rot = u @ torch.diag_embed(d) @ vt
+    scale = (sv * d).sum(1) / (w[:, None] * r ** 2).sum()
+    t = mp[:, 0] - scale[:, None] * (mr @ rot.transpose(1, 2))
+    return rot, scale, t
+
+
+def euler_degrees(rot: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) head rotations (canonical face -> camera axes) -> (B, 3) yaw, pitch, roll in degrees (POSE_NAMES),
+    with rot = Ry(yaw) @ Rx(-pitch) @ Rz(roll) about the camera's axes (x right, y up, z towards the camera)."""
+    yaw = torch.atan2(rot[:, 0, 2], rot[:, 2, 2])
+    pitch = torch.asin(rot[:, 1, 2].clamp(-1, 1))
+    roll = torch.atan2(rot[:, 1, 0], rot[:, 1, 1])
+    return torch.rad2deg(torch.stack([yaw, pitch, roll], 1))
+
+
+def gaze_degrees(mesh: torch.Tensor, rot: torch.Tensor, scale: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """(B, 478, 3) camera-axes mesh and its head fit -> (B, 2) gaze yaw, pitch in degrees (GAZE_NAMES).
+
+    In the head's frame (cm), each eye turns by the iris centre's offset from the midpoint of its corners over the
+    eyeball radius; the two eyes' directions are averaged and turned by the head rotation into camera axes."""
+    head = torch.einsum("bpi,bij->bpj", mesh - t[:, None], rot) / scale[:, None, None]  # R^T (q - t) / s
+    dirs = []
+    for outer, inner, iris in _EYES:
+        off = (head[:, iris, :2] - (head[:, outer, :2] + head[:, inner, :2]) / 2) / EYEBALL_RADIUS_CM
+        off = off.clamp(-0.95, 0.95)
+        dirs.append(torch.cat([off, (1 - (off ** 2).sum(1, keepdim=True)).clamp_min(0.05).sqrt()], 1))
+    g = torch.einsum("bij,bj->bi", rot, F.normalize(dirs[0] + dirs[1], dim=1))
+    return torch.rad2deg(torch.stack([torch.atan2(g[:, 0], g[:, 2]), torch.asin(g[:, 1].clamp(-1, 1))], 1))
+
+
+# ------------------------------------------------------------------------------------------------------ the stage
+
+
+@dataclass(frozen=True)
+class MovementOptions:
+    # Faces per forward pass of the mesh and blendshapes. 16 keeps the mesh's largest activations (96x96x16 floats
+    # per face) in a CPU's cache and measured fastest per face on the CPU (benchmarks/bench_movement.py); raise it
+    # on a GPU.
+    batch_size: int = 16
+    # Run the mesh channels-last (NHWC), which oneDNN's CPU depthwise convolutions prefer.
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class MovementOut:
+    """Per face (n rows), as float32 numpy arrays."""
+
+    blendshapes: np.ndarray  # (n, 52) in [0, 1], BLENDSHAPE_NAMES order (index 0 = _neutral)
+    pose: np.ndarray  # (n, 3) yaw, pitch, roll in degrees (POSE_NAMES)
+    gaze: np.ndarray  # (n, 2) gaze yaw, pitch in degrees (GAZE_NAMES)
+    presence: np.ndarray  # (n,) the mesh's face-presence probability
+    mesh: np.ndarray  # (n, 478, 3) points in image pixels (x, y; z relative depth scaled like x)
+
+
+class Movement:
+    """MediaPipe face mesh + blendshapes + head pose + gaze on batches of 192x192 crops, on one torch device.
+
+        mv = Movement("cpu")
+        m = roi_from_points(landmarks5)                   # (n, 2, 3) image -> crop
+        out = mv(crop_faces(frames, m), invert_affine(m))
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", options: MovementOptions | None = None) -> None:
+        self.device = torch.device(device)
+        self.options = options or MovementOptions()
+        self.mesh = load_face_mesh().to(self.device)
+        if self.options.channels_last:
+            self.mesh = self.mesh.to(memory_format=torch.channels_last)
+        self.blendshapes = load_blendshapes().to(self.device)
+        canonical, weights = load_geometry()
+        self.canonical, self.weights = canonical.to(self.device), weights.to(self.device)
+        self._index = torch.as_tensor(BLENDSHAPE_LANDMARKS, device=self.device)
+
+    @torch.inference_mode()
+    def __call__(self, crops: torch.Tensor, crop_to_image) -> MovementOut:
+        """crops (n, 3, 192, 192) uint8 RGB (any device) and (n, 2, 3) crop -> image affines -> MovementOut."""
+        if crops.ndim != 4 or tuple(crops.shape[1:]) != (3, CROP_SIZE, CROP_SIZE):
+            raise ValueError(f"Movement expects (n, 3, {CROP_SIZE}, {CROP_SIZE}) crops, got {tuple(crops.shape)}")
+        affine = torch.as_tensor(np.asarray(crop_to_image, np.float32), device=self.device).reshape(-1, 2, 3)
+        if len(affine) != len(crops):
+            raise ValueError(f"{len(crops)} crops but {len(affine)} crop -> image affines")
+        meshes, logits, blends = [], [], []
+        for s in range(0, len(crops), self.options.batch_size):
+            x = crops[s:s + self.options.batch_size].to(self.device, non_blocking=True).float().div_(255)
+            if self.options.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            landmarks, logit = self.mesh(x)
+            meshes.append(mesh_to_image(landmarks, affine[s:s + len(x)]))
+            logits.append(logit)
+            blends.append(self.blendshapes(meshes[-1][:, self._index, :2]))
+        if not meshes:
+            empty = torch.zeros(0, device=self.device)
+            meshes, logits, blends = [empty.view(0, N_LANDMARKS, 3)], [empty], [empty.view(0, len(BLENDSHAPE_NAMES))]
+        mesh, blend = torch.cat(meshes), torch.cat(blends)
+        camera = _to_camera(mesh)
+        rot, scale, t = procrustes(camera[:, :N_FACE], self.canonical, self.weights)
+        pose = euler_degrees(rot)
+        gaze = gaze_degrees(camera, rot, scale, t)
+        out = (blend, pose, gaze, torch.sigmoid(torch.cat(logits)), mesh)
+        return MovementOut(*(v.float().cpu().numpy() for v in out))
