@@ -514,7 +514,7 @@ def _read_rgb(path: Path, where: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def _align_raw(fs: FaceSet, idx: list[int]) -> torch.Tensor:
+def align_raw(fs: FaceSet, idx: list[int]) -> torch.Tensor:
     """Raw photos -> (n, 3, 112, 112) aligned crops in [-1, 1], with the detector + alignment of `affextract run`.
 
     The dataset's own landmarks are used where it has them; otherwise the most confident MTCNN face.
@@ -559,7 +559,7 @@ def prepare_inputs(fs: FaceSet, model, batch_size: int = 256) -> torch.Tensor:
             z = to_input(x, c.input_size)
         else:
             if fs.framing == "raw":
-                x = _align_raw(fs, idx)
+                x = align_raw(fs, idx)
             else:
                 imgs = fs.images[idx] if isinstance(fs.images, np.ndarray) else np.stack(
                     [_read_rgb(fs.images[i], fs.origin[i]) for i in idx])

@@ -39,11 +39,13 @@ def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1.0 - ccc(pred, target).mean()
 
 
-def dm_loss(expr_logits: torch.Tensor, au_logits: torch.Tensor, form: str = "full", target_grad: bool = False) -> torch.Tensor:
+def dm_loss(expr_logits: torch.Tensor, au_logits: torch.Tensor, form: str = "full", target_grad: bool = False,
+            keep: torch.Tensor | None = None) -> torch.Tensor:
     """L_DM (Eq. 2): AU head vs the pseudo-AUs of Eq. 1; summed over the 17 AUs, averaged over the batch.
 
     `target_grad=False` treats r' as a fixed target, so L_DM teaches the AU head without pulling the
-    expression head towards whatever the AU head currently says.
+    expression head towards whatever the AU head currently says. `keep` (B, 17) bool, when given, limits
+    the sum to those entries (the ones without a measured teacher AU).
     """
     if form not in DM_FORMS:
         raise ValueError(f"dm form {form!r} is not one of {DM_FORMS}")
@@ -56,6 +58,8 @@ def dm_loss(expr_logits: torch.Tensor, au_logits: torch.Tensor, form: str = "ful
         per = -r * F.logsigmoid(z)
     else:
         per = F.binary_cross_entropy_with_logits(z, r, reduction="none")
+    if keep is not None:
+        per = per * keep
     return per.sum(1).mean()
 
 
@@ -68,7 +72,8 @@ def mma_losses(
 
     va (B, 2) in [-1, 1]; expr (B, 7) target distribution (one-hot or votes); au (B, 17) in {0, 1};
     teacher (B, 17) soft AU targets in [0, 1] from a teacher (NaN = none): L_teacher is their BCE, averaged
-    over the (sample, AU) pairs that have one, beside L_DM. `expr_offset` (7,) is added to the expression
+    over the (sample, AU) pairs that have one; L_DM covers the other pairs (AUs without a teacher, such as
+    AU11/AU23, and samples without one), so the prior never pulls against a measured movement. `expr_offset` (7,) is added to the expression
     logits inside L_CCE only (logit-adjusted loss, Menon et al. 2021: with tau * log(prior) the logits
     themselves learn the balanced posterior instead of the training set's class prior).
     """
@@ -83,12 +88,11 @@ def mma_losses(
     l_bce = (
         F.binary_cross_entropy_with_logits(out[:, AU][m], au[m]) if m.any() else zero
     )
-    l_dm = dm_loss(out[:, EXPR], out[:, AU], dm_form, dm_target_grad)
+    has = torch.isfinite(teacher) if teacher is not None else None
+    l_dm = dm_loss(out[:, EXPR], out[:, AU], dm_form, dm_target_grad, None if has is None else ~has)
     l_teacher = zero
-    if teacher is not None:
-        m = torch.isfinite(teacher)
-        if m.any():
-            l_teacher = F.binary_cross_entropy_with_logits(out[:, AU][m], teacher[m])
+    if has is not None and has.any():
+        l_teacher = F.binary_cross_entropy_with_logits(out[:, AU][has], teacher[has])
     return {"ccc": l_ccc, "cce": l_cce, "bce": l_bce, "dm": l_dm, "teacher": l_teacher}
 
 
