@@ -145,6 +145,8 @@ def train(
     init: Optional[Path] = typer.Option(None, help="Start from these weights (.safetensors) and fine-tune them."),
     logit_adjust: float = typer.Option(0.0, help="tau of the logit-adjusted expression loss (1 = balanced: the network does not learn the training class prior); 0 = plain cross-entropy."),
     augment: str = typer.Option("default", help="Augmentation preset: default or strong (wider geometry, lighting curves, blur, noise)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="After training, choose the prior correction (tau) and test-time flip on --val and store them in best.safetensors."),
+    min_majority: float = typer.Option(0.85, help="--calibrate keeps only settings whose validation majority-vote accuracy is at least this."),
     select: str = typer.Option("score", help="Validation metric picking best.safetensors: score, acc_expr, f1_expr, ccc_va, f1_au."),
     seed: int = typer.Option(0, help="Random seed (initialisation, data order, augmentation)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
@@ -159,7 +161,7 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from affextract.datasets import DatasetError, load_spec
-    from affextract.train import AUGMENT_PRESETS, TrainOptions, train as run_training
+    from affextract.train import AUGMENT_PRESETS, CalibrateOptions, TrainOptions, train as run_training
 
     try:
         if augment not in AUGMENT_PRESETS:
@@ -170,6 +172,7 @@ def train(
                             batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup,
                             schedule=schedule, dm_form=dm_form, select=select, seed=seed, device=device,
                             init=init, logit_adjust=logit_adjust, augment=AUGMENT_PRESETS[augment],
+                            calibrate=CalibrateOptions(min_majority=min_majority) if calibrate else None,
                             amp=not no_amp, resume=resume,
                             metadata={"command": "affextract train " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
                                       "derived_va": derive_va})
@@ -191,6 +194,9 @@ def train(
             if task is None:
                 task = progress.add_task("train", total=e["steps"], epoch=e["epoch"], losses=losses)
             progress.update(task, completed=e["step"], total=e["steps"], epoch=e["epoch"], losses=losses)
+        elif e["event"] == "calibrated" and show:
+            progress.console.print(f"calibrated on validation: prior_tau {e['prior_tau']}, flip_tta {e['flip_tta']}; "
+                                   + " ".join(f"{k} {x:.4f}" for k, x in e["val"].items() if isinstance(x, float)))
         elif e["event"] == "epoch" and show:
             v = e.get("val", {})
             vals = " ".join(f"{k} {x:.4f}" for k, x in v.items())

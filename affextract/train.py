@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from affextract.model import MMA, VARIANTS, MMAConfig, resample, save_weights
+from affextract.model import MMA, VARIANTS, MMAConfig, activate, resample, save_weights
 from affextract.schema import AU, AU_PRIOR, EXPR, VA
 
 DM_FORMS = ("full", "printed")
@@ -184,6 +184,9 @@ class TrainOptions:
     logit_adjust: float = 0.0
     teacher_weight: float = 1.0  # weight of L_teacher (BCE to teacher AUs, where the training sets have them)
     init: Path | None = None  # start from these weights (.safetensors): fine-tuning; None = random initialisation
+    # After training, choose the inference-time settings of best.safetensors on the validation sets (see
+    # calibrate); None = leave them off.
+    calibrate: CalibrateOptions | None = None
     augment: Augment = field(default_factory=Augment)
     select: str = "score"  # validation metric that picks best.safetensors; "score" = mean of the available Table-5 metrics
     seed: int = 0
@@ -191,6 +194,56 @@ class TrainOptions:
     amp: bool = True  # bf16 autocast on CUDA
     resume: bool = False  # continue from out_dir/checkpoint.pt
     metadata: dict = field(default_factory=dict)  # extra facts recorded with the weights (data, command line)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """How the inference-time settings (prior correction tau, test-time flip) are chosen on validation data."""
+
+    taus: tuple[float, ...] = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # candidate taus
+    flips: tuple[bool, ...] = (False, True)  # candidate test-time flip settings
+    metric: str = "f1_expr"  # validation metric to maximise (macro F1 over the 7 expressions)
+    # Only settings that keep the majority-vote accuracy at or above this count (None = no floor): a prior
+    # correction buys balanced recall with accuracy on the frequent classes, and this caps what it may spend.
+    min_majority: float | None = 0.85
+
+
+def calibrate(model: MMA, val_sets, prior: np.ndarray, opts: CalibrateOptions = CalibrateOptions(),
+              device: str | torch.device = "cpu") -> tuple[MMAConfig, list[dict]]:
+    """Choose flip_tta and prior_tau on validation FaceSets: every candidate is scored and the best `opts.metric`
+    among those meeting `opts.min_majority` wins (none meeting it: no correction, no flip).
+
+    Returns the model's config with the chosen settings (expr_prior = `prior`) and one row per candidate.
+    """
+    from affextract.datasets import prepare_inputs
+    from affextract.evaluate import score
+
+    if not val_sets:
+        raise ValueError("calibration needs validation data with expression labels")
+    model = model.to(device).eval()
+    inputs = [prepare_inputs(s, model).to(device).float() / 127.5 - 1.0 for s in val_sets]
+    offset = -np.log(prior / prior.sum())  # (7,) per unit of tau
+    rows = []
+    with torch.no_grad():
+        for flip in opts.flips:
+            outs = []
+            for z in inputs:
+                o = torch.cat([model.net(z[i:i + 1024]) for i in range(0, len(z), 1024)])
+                if flip:
+                    o = 0.5 * (o + torch.cat([model.net(z[i:i + 1024].flip(-1)) for i in range(0, len(z), 1024)]))
+                outs.append(o.cpu())
+            for tau in opts.taus:
+                reports = []
+                for s, o in zip(val_sets, outs):
+                    o = o.clone()
+                    o[:, EXPR] += torch.as_tensor(tau * offset, dtype=o.dtype)
+                    reports.append(score(activate(o).numpy(), s.va, s.expr, s.au, s.name).to_json())
+                rows.append({"flip_tta": flip, "prior_tau": tau, **_merge_metrics(reports)})
+    ok = [r for r in rows if opts.min_majority is None or (r.get("acc_expr_majority") or 0) >= opts.min_majority]
+    best = max(ok, key=lambda r: r.get(opts.metric) or -math.inf) if ok else {"flip_tta": False, "prior_tau": 0.0}
+    config = replace(model.config, flip_tta=best["flip_tta"], prior_tau=float(best["prior_tau"]),
+                     expr_prior=tuple(round(float(p), 6) for p in prior / prior.sum()))
+    return config, rows
 
 
 @dataclass
@@ -405,6 +458,19 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
             torch.distributed.barrier()
         if epoch + 1 >= epochs:
             break
+    if opts.calibrate is not None and rank == 0 and vals and prior is not None and best_epoch >= 0:
+        from affextract.model import load_weights
+
+        best_model, best_info = load_weights(out_dir / "best.safetensors", device)
+        config, rows = calibrate(best_model, [s for s, _ in vals], prior, opts.calibrate, device)
+        calibrated = MMA(config)
+        calibrated.load_state_dict(best_model.state_dict())
+        chosen = {"flip_tta": config.flip_tta, "prior_tau": config.prior_tau}
+        save_weights(calibrated, out_dir / "best.safetensors", best_info.metadata | {"calibration": {
+            "options": asdict(opts.calibrate), "chosen": chosen, "candidates": rows}})
+        best_metrics = next((r for r in rows if r["flip_tta"] == config.flip_tta and r["prior_tau"] == config.prior_tau),
+                            best_metrics)
+        emit({"event": "calibrated", **chosen, "val": best_metrics})
     emit({"event": "done", "best_epoch": best_epoch, "best": best_metrics, "seconds": time.perf_counter() - t_start})
     return TrainResult(out_dir / "best.safetensors", best_epoch, best_metrics, history)
 

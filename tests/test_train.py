@@ -231,3 +231,25 @@ def test_teacher_values_are_checked_and_the_prior_is_the_label_mean():
         FaceSet("t", "native", fs.images, fs.va, fs.expr, fs.au, teacher_au=bad[:, :5])
     p = expression_prior([fs])
     assert p[EXPRESSIONS.index("happiness")] == pytest.approx(0.5) and p[EXPRESSIONS.index("sadness")] == pytest.approx(0.5)
+
+
+def test_calibrate_picks_the_best_qualifying_setting_and_train_stores_it(tmp_path):
+    from affextract.train import CalibrateOptions, calibrate
+
+    tr, va = _toy_set(64, 0), _toy_set(32, 1)
+    opts = TrainOptions(out_dir=tmp_path, config=TINY, epochs=2, batch_size=8, lr=3e-3, warmup_epochs=0,
+                        augment=Augment(scale=0, shift=0, rotate=0, flip=False, contrast=0, erase=0), seed=0,
+                        calibrate=CalibrateOptions(taus=(0.0, 1.0, 3.0), min_majority=0.0))
+    events = []
+    train([tr], [va], opts, events.append)
+    model, info = load_weights(tmp_path / "best.safetensors")
+    cal = info.metadata["calibration"]
+    assert len(cal["candidates"]) == 6 and any(e["event"] == "calibrated" for e in events)
+    best = max(cal["candidates"], key=lambda r: r["f1_expr"])
+    assert cal["chosen"] == {"flip_tta": info.config.flip_tta, "prior_tau": info.config.prior_tau}
+    assert [r for r in cal["candidates"] if r["flip_tta"] == info.config.flip_tta
+            and r["prior_tau"] == info.config.prior_tau][0]["f1_expr"] == best["f1_expr"]
+    assert info.config.expr_prior[EXPRESSIONS.index("happiness")] == pytest.approx(0.5, abs=1e-3)
+    # A floor nothing meets leaves the model uncorrected.
+    config, rows = calibrate(model, [va], expression_prior([tr]), CalibrateOptions(taus=(1.0,), min_majority=1.01))
+    assert config.prior_tau == 0.0 and not config.flip_tta and len(rows) == 2
