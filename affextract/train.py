@@ -246,6 +246,27 @@ def calibrate(model: MMA, val_sets, prior: np.ndarray, opts: CalibrateOptions = 
     return config, rows
 
 
+def calibrate_weights(path: str | Path, val_sets, prior: np.ndarray, opts: CalibrateOptions = CalibrateOptions(),
+                      out: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[dict, dict | None]:
+    """Calibrate the weights file `path` on `val_sets` (see calibrate) and write them with the chosen settings to
+    `out` (default: in place); the candidates' scores go into the metadata. Returns the chosen settings and their
+    validation scores (None when no candidate met the floor)."""
+    from affextract.model import load_weights
+
+    model, info = load_weights(path, device)
+    config, rows = calibrate(model, val_sets, prior, opts, device)
+    calibrated = MMA(config)
+    calibrated.load_state_dict(model.state_dict())
+    chosen = {"flip_tta": config.flip_tta, "prior_tau": config.prior_tau}
+    meta = {k: v for k, v in info.metadata.items() if k != "feature_names"}
+    save_weights(calibrated, out or path, meta | {"calibration": {"options": asdict(opts), "chosen": chosen,
+                                                                 "candidates": rows}})
+    row = next((r for r in rows if r["flip_tta"] == config.flip_tta and r["prior_tau"] == config.prior_tau
+                and r.get("f1_expr") is not None and (opts.min_majority is None
+                                                      or r.get("acc_expr_majority", 0) >= opts.min_majority)), None)
+    return chosen, row
+
+
 @dataclass
 class TrainResult:
     best_path: Path
@@ -459,17 +480,9 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
         if epoch + 1 >= epochs:
             break
     if opts.calibrate is not None and rank == 0 and vals and prior is not None and best_epoch >= 0:
-        from affextract.model import load_weights
-
-        best_model, best_info = load_weights(out_dir / "best.safetensors", device)
-        config, rows = calibrate(best_model, [s for s, _ in vals], prior, opts.calibrate, device)
-        calibrated = MMA(config)
-        calibrated.load_state_dict(best_model.state_dict())
-        chosen = {"flip_tta": config.flip_tta, "prior_tau": config.prior_tau}
-        save_weights(calibrated, out_dir / "best.safetensors", best_info.metadata | {"calibration": {
-            "options": asdict(opts.calibrate), "chosen": chosen, "candidates": rows}})
-        best_metrics = next((r for r in rows if r["flip_tta"] == config.flip_tta and r["prior_tau"] == config.prior_tau),
-                            best_metrics)
+        chosen, row = calibrate_weights(out_dir / "best.safetensors", [s for s, _ in vals], prior, opts.calibrate,
+                                        device=device)
+        best_metrics = row or best_metrics
         emit({"event": "calibrated", **chosen, "val": best_metrics})
     emit({"event": "done", "best_epoch": best_epoch, "best": best_metrics, "seconds": time.perf_counter() - t_start})
     return TrainResult(out_dir / "best.safetensors", best_epoch, best_metrics, history)
