@@ -530,7 +530,7 @@ def align_raw(fs: FaceSet, idx: list[int]) -> torch.Tensor:
             detector = detector or faces.get_detector("mtcnn")
             found = detector.detect(img[None])[0]
             if len(found) == 0:
-                raise DatasetError(f"{fs.origin[i]}: no face found in {fs.images[i]}; remove the row or crop the image")
+                raise DatasetError(f"{fs.origin[i]}: no face found in {fs.images[i]}; remove the image (or its row) or crop it")
             lm = found.landmarks[0]  # best score first
         crops.append(faces.align_faces(img[None], np.asarray(lm, np.float32)[None])[0])
     return torch.stack(crops)
