@@ -1,14 +1,16 @@
 """MMA training with the paper's multi-task loss (Eq. 3), single process or DDP under torchrun.
 
-L = L_CCC + L_CCE + L_BCE + L_DM. Each supervised term is averaged over the samples of the batch that
-carry its label (datasets annotate different tasks), and a term with no labelled sample in the batch is 0.
+L = L_CCC + L_CCE + L_BCE + L_DM, plus L_teacher where teacher AUs from measured movement are given. Each
+supervised term is averaged over the samples of the batch that carry its label (datasets annotate different
+tasks), and a term with no labelled sample in the batch is 0.
 L_DM (Eq. 1-2) matches the AU head to the pseudo-AUs r' = sum_e p(e) r_{AU|e} of the expression head on
 every sample. The paper prints only the positive part -r' log r_AU, which is minimised by predicting every
 AU present; by default this uses the full soft-target BCE -[r' log r + (1 - r') log(1 - r)] (the
 minimiser is r = r'), and `dm_form="printed"` keeps the printed form.
 
 Whole datasets live in memory as uint8 network inputs (datasets.prepare_inputs) on the training device;
-augmentation (scale, shift, rotation, flip, erasing) is one batched affine resampling there.
+augmentation (scale, shift, rotation, flip, then lighting, blur, noise, erasing) is one batched affine
+resampling there.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from affextract.model import MMA, VARIANTS, MMAConfig, activate, resample, save_weights
-from affextract.schema import AU, AU_PRIOR, EXPR, VA
+from affextract.schema import AU, AU_PRIOR, AUS, EXPR, VA
 
 DM_FORMS = ("full", "printed")
 SELECT_METRICS = ("score", "acc_expr", "acc_expr_majority", "f1_expr", "ccc_va", "f1_au")
@@ -73,8 +75,8 @@ def mma_losses(
     va (B, 2) in [-1, 1]; expr (B, 7) target distribution (one-hot or votes); au (B, 17) in {0, 1};
     teacher (B, 17) soft AU targets in [0, 1] from a teacher (NaN = none): L_teacher is their BCE, averaged
     over the (sample, AU) pairs that have one; L_DM covers the other pairs (AUs without a teacher, such as
-    AU11/AU23, and samples without one), so the prior never pulls against a measured movement. `expr_offset` (7,) is added to the expression
-    logits inside L_CCE only (logit-adjusted loss, Menon et al. 2021: with tau * log(prior) the logits
+    AU11/AU23, and samples without one), so the prior never pulls against a measured movement.
+    `expr_offset` (7,) is added to the expression logits inside L_CCE only (logit-adjusted loss, Menon et al. 2021: with tau * log(prior) the logits
     themselves learn the balanced posterior instead of the training set's class prior).
     """
     out = out.float()
@@ -180,7 +182,7 @@ class TrainOptions:
     dm_form: str = "full"  # L_DM form: "full" soft-target BCE, or "printed" (Eq. 2 as printed)
     dm_target_grad: bool = False  # let L_DM's gradient reach the expression head through r'
     # tau of the logit-adjusted expression loss: L_CCE sees logits + tau * log(prior of the training labels),
-    # so the network does not learn the training set's class imbalance (FER+: 36% neutral). 0 = plain L_CCE.
+    # so the network does not learn the training set's class imbalance (FER+: 33% neutral). 0 = plain L_CCE.
     logit_adjust: float = 0.0
     teacher_weight: float = 1.0  # weight of L_teacher (BCE to teacher AUs, where the training sets have them)
     init: Path | None = None  # start from these weights (.safetensors): fine-tuning; None = random initialisation
@@ -289,7 +291,7 @@ def _dist_env() -> tuple[int, int, int]:
 
 def _labels(sets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(va, expr, au, teacher AUs) of all sets, concatenated; teacher is NaN for sets without one."""
-    teacher = [s.teacher_au if s.teacher_au is not None else np.full((len(s), len(s.au[0])), np.nan, np.float32)
+    teacher = [s.teacher_au if s.teacher_au is not None else np.full((len(s), len(AUS)), np.nan, np.float32)
                for s in sets]
     return tuple(torch.from_numpy(np.concatenate([getattr(s, k) for s in sets])) for k in ("va", "expr", "au")) + (
         torch.from_numpy(np.concatenate(teacher).astype(np.float32)),)
