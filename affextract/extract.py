@@ -138,11 +138,10 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                 + f"; videos end in {' '.join(sorted(VIDEO_EXTENSIONS))}, "
                 f"images in {' '.join(sorted(IMAGE_EXTENSIONS))}"
             )
-        det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
         name, sha256 = _weights_identity(options.weights)
         provenance = Provenance(
             model=name, model_sha256=sha256,
-            detector=dumps(describe_detector(options.detector, **det_opts)
+            detector=dumps(describe_detector(options.detector, **_detector_options(options))
                            | {"detect_interval": float(options.detect_interval)}),
             alignment=ALIGNMENT, sampling=dumps({"fps": None if options.fps is None else float(options.fps)}),
         )
@@ -234,9 +233,8 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
     if winfo.sha256 != provenance.model_sha256:
         raise RuntimeError(f"the weights file {options.weights} changed while the run started; run again")
     workers = options.workers or default_workers()
-    det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
-    spec = WorkerSpec(options.fps, options.batch_size, options.detector, det_opts, float(options.detect_interval),
-                      str(device), _cpu_threads(workers))
+    spec = WorkerSpec(options.fps, options.batch_size, options.detector, _detector_options(options),
+                      float(options.detect_interval), str(device), _cpu_threads(workers))
     features = _Features(model, device)
     writers: dict[int, ShardWriter] = {}  # video index -> shard of each video in flight
     threads_before = torch.get_num_threads()
@@ -303,6 +301,10 @@ class _Features:
                 out[faces.face] = self.model.features(x).float().cpu().numpy()
         return out
 
+
+
+def _detector_options(options: ExtractOptions) -> dict:
+    return {"model_path": str(options.detector_model)} if options.detector_model else {}
 
 
 def _source_attrs(src: Source) -> dict:
