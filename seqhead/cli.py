@@ -36,13 +36,51 @@ Patience = Annotated[int, typer.Option(help="Epochs without improvement before s
 BatchSize = Annotated[int, typer.Option(help="Videos per step (paper: 4).")]
 Lr = Annotated[float, typer.Option(help="Adam learning rate (paper: 1e-4).")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
-Threads = Annotated[int, typer.Option(help="Torch CPU threads (0 = default).")]
+Threads = Annotated[int, typer.Option(help="Torch CPU threads per process (0 = torch's default, all cores: much "
+                                           "slower when another process is busy).")]
 MaxBatches = Annotated[Optional[int], typer.Option(help="Cap on batches per epoch (smoke runs, benchmarks).")]
 
 
 def _fail(e: Exception) -> None:
     console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
+
+
+class _TrainProgress:
+    """Renders `train`'s progress on stderr: a live step bar on a terminal; elsewhere (a pipe, a log file) plain
+    lines, one per quarter of an epoch and one per epoch, without control characters."""
+
+    def __init__(self):
+        self.bar = None
+        self.quarter = 1
+
+    def _line(self, text: str) -> None:
+        console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+    def __call__(self, p) -> None:
+        if p.val_mean_pearson is not None:  # the epoch ended
+            if self.bar is not None:
+                self.bar.stop()
+                self.bar = None
+            self.quarter = 1
+            best = "best so far, saved" if p.best_epoch == p.epoch else f"best: epoch {p.best_epoch}"
+            self._line(f"epoch {p.epoch}/{p.epochs}: {p.steps} steps in {p.seconds:.1f}s "
+                       f"({1000 * p.seconds / max(p.steps, 1):.0f} ms/step), train loss {p.train_loss:.4f}, "
+                       f"val mean Pearson {p.val_mean_pearson:.4f} ({best})")
+        elif console.is_terminal:
+            if self.bar is None:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                                    console=console, transient=True)
+                self.task = self.bar.add_task("", total=p.steps, epoch=f"{p.epoch}/{p.epochs}", loss=p.train_loss)
+                self.bar.start()
+            self.bar.update(self.task, completed=p.step, loss=p.train_loss)
+        elif p.step < p.steps and 4 * p.step >= self.quarter * p.steps:
+            self.quarter = 4 * p.step // p.steps + 1
+            self._line(f"epoch {p.epoch}/{p.epochs}: step {p.step}/{p.steps} ({100 * p.step // p.steps}%), "
+                       f"{p.seconds:.1f}s, train loss {p.train_loss:.4f}")
 
 
 def _pearson_table(title: str, per_target: dict[str, float], mean: float) -> Table:
@@ -88,7 +126,7 @@ def train(
     skip_padding: Annotated[str, typer.Option(help="truncate | pack | none.")] = "truncate",
     bucket: Annotated[bool, typer.Option(help="Length-sorted batches.")] = False,
     device: Device = "auto",
-    threads: Threads = 0,
+    threads: Threads = 1,
     max_batches: MaxBatches = None,
     paper: Annotated[bool, typer.Option(help="The paper's setting: --head mrnn --batch-size 4 --lr 1e-4 --t 480.")]
     = False,
@@ -106,12 +144,22 @@ def train(
                             hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, clip=clip, epochs=epochs, patience=patience, seed=seed,
                             skip_padding=skip_padding, bucket=bucket, device=device, threads=threads,
-                            max_batches=max_batches, quiet=False)
-        res = run_train(opts)
+                            max_batches=max_batches)
+        res = run_train(opts, progress=_TrainProgress())
     except (DataError, ValueError) as e:
         _fail(e)
+    except KeyboardInterrupt:
+        console.print(f"interrupted before the first epoch ended: nothing kept in {out}", soft_wrap=True)
+        raise typer.Exit(130)
+    console.print("ids matched by " + ", ".join(f"{f} ({n} rows)" for f, n in res.id_forms.items()), soft_wrap=True,
+                  highlight=False)
     out_console.print(_pearson_table(f"{head}: validation ({res.n_val} videos, {res.n_train} for training)",
                                      res.val_pearson, res.val_mean_pearson))
+    if res.interrupted:
+        console.print(f"interrupted after epoch {res.epochs_run}: {res.run_dir} holds the best epoch so far "
+                      f"({res.best_epoch}); `seqhead predict {res.run_dir} FEATURES.h5` uses it", soft_wrap=True,
+                      highlight=False)
+        raise typer.Exit(130)
     console.print(f"best epoch {res.best_epoch} of {res.epochs_run}, {res.seconds:.1f}s → {res.run_dir}")
 
 
@@ -125,12 +173,13 @@ def predict(
                                                   "truncate (first t frames).")] = "windows",
     batch_size: Annotated[int, typer.Option(help="Videos per forward pass.")] = 64,
     device: Device = "auto",
+    threads: Threads = 1,
 ):
     """Predict every video of a features file with a trained run; one row per video."""
     from .predict import PredictOptions, predict as run_predict
 
     try:
-        res = run_predict(PredictOptions(run_dir, h5, out, long_videos, batch_size, device))
+        res = run_predict(PredictOptions(run_dir, h5, out, long_videos, batch_size, device, threads))
     except (DataError, ValueError) as e:
         _fail(e)
     console.print(f"{len(res.table)} videos → {res.out}" +
@@ -184,7 +233,7 @@ def sweep(
     batch_size: BatchSize = 16,
     lr: Lr = 3e-3,
     device: Device = "auto",
-    threads: Threads = 0,
+    threads: Threads = 1,
     max_batches: MaxBatches = None,
 ):
     """Train a grid or preset of configurations × seeds; rank them by mean validation Pearson."""
@@ -207,6 +256,9 @@ def sweep(
             f"{name} seed {seed}: val mean Pearson {row['val_mean_pearson']:.4f} ({row['seconds']:.0f}s)"))
     except (DataError, ValueError) as e:
         _fail(e)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: finished runs are kept in {out}; the same command resumes", soft_wrap=True)
+        raise typer.Exit(130)
     table = Table(title=f"{out}: {len(res.ranked)} configurations ({res.n_run} runs now, {res.n_reused} reused)")
     # Numbers never wrap; long configuration names do (the table must fit a narrow terminal).
     for c in ("rank", "configuration", "val mean r", "± std", "seeds", "best epoch", "s/run"):

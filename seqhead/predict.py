@@ -19,7 +19,7 @@ from safetensors.torch import load_file as load_torch
 
 from .data import DataError, read_features, video_id
 from .model import ModelConfig, SeqHead
-from .train import pooled_stats, predict_raw, resolve_device, standardize
+from .train import file_sha256, cpu_threads, pooled_stats, predict_raw, resolve_device, standardize
 
 LONG_VIDEO_POLICIES = ("windows", "truncate")
 
@@ -32,6 +32,7 @@ class PredictOptions:
     long_videos: str = "windows"  # videos longer than t: windows (average over t-frame windows) | truncate
     batch_size: int = 64  # videos per forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 1  # torch CPU threads (0 = torch's default; see TrainOptions.threads)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
         raise DataError(f"{run_dir}: not a seqhead run directory (needs config.json and model.safetensors; "
                         "make one with `seqhead train`)")
     config = json.loads(cfg_path.read_text())
+    if config.get("weights_sha256") and file_sha256(weights) != config["weights_sha256"]:
+        raise DataError(f"{weights}: SHA-256 differs from the one config.json names (the files belong to different "
+                        "epochs or were edited); retrain with `seqhead train`")
     if config["model"]["head"] == "ridge":
         return Run(config, None, load_numpy(str(weights)))
     model = SeqHead(ModelConfig(**config["model"]))
@@ -102,6 +106,11 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
 
 def predict(opts: PredictOptions) -> PredictResult:
     device = resolve_device(opts.device)
+    with cpu_threads(opts.threads):
+        return _predict(opts, device)
+
+
+def _predict(opts: PredictOptions, device: torch.device) -> PredictResult:
     run = load_run(opts.run_dir, device)
     f = run.config["features"]
     videos, names = read_features(opts.h5, f["groups"], f["no_face"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .train import Prepared, TrainOptions, _options_json, prepare, train
+from .train import Prepared, TrainOptions, _options_json, prepare, resolve_device, train
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,18 @@ def parse_grid(axes: list[str]) -> tuple[Variant, ...]:
     return tuple(out)
 
 
+# Options that change where and how fast a run trains, not what it trains: left out of a run's identity (its folder
+# hash and the check that a finished run matches), so changing them reuses finished runs.
+EXECUTION_OPTIONS = ("out", "device", "threads")
+
+
+def _identity(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in EXECUTION_OPTIONS}
+
+
 def _slug(v: Variant, opts: TrainOptions) -> str:
-    # Seeds share a configuration directory; the device does not change what is trained.
-    same = {k: v for k, v in _options_json(opts).items() if k not in ("out", "quiet", "seed", "device")}
+    # Seeds share a configuration directory.
+    same = {k: v for k, v in _identity(_options_json(opts)).items() if k != "seed"}
     h = hashlib.sha1(json.dumps(same, sort_keys=True).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9]+", "-", v.name).strip("-")[:40] + "-" + h
 
@@ -140,20 +149,24 @@ def _run(opts: TrainOptions) -> dict:
         _CACHE.clear()  # one data set at a time: they can be large
         _CACHE[key] = prepare(opts)
     res = train(opts, _CACHE[key])
+    if res.interrupted:  # Ctrl-C reached this run: stop the sweep (the run keeps its best epoch; reruns later)
+        raise KeyboardInterrupt
     return {"val_mean_pearson": res.val_mean_pearson, **{f"val_{k}": v for k, v in res.val_pearson.items()},
             "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "seconds": res.seconds}
 
 
 def _done(run_dir: Path, opts: TrainOptions) -> dict | None:
+    """The results of a finished run with the same identity, or None (missing, other options, or stopped early by
+    Ctrl-C or a kill: those train again)."""
     m, c = run_dir / "metrics.json", run_dir / "config.json"
     if not (m.exists() and c.exists()):
         return None
-    def same(o: dict) -> dict:  # the device a run was dealt does not change what it trained
-        return {k: v for k, v in o.items() if k not in ("device", "quiet")}
-
-    if same(json.loads(c.read_text())["options"]) != same(json.loads(json.dumps(_options_json(opts)))):
+    theirs = _identity({k: v for k, v in json.loads(c.read_text())["options"].items() if k != "quiet"})
+    if theirs != _identity(json.loads(json.dumps(_options_json(opts)))):
         return None
     met = json.loads(m.read_text())
+    if met.get("status", "complete") != "complete":
+        return None
     return {"val_mean_pearson": met["val"]["mean_pearson"],
             **{f"val_{k}": v for k, v in met["val"]["pearson"].items()},
             "best_epoch": met["best_epoch"], "epochs_run": met["epochs_run"], "seconds": met["seconds"]}
@@ -161,15 +174,17 @@ def _done(run_dir: Path, opts: TrainOptions) -> dict | None:
 
 def sweep(opts: SweepOptions, progress=None) -> SweepResult:
     """Run every variant × seed not already finished; `progress(name, seed, row)` is called after each run."""
+    for d in opts.devices or (opts.base.device,):
+        resolve_device(d)  # a missing GPU is a one-line error before anything trains
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, rows, reused = [], [], 0
     for i, v in enumerate(opts.variants):
         for s in opts.seeds:
-            o = replace(opts.base, seed=s, quiet=True, **dict(v.changes))
+            o = replace(opts.base, seed=s, **dict(v.changes))
             if opts.devices:
                 o = replace(o, device=opts.devices[len(jobs) % len(opts.devices)])
-            run_dir = out / "runs" / _slug(v, replace(o, device=opts.base.device)) / f"seed{s}"
+            run_dir = out / "runs" / _slug(v, o) / f"seed{s}"
             o = replace(o, out=run_dir)
             row = {"config": v.name, "seed": s, "changes": json.dumps(dict(v.changes)), "run_dir": str(run_dir)}
             done = _done(run_dir, o)
