@@ -110,8 +110,12 @@ def train(
     head: Annotated[str, typer.Option(help="attn | mean | mrnn (paper) | last | ridge.")] = "attn",
     mask: Annotated[bool, typer.Option(help="Mask (and routing for mrnn); --no-mask = paper's w/o Mask & "
                                             "Routing.")] = True,
-    rnn: Annotated[str, typer.Option(help="gru | lstm.")] = "gru",
+    rnn: Annotated[str, typer.Option(help="Encoder: gru | lstm | conv (dilated convolutions, parallel in time).")]
+    = "gru",
     layers: Annotated[int, typer.Option(help="Recurrent layers.")] = 1,
+    conv_blocks: Annotated[int, typer.Option(help="conv encoder: residual blocks (receptive field 1 + "
+                                                  "2·(2^blocks − 1) frames).")] = 4,
+    stride: Annotated[int, typer.Option(help="Keep every n-th kept frame (predict does the same).")] = 1,
     hidden: Annotated[int, typer.Option(help="Recurrent units.")] = 128,
     fc: Annotated[int, typer.Option(help="Units of the first FC.")] = 32,
     dropout: Annotated[float, typer.Option(help="Dropout before each FC.")] = 0.0,
@@ -140,8 +144,8 @@ def train(
         opts = TrainOptions(h5=h5, out=out, labels=labels, id_column=id_column,
                             targets=tuple(targets.split(",")) if targets else None, split_column=split_column,
                             group_column=group_column, val_fraction=val_fraction, allow_unmatched=allow_unmatched,
-                            features=features, no_face=no_face, t=t, head=head, mask=mask, rnn=rnn, layers=layers,
-                            hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
+                            features=features, no_face=no_face, stride=stride, t=t, head=head, mask=mask, rnn=rnn,
+                            layers=layers, conv_blocks=conv_blocks, hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, clip=clip, epochs=epochs, patience=patience, seed=seed,
                             skip_padding=skip_padding, bucket=bucket, device=device, threads=threads,
                             max_batches=max_batches)

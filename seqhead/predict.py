@@ -60,6 +60,11 @@ class Run:
     model: SeqHead | None  # None for the ridge baseline
     ridge: dict | None  # scaler_mean, scaler_scale, coef, intercept
 
+    @property
+    def stride(self) -> int:
+        """Every stride-th kept frame is used (runs written before the option existed used them all)."""
+        return int(self.config["features"].get("stride", 1))
+
     def predict_seqs(self, seqs: list[np.ndarray], long_videos: str, device: torch.device,
                      batch_size: int = 64) -> np.ndarray:
         """Calibrated predictions (N, n_targets) for raw (unstandardised) kept-frame sequences."""
@@ -67,7 +72,8 @@ class Run:
             raise ValueError(f"long-video policy {long_videos!r}: use one of {LONG_VIDEO_POLICIES}")
         f = self.config["features"]
         t = int(self.config["t"])
-        seqs = standardize(seqs, np.asarray(f["mean"], np.float32), np.asarray(f["std"], np.float32))
+        seqs = standardize([s[::self.stride] for s in seqs], np.asarray(f["mean"], np.float32),
+                           np.asarray(f["std"], np.float32))
         pieces, owner = [], []
         for i, s in enumerate(seqs):
             parts = windows(s, t) if long_videos == "windows" else [s[:t]]
@@ -126,5 +132,5 @@ def _predict(opts: PredictOptions, device: torch.device) -> PredictResult:
     if opts.out is not None:
         Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(opts.out, index=False, float_format="%.6f")
-    n_long = sum(len(s) > int(run.config["t"]) for s in seqs)
+    n_long = sum(len(s[::run.stride]) > int(run.config["t"]) for s in seqs)
     return PredictResult(table, opts.out, n_long)

@@ -48,11 +48,14 @@ class TrainOptions:
     allow_unmatched: bool = False  # train on the matched ids when some ids exist on one side only
     features: str = "va,expr,au"  # feature groups, any combination of va, expr, au (paper Table 3)
     no_face: str = "drop"  # frames without a face: drop (l = frames kept) | fill (repeat last face)
-    t: int | None = None  # padded length; None = longest training video (kept frames); longer ones are cut
+    stride: int = 1  # keep every stride-th kept frame (2 halves the encoder's work; predict does the same)
+    t: int | None = None  # padded length; None = longest training video (kept frames after the stride); longer
+    # ones are cut
     head: str = "attn"  # attn (best on the simulator's validation) | mean | mrnn (paper) | last | ridge
     mask: bool = True  # Mask (+ routing for mrnn); False = the paper's "w/o Mask & Routing"
-    rnn: str = "gru"  # gru | lstm
+    rnn: str = "gru"  # encoder: gru | lstm | conv (dilated convolutions, parallel in time)
     layers: int = 1  # recurrent layers
+    conv_blocks: int = 4  # conv encoder: residual blocks (receptive field 1 + 2·(2^blocks − 1) frames)
     hidden: int = 128  # recurrent units d'
     fc: int = 32  # units of the first FC
     dropout: float = 0.0  # dropout before each FC
@@ -78,6 +81,8 @@ class TrainOptions:
             raise ValueError(f"loss {self.loss!r}: use one of {LOSSES}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be ≥ 2 (the Pearson loss is computed over the batch)")
+        if self.stride < 1:
+            raise ValueError(f"stride {self.stride}: keep every n-th frame with n ≥ 1")
 
 
 @dataclass(frozen=True)
@@ -247,13 +252,13 @@ def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, buck
     return out
 
 
-def predict_raw(model: SeqHead, seqs: list[np.ndarray], device: torch.device, batch_size: int = 64) -> np.ndarray:
+def predict_raw(model: SeqHead, seqs: list[np.ndarray], device: torch.device, batch_size: int = 128) -> np.ndarray:
     """Uncalibrated predictions (N, n_targets) for sequences already standardised and cut to ≤ t."""
     model.eval()
     cfg = model.cfg
     out = []
     order = np.argsort([len(s) for s in seqs], kind="stable")  # similar lengths together: less padding
-    with torch.no_grad():
+    with torch.inference_mode():
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             x, lengths = pad_batch([seqs[j] for j in idx], None if cfg.mask else cfg.t)
@@ -376,7 +381,7 @@ class _RunWriter:
             "options": _options_json(opts),
             "t": t,
             "features": {"groups": opts.features, "names": list(data.feature_names), "no_face": opts.no_face,
-                         "mean": mean.tolist(), "std": std.tolist(), "format_version": FORMAT_VERSION,
+                         "stride": opts.stride, "mean": mean.tolist(), "std": std.tolist(), "format_version": FORMAT_VERSION,
                          "all_names": list(FEATURE_NAMES)},
             "targets": list(data.labels.targets),
             "id_column": data.labels.id_column,
@@ -445,14 +450,15 @@ def _train(opts: TrainOptions, prepared: Prepared | None, progress: Callable[[Pr
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
 
-    longest = max(max(len(s) for s in data.train_seqs), 1)
+    raw_train = [s[::opts.stride] for s in data.train_seqs]
+    longest = max(max(len(s) for s in raw_train), 1)
     t = int(opts.t or longest)
-    all_train = np.concatenate([s for s in data.train_seqs if len(s)])
+    all_train = np.concatenate([s for s in raw_train if len(s)])
     mean = all_train.mean(0).astype(np.float32)
     std = np.maximum(all_train.std(0), 1e-6).astype(np.float32)
     # Training and validation videos longer than t keep their first t frames (predict has its own policy).
-    train_seqs = [s[:t] for s in standardize(data.train_seqs, mean, std)]
-    val_seqs = [s[:t] for s in standardize(data.val_seqs, mean, std)]
+    train_seqs = [s[:t] for s in standardize(raw_train, mean, std)]
+    val_seqs = [s[:t] for s in standardize([s[::opts.stride] for s in data.val_seqs], mean, std)]
     targets = data.labels.targets
     writer = _RunWriter(out, opts, data, t, mean, std)
     history: list[dict] = []
@@ -477,8 +483,9 @@ def _train(opts: TrainOptions, prepared: Prepared | None, progress: Callable[[Pr
         best_epoch = epochs_run = 0
     else:
         model_cfg = ModelConfig(n_features=len(data.feature_names), n_targets=len(targets), t=t, head=opts.head,
-                                mask=opts.mask, rnn=opts.rnn, layers=opts.layers, hidden=opts.hidden, fc=opts.fc,
-                                dropout=opts.dropout, skip_padding=opts.skip_padding)
+                                mask=opts.mask, rnn=opts.rnn, layers=opts.layers, conv_blocks=opts.conv_blocks,
+                                hidden=opts.hidden, fc=opts.fc, dropout=opts.dropout,
+                                skip_padding=opts.skip_padding)
         model = SeqHead(model_cfg).to(device)
         optim = RoutedAdam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         lengths = np.array([max(len(s), 1) for s in train_seqs])
