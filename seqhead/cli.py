@@ -284,12 +284,18 @@ def simulate(
     nuisance: Annotated[float, typer.Option(help="Scale of subject/video baselines and drift.")] = 0.4,
     frame_noise: Annotated[float, typer.Option(help="Frame-to-frame noise (logit units).")] = 1.2,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    setting: Annotated[str, typer.Option(help="How labels arise: episode (one labelled bump) | peak (labels = the "
+                                              "peak of 2–3 bumps, saturating, AR(1) noise, shorter videos).")]
+    = "episode",
 ):
     """Write a Hume-Reaction-shaped simulated features file and labels CSV."""
     from .simulate import SimulateOptions, simulate as run_simulate
 
-    res = run_simulate(SimulateOptions(out, labels, scale=scale, max_len=max_len, signal=signal,
-                                               nuisance=nuisance, frame_noise=frame_noise, seed=seed))
+    try:
+        res = run_simulate(SimulateOptions(out, labels, scale=scale, max_len=max_len, signal=signal,
+                                           nuisance=nuisance, frame_noise=frame_noise, seed=seed, setting=setting))
+    except ValueError as e:
+        _fail(e)
     console.print(f"{sum(res.n_videos)} videos (train/val/test {'/'.join(map(str, res.n_videos))}), "
                   f"{res.n_frames} frames → {res.h5}, {res.labels}")
 

@@ -212,3 +212,17 @@ def test_id_errors_name_rows_and_forms(sim, tmp_path):
     clip = df.assign(File_ID=["clip"] + list(df.File_ID[1:]))
     with pytest.raises(DataError, match=r"1 id\(s\) name several videos: clip \(by stem\)"):
         match(read_labels(_labels(tmp_path, clip)), read_features(h5)[0])
+
+
+def test_peak_setting_differs_in_lengths_and_labels(tmp_path):
+    kw = dict(scale=0.004, max_len=60, min_len=8, seed=2)
+    ep = simulate(SimulateOptions(tmp_path / "e.h5", **kw))
+    pk = simulate(SimulateOptions(tmp_path / "p.h5", setting="peak", **kw))
+    assert pk.n_videos == ep.n_videos and pk.n_frames < 0.85 * ep.n_frames  # shorter videos on average
+    with h5py.File(pk.h5) as h5:
+        assert '"setting": "peak"' in h5.attrs["detector"]
+    videos, _ = read_features(pk.h5)
+    rows, vids, forms = match(read_labels(pk.labels), videos)
+    assert len(rows) == len(videos) and set(forms) == {"stem"}
+    with pytest.raises(ValueError, match="setting 'late'"):
+        SimulateOptions(tmp_path / "x.h5", setting="late")

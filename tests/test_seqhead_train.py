@@ -127,9 +127,13 @@ def test_pearson_metric():
     np.testing.assert_allclose(pearson(np.c_[-y[:, 0], np.ones(50)], y), [-1, 0])
 
 
-@pytest.mark.parametrize("head", ["ridge", "attn"])
-def test_run_dir_reproduces_validation_metrics(sim, tmp_path, head):
-    res = train(TrainOptions(h5=sim.h5, out=tmp_path / head, head=head, **TINY))
+@pytest.mark.parametrize("head, kw", [("ridge", {}), ("attn", {}), ("attn", dict(stride=2, rnn="conv", bucket=True))])
+def test_run_dir_reproduces_validation_metrics(sim, tmp_path, head, kw):
+    res = train(TrainOptions(h5=sim.h5, out=tmp_path / head, head=head, **TINY, **kw))
+    if kw:  # the stride is part of the run: t counts strided frames, and predict strides the same way
+        cfg = json.loads((res.run_dir / "config.json").read_text())
+        longest = max(len(v.frames) for v in read_features(sim.h5)[0])
+        assert cfg["features"]["stride"] == 2 and cfg["t"] <= (longest + 1) // 2 and cfg["model"]["rnn"] == "conv"
     # Validation videos longer than t are cut during training; predict the same way to compare.
     predict(PredictOptions(res.run_dir, sim.h5, tmp_path / "p.csv", long_videos="truncate"))
     ev = evaluate(EvaluateOptions(tmp_path / "p.csv", sim.labels, split="val"))
