@@ -119,8 +119,9 @@ def parse_grid(axes: list[str]) -> tuple[Variant, ...]:
 
 
 # Options that change where and how fast a run trains, not what it trains: left out of a run's identity (its folder
-# hash and the check that a finished run matches), so changing them reuses finished runs.
-EXECUTION_OPTIONS = ("out", "device", "threads")
+# hash and the check that a finished run matches), so changing them reuses finished runs. `quiet` was an option of
+# earlier versions (progress is a callback now).
+EXECUTION_OPTIONS = ("out", "device", "threads", "quiet")
 
 
 def _identity(options: dict) -> dict:
@@ -161,8 +162,7 @@ def _done(run_dir: Path, opts: TrainOptions) -> dict | None:
     m, c = run_dir / "metrics.json", run_dir / "config.json"
     if not (m.exists() and c.exists()):
         return None
-    theirs = _identity({k: v for k, v in json.loads(c.read_text())["options"].items() if k != "quiet"})
-    if theirs != _identity(json.loads(json.dumps(_options_json(opts)))):
+    if _identity(json.loads(c.read_text())["options"]) != _identity(json.loads(json.dumps(_options_json(opts)))):
         return None
     met = json.loads(m.read_text())
     if met.get("status", "complete") != "complete":
