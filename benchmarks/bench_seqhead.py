@@ -43,22 +43,20 @@ from seqhead.simulate import SimulateOptions, simulate
 from seqhead.train import (RoutedAdam, TrainOptions, batches, cpu_threads, predict_raw, prepare, resolve_device,
                            standardize, train, train_step)
 
-# name → (TrainOptions changes, torch setting); "default" is the baseline every ratio refers to.
+# name → TrainOptions changes; the first is the baseline every ratio refers to.
 LEVERS = {
-    "default": {},
-    "bucket": dict(bucket=True),
-    "batch 32": dict(batch_size=32),
-    "batch 64": dict(batch_size=64),
-    "stride 2": dict(stride=2),
-    "matmul medium": dict(),  # torch.set_float32_matmul_precision("medium")
-    "conv": dict(rnn="conv"),
-    "conv + compile": dict(rnn="conv"),
-    "conv, batch 32, bucket": dict(rnn="conv", batch_size=32, bucket=True),
-    "gru, batch 32, bucket": dict(batch_size=32, bucket=True),
-    "gru, batch 32, bucket, stride 2": dict(batch_size=32, bucket=True, stride=2),
+    "GRU(128), batch 16 (earlier default)": dict(rnn="gru", hidden=128, batch_size=16, bucket=False),
+    "bucket": dict(rnn="gru", hidden=128, batch_size=16, bucket=True),
+    "batch 32": dict(rnn="gru", hidden=128, batch_size=32, bucket=False),
+    "batch 64": dict(rnn="gru", hidden=128, batch_size=64, bucket=False),
+    "stride 2": dict(rnn="gru", hidden=128, batch_size=16, bucket=False, stride=2),
+    "matmul medium": dict(rnn="gru", hidden=128, batch_size=16, bucket=False),  # set_float32_matmul_precision
+    "conv": dict(rnn="conv", hidden=128, batch_size=16, bucket=False),
+    "conv + compile": dict(rnn="conv", hidden=128, batch_size=16, bucket=False),
+    "gru, batch 32, bucket": dict(rnn="gru", hidden=128, batch_size=32, bucket=True),
+    "gru, batch 32, bucket, stride 2": dict(rnn="gru", hidden=128, batch_size=32, bucket=True, stride=2),
+    "default (conv(64), batch 32, bucket)": dict(),
 }
-
-
 def levers(args, h5: Path, device: torch.device) -> None:
     base = TrainOptions(h5=h5, out=args.workdir / "unused", threads=args.threads)
     data = prepare(base)
@@ -76,7 +74,7 @@ def levers(args, h5: Path, device: torch.device) -> None:
         t = max(len(s) for s in seqs)
         torch.manual_seed(0)
         model = SeqHead(ModelConfig(n_features=seqs[0].shape[1], n_targets=y.shape[1], t=t, head=o.head,
-                                    rnn=o.rnn)).to(device)
+                                    rnn=o.rnn, hidden=o.hidden)).to(device)
         if name.endswith("compile"):
             model = torch.compile(model, dynamic=True)
         optim = RoutedAdam(model.parameters(), lr=o.lr)

@@ -110,13 +110,14 @@ def train(
     head: Annotated[str, typer.Option(help="attn | mean | mrnn (paper) | last | ridge.")] = "attn",
     mask: Annotated[bool, typer.Option(help="Mask (and routing for mrnn); --no-mask = paper's w/o Mask & "
                                             "Routing.")] = True,
-    rnn: Annotated[str, typer.Option(help="Encoder: gru | lstm | conv (dilated convolutions, parallel in time).")]
-    = "gru",
+    rnn: Annotated[str, typer.Option(help="Encoder: conv (dilated convolutions, parallel in time) | gru (paper) | "
+                                          "lstm.")] = "conv",
     layers: Annotated[int, typer.Option(help="Recurrent layers.")] = 1,
     conv_blocks: Annotated[int, typer.Option(help="conv encoder: residual blocks (receptive field 1 + "
                                                   "2·(2^blocks − 1) frames).")] = 4,
     stride: Annotated[int, typer.Option(help="Keep every n-th kept frame (predict does the same).")] = 1,
-    hidden: Annotated[int, typer.Option(help="Recurrent units.")] = 128,
+    hidden: Annotated[int, typer.Option(help="Encoder width (recurrent units or conv channels; paper: GRU 128).")]
+    = 64,
     fc: Annotated[int, typer.Option(help="Units of the first FC.")] = 32,
     dropout: Annotated[float, typer.Option(help="Dropout before each FC.")] = 0.0,
     loss: Annotated[str, typer.Option(help="pearson (Eq. 4) | mse.")] = "pearson",
@@ -128,18 +129,18 @@ def train(
     patience: Patience = 6,
     seed: Annotated[int, typer.Option(help="Seed for weights, batches and a random split.")] = 0,
     skip_padding: Annotated[str, typer.Option(help="truncate | pack | none.")] = "truncate",
-    bucket: Annotated[bool, typer.Option(help="Length-sorted batches.")] = False,
+    bucket: Annotated[bool, typer.Option(help="Length-sorted batches (less padding).")] = True,
     device: Device = "auto",
     threads: Threads = 1,
     max_batches: MaxBatches = None,
-    paper: Annotated[bool, typer.Option(help="The paper's setting: --head mrnn --batch-size 4 --lr 1e-4 --t 480.")]
-    = False,
+    paper: Annotated[bool, typer.Option(help="The paper's setting: --head mrnn --rnn gru --hidden 128 --batch-size 4 "
+                                             "--lr 1e-4 --t 480 --no-bucket.")] = False,
 ):
     """Train a head on cached features and write a run directory (weights, config, metrics, learning curve)."""
     from .train import TrainOptions, train as run_train
 
     if paper:
-        head, batch_size, lr, t = "mrnn", 4, 1e-4, t or 480
+        head, rnn, hidden, batch_size, lr, t, bucket = "mrnn", "gru", 128, 4, 1e-4, t or 480, False
     try:
         opts = TrainOptions(h5=h5, out=out, labels=labels, id_column=id_column,
                             targets=tuple(targets.split(",")) if targets else None, split_column=split_column,

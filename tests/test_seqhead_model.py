@@ -125,3 +125,10 @@ def test_skipping_padding_gives_the_same_outputs(head, rnn):
         outs.append(model(x, lengths))
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=1e-5)
+
+
+def test_pearson_loss_gradient_is_finite_for_identical_predictions():
+    pred = torch.zeros(4, N, requires_grad=True)  # every video predicted the same (all ReLUs of the FC off)
+    loss = pearson_loss(pred * 1.0, torch.randn(4, N))
+    loss.backward()
+    assert torch.isclose(loss, torch.tensor(1.0)) and torch.isfinite(pred.grad).all()
