@@ -7,6 +7,12 @@ two half-episodes with random intensities, each moving half of the 26 values (ea
 a labelled episode's, the co-occurrence does not). Values pass through the same non-linearities as MMA's heads
 (tanh for VA, softmax for expressions, sigmoid for AUs). Some frames have no face (NaN features, face=false), in
 gaps, and a few videos have no face at all.
+
+`setting="peak"` changes how labels arise, the noise and the lengths, so that a head tuned on one setting can be
+checked on another: 2–3 labelled episodes per video with intensities y·u (u in [0.3, 1], one episode at u = 1),
+so the labels are the episodes' peak, not their sum; each episode moves the logits through a saturating
+non-linearity (tanh) of different mixing weights; the frame noise is autocorrelated (AR(1), 0.8); videos are
+shorter on average and vary more in length.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.signal import lfilter
 
 from affextract.store import FeatureWriter, Provenance
 
@@ -25,6 +32,7 @@ from .data import HUME_ID, HUME_TARGETS
 
 HUME_SIZES = (15806, 4657, 4604)  # train, val, test videos of Hume-Reaction
 HUME_SUBJECTS = 2222
+SETTINGS = ("episode", "peak")
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,11 @@ class SimulateOptions:
     nuisance: float = 0.4  # scale of the label-free slow parts: subject and video baselines, drift
     frame_noise: float = 1.2  # frame-to-frame white noise (logit units); pooled maxima pick it up, a GRU averages it
     seed: int = 0  # everything random derives from it
+    setting: str = "episode"  # how labels arise: episode (one labelled bump) | peak (labels = peak of 2–3 bumps)
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting {self.setting!r}: use one of {SETTINGS}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,8 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
     # The feature "physics" (how reactions show on the face) is fixed, so simulated sets of different seeds agree.
     law = np.random.default_rng(20240614)
     mixing = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # intensities → logits of the 26 values
+    mixing_peak = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # the peak setting's own mixing
+    peak = opts.setting == "peak"
     counts = tuple(max(2, int(round(n * opts.scale))) for n in HUME_SIZES)
     n = sum(counts)
     n_subj = max(4, int(round(HUME_SUBJECTS * n / sum(HUME_SIZES))))
@@ -78,7 +93,8 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
     z = rng.multivariate_normal(np.zeros(7), corr, n)
     y = 1 / (1 + np.exp(-(1.4 * z - 0.8)))
     y = np.clip(y + rng.normal(0, 0.03, y.shape), 0, 1).astype(np.float32)
-    lengths = np.clip(rng.normal(0.62, 0.22, n) * opts.max_len, opts.min_len, opts.max_len).astype(int)
+    lengths = np.clip(rng.normal(0.45, 0.3, n) if peak else rng.normal(0.62, 0.22, n), 0, 1) * opts.max_len
+    lengths = np.clip(lengths, opts.min_len, opts.max_len).astype(int)
     ids = [f"{i:05d}" for i in range(n)]
 
     out = Path(opts.out)
@@ -87,7 +103,7 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
     labels_path.parent.mkdir(parents=True, exist_ok=True)
     total_frames = 0
     provenance = Provenance(model="simulated", model_sha256="", alignment="arcface-112", sampling=json.dumps({"fps": None}),
-                            detector=json.dumps({"name": "simulated", "seed": opts.seed}))
+                            detector=json.dumps({"name": "simulated", "seed": opts.seed, "setting": opts.setting}))
     written_by = {"affextract_version": f"seqhead-simulate {__version__}"}
     with FeatureWriter(out, provenance, written_by, overwrite=True) as h5:
         for i in range(n):
@@ -95,15 +111,29 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
             total_frames += K
             logits = subj_base[subj[i]] + rng.normal(0, 0.4 * opts.nuisance, 26).astype(np.float32)  # (26,) baseline
             drift = np.cumsum(rng.normal(0, 0.06 * opts.nuisance, (K, 26)), axis=0).astype(np.float32)  # (K, 26)
-            logits = logits[None] + drift + rng.normal(0, opts.frame_noise, (K, 26)).astype(np.float32)
-            # The labelled episode: intensity-weighted directions, one bump at a random position.
-            E = max(4, int(K * rng.uniform(0.1, 0.3)))
-            p = int(rng.integers(0, K - E + 1))
-            logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i] - 0.3) @ mixing)[None]
+            noise = rng.normal(0, opts.frame_noise, (K, 26))
+            if peak:  # AR(1) noise with the same variance: slow wobbles that look like small episodes
+                noise = lfilter([np.sqrt(1 - 0.8 ** 2)], [1, -0.8], noise, axis=0)
+            logits = logits[None] + drift + noise.astype(np.float32)
+            if peak:
+                # Labelled episodes at intensities y·u; the labels are their peak (one episode has u = 1).
+                n_ep = int(rng.integers(2, 4))
+                u = rng.uniform(0.3, 1.0, n_ep)
+                u[rng.integers(n_ep)] = 1.0
+                for k in range(n_ep):
+                    E = max(4, int(K * rng.uniform(0.08, 0.2)))
+                    p = int(rng.integers(0, K - E + 1))
+                    drive = 2.0 * np.tanh(0.8 * ((y[i] * u[k] - 0.3) @ mixing_peak))
+                    logits[p:p + E] += opts.signal * _bump(E)[:, None] * drive[None].astype(np.float32)
+            else:
+                # The labelled episode: intensity-weighted directions, one bump at a random position.
+                E = max(4, int(K * rng.uniform(0.1, 0.3)))
+                p = int(rng.integers(0, K - E + 1))
+                logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i] - 0.3) @ mixing)[None]
             # Label-free episodes: the same kind of movement with random intensities, but split into two halves of
             # the 26 values shown at different times, so each value's own statistics look like the labelled
             # episode's while the co-occurrence (what a sequence model can see) does not.
-            fake = (rng.uniform(0, 1, 7) - 0.3) @ mixing
+            fake = (rng.uniform(0, 1, 7) - 0.3) @ (mixing_peak if peak else mixing)
             half = rng.random(26) < 0.5
             for part in (half, ~half):
                 E2 = max(4, int(K * rng.uniform(0.1, 0.3)))
