@@ -185,8 +185,14 @@ class MMA(nn.Module):
 
     def net(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) network input -> (B, 26) pre-activation outputs."""
-        h = self.trunk(self.stem(z))
-        e = self.embed(h.mean((2, 3)))
+        return self.heads(self.embedding(z))
+
+    def embedding(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) network input -> (B, embed_dim) shared embedding that the three heads read."""
+        return self.embed(self.trunk(self.stem(z)).mean((2, 3)))
+
+    def heads(self, e: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) shared embedding -> (B, 26) pre-activation outputs."""
         return torch.cat([self.va_head(e), self.expr_head(e), self.au_head(e)], 1)
 
     def infer(self, z: torch.Tensor) -> torch.Tensor:
