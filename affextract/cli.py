@@ -179,11 +179,16 @@ def train(
             raise ValueError(f"--augment {augment!r} is not one of {sorted(AUGMENT_PRESETS)}")
         train_sets = [load_spec(s, derive_va) for s in data]
         val_sets = [load_spec(s, derive_va) for s in val]
+        teacher_meta = {}
         if teacher is not None:
-            from affextract.teacher import load_cached
+            from dataclasses import asdict
+
+            from affextract.teacher import TeacherOptions, load_cached
 
             train_sets = [load_cached(s, teacher) for s in train_sets]
             val_sets = [load_cached(s, teacher) for s in val_sets]
+            teacher_meta = {"teacher": {"cache": str(teacher), "options": asdict(TeacherOptions()),
+                                        "min_presence": 0.5}}
         opts = TrainOptions(out_dir=out, variant=variant, epochs=epochs, time_budget_s=time_budget,
                             batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup,
                             schedule=schedule, dm_form=dm_form, select=select, seed=seed, device=device,
@@ -192,7 +197,7 @@ def train(
                             calibrate=CalibrateOptions(min_majority=min_majority) if calibrate else None,
                             amp=not no_amp, resume=resume,
                             metadata={"command": "affextract train " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
-                                      "derived_va": derive_va})
+                                      "derived_va": derive_va, **teacher_meta})
     except (DatasetError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)

@@ -5,7 +5,8 @@ larger side. AU25 (lips part) is jawOpen less mouthClose: a jaw drop with the li
 AU11 and AU23 have no counterpart and stay NaN, so training keeps the Table-1 prior (L_DM) for them.
 
 A coefficient is not a probability: how one becomes the other is `TeacherOptions.calibration`, one logistic
-(centre, slope) per AU, to be measured on faces where the AU is known; without it the coefficient itself is used.
+(centre, slope) per AU, measured on faces where the AU is obvious against neutral faces; without it the coefficient
+itself is used.
 The result goes into FaceSet.teacher_au, which `train` fits with L_teacher.
 """
 
@@ -36,18 +37,24 @@ BLENDSHAPE_AU: dict[int, tuple[str, ...]] = {
     26: ("jawOpen",),
 }
 NO_TEACHER = (11, 23)  # AUs without a blendshape counterpart: the Table-1 prior stays their only signal
+# Measured by tools/fit_teacher_calibration.py on FER+ train faces measured with measure_native (x4, FER+ points).
+FERPLUS_CALIBRATION: dict[int, tuple[float, float]] = {
+    1: (0.312, 4.207), 2: (0.3425, 3.797), 5: (0.05779, 22.99), 6: (1.649e-06, 661800.0), 12: (0.1769, 11.88),
+    20: (0.03654, 7.869), 25: (0.09316, 16.52), 26: (0.1024, 15.11),
+}
 
 
 @dataclass(frozen=True)
 class TeacherOptions:
     """How blendshape coefficients become teacher AU probabilities."""
 
-    # AU -> (centre, slope): p = sigmoid(slope * (coefficient - centre)), measured per AU; an AU not listed
-    # uses its coefficient as the probability.
-    calibration: dict[int, tuple[float, float]] = field(default_factory=dict)
-    # AUs whose teacher is not trusted (it failed the check on faces where the AU is obvious): left NaN, so
-    # they keep the prior like AU11/AU23.
-    distrust: tuple[int, ...] = ()
+    # AU -> (centre, slope): p = sigmoid(slope * (coefficient - centre)); an AU not listed uses its coefficient as
+    # the probability. Default: fitted on FER+ train, faces where the AU is obvious against neutral faces
+    # (tools/fit_teacher_calibration.py; README, "AU teacher").
+    calibration: dict[int, tuple[float, float]] = field(default_factory=lambda: dict(FERPLUS_CALIBRATION))
+    # AUs whose teacher is not trusted (AUROC below 0.70 on FER+ valid, obvious against neutral faces): left NaN,
+    # so they keep the prior like AU11/AU23.
+    distrust: tuple[int, ...] = (4, 7, 9, 10, 15, 17, 24)
 
 
 def teacher_aus(blendshapes: np.ndarray, names: tuple[str, ...], opts: TeacherOptions = TeacherOptions()) -> np.ndarray:

@@ -395,8 +395,10 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
     if frozen:
         # The frozen part is a fixed function: its embeddings (B, embed_dim) replace the images as training inputs.
         model.eval()
-        with torch.no_grad():
-            x_train = torch.cat([model.embedding(x_train[s:s + 512].float() / 127.5 - 1.0) for s in range(0, n, 512)])
+        x_train = _embeddings(model, x_train)
+        # Validation reads the embeddings too (and those of the mirror images where the config averages with them).
+        vals = [(s, (_embeddings(model, xv), _embeddings(model, xv, True) if config.flip_tta else None))
+                for s, xv in vals]
         params = [p for h in opts.heads for p in getattr(model, f"{h}_head").parameters()]
         for p in model.parameters():
             p.requires_grad_(False)
@@ -483,7 +485,12 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
             model.eval()
             metrics = {}
             for s, xv in vals:
-                feats = predict_inputs(model, xv, 1024, device)
+                if frozen:
+                    with torch.no_grad():
+                        mirrored = None if xv[1] is None else model.heads(xv[1])
+                        feats = activate(model.settle(model.heads(xv[0]), mirrored)).float().cpu().numpy()
+                else:
+                    feats = predict_inputs(model, xv, 1024, device)
                 r = score(feats, s.va, s.expr, s.au, s.name)
                 metrics[s.name] = {k: v for k, v in r.to_json().items() if k not in ("confusion", "expressions")}
                 metrics[s.name] |= _teacher_metrics(feats[:, AU], s.teacher_au)
@@ -522,6 +529,14 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
         emit({"event": "calibrated", **chosen, "val": best_metrics})
     emit({"event": "done", "best_epoch": best_epoch, "best": best_metrics, "seconds": time.perf_counter() - t_start})
     return TrainResult(out_dir / "best.safetensors", best_epoch, best_metrics, history)
+
+
+@torch.no_grad()
+def _embeddings(model: MMA, x: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+    """uint8 (N, C, S, S) network inputs -> (N, embed_dim) shared embeddings in eval mode (of the mirror images)."""
+    model.eval()
+    z = [x[s:s + 512].float() / 127.5 - 1.0 for s in range(0, len(x), 512)]
+    return torch.cat([model.embedding(b.flip(-1) if mirror else b) for b in z])
 
 
 class _HeadsOnly(torch.nn.Module):

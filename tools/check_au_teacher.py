@@ -23,20 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from affextract.datasets import load_ferplus, load_spec, prepare_inputs  # noqa: E402
-from affextract.evaluate import predict_inputs  # noqa: E402
+from affextract.evaluate import partial_correlation, predict_inputs  # noqa: E402
 from affextract.model import load_weights  # noqa: E402
 from affextract.schema import AU, AUS, EXPR, EXPRESSIONS  # noqa: E402
 from affextract.teacher import TeacherOptions, load_cached  # noqa: E402
 
 OBVIOUS = {"surprise": (1, 2, 5, 26), "happiness": (6, 12)}
-
-
-def partial_r(y: np.ndarray, x: np.ndarray, covariates: np.ndarray) -> float:
-    """Correlation of y and x after both are regressed (least squares, with intercept) on the covariates."""
-    c = np.column_stack([np.ones(len(y)), covariates])
-    ry = y - c @ np.linalg.lstsq(c, y, rcond=None)[0]
-    rx = x - c @ np.linalg.lstsq(c, x, rcond=None)[0]
-    return float(np.corrcoef(ry, rx)[0, 1])
 
 
 def clip_measures(path: Path):
@@ -124,7 +116,7 @@ def main() -> None:
             cells = []
             for au in (25, 26):
                 a = f[:, AU.start + AUS.index(au)]
-                cells.append(f"AU{au} r {np.corrcoef(a, gap)[0, 1]:.3f}, partial {partial_r(a, gap, ex):.3f}, "
+                cells.append(f"AU{au} r {np.corrcoef(a, gap)[0, 1]:.3f}, partial {partial_correlation(a, gap, ex):.3f}, "
                              f"range {a.min():.2f}-{a.max():.2f}")
             print(f"| {clip.name} ({len(gap)} frames, lip gap {gap.min():.3f}-{gap.max():.3f}) | {k} | "
                   + " | ".join(cells) + f" | top {EXPRESSIONS[mode]} on {(top == mode).mean():.3f}, "

@@ -70,16 +70,18 @@ def main() -> None:
         y_tr, y_va = np.isin(tr_y[sel_tr], pos), np.isin(va_y[sel_va], pos)
         x_tr, x_va = tr[sel_tr, j], va[sel_va, j]
         auc = roc_auc_score(y_va, x_va)
-        lr = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000).fit(x_tr[:, None], y_tr)
-        slope = float(lr.coef_[0, 0])
-        centre = float(-lr.intercept_[0] / slope)
+        # Fitted on the standardised coefficient (some, such as cheekSquint, live within 1e-3 of 0), then mapped back.
+        mu, sd = x_tr.mean(), x_tr.std()
+        lr = LogisticRegression(C=1e6, class_weight="balanced", max_iter=1000).fit((x_tr[:, None] - mu) / sd, y_tr)
+        slope = float(lr.coef_[0, 0] / sd)
+        centre = float(mu - lr.intercept_[0] / lr.coef_[0, 0] * sd)
         kept = auc >= MIN_AUC and slope > 0
         if kept:
-            calibration[au] = (round(centre, 4), round(slope, 2))
+            calibration[au] = (float(f"{centre:.4g}"), float(f"{slope:.4g}"))
         else:
             distrust.append(au)
         print(f"| AU{au} | {', '.join(OBVIOUS[au])} | {y_tr.sum()}/{(~y_tr).sum()} | "
-              f"{np.median(x_va[y_va]):.3f} vs {np.median(x_va[~y_va]):.3f} | {auc:.3f} | {centre:.4f} | {slope:.2f} | "
+              f"{np.median(x_va[y_va]):.3f} vs {np.median(x_va[~y_va]):.3f} | {auc:.3f} | {centre:.4g} | {slope:.4g} | "
               f"{'yes' if kept else 'no (prior)'} |")
     print(f"\nTeacherOptions(calibration={calibration}, distrust={tuple(distrust)})")
 
