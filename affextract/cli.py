@@ -152,11 +152,13 @@ def train(
     dm_form: str = typer.Option("full", help="L_DM: full soft-target BCE, or printed (Eq. 2's positive term only)."),
     derive_va: bool = typer.Option(False, help="Fill missing valence/arousal from the expression labels (per-expression centroids)."),
     init: Optional[Path] = typer.Option(None, help="Start from these weights (.safetensors) and fine-tune them."),
+    heads: str = typer.Option("va,expr,au", help="Heads to train, comma-separated; a subset freezes the rest of --init (trunk, embedding, other heads) and fits the named heads on its embeddings."),
+    teacher: Optional[Path] = typer.Option(None, help="FER+ blendshape cache (tools/ferplus_teacher.py): teacher AUs for every FER+ --data/--val set, trained by L_teacher."),
     logit_adjust: float = typer.Option(0.0, help="tau of the logit-adjusted expression loss (1 = balanced: the network does not learn the training class prior); 0 = plain cross-entropy."),
     augment: str = typer.Option("default", help="Augmentation preset: default or strong (wider geometry, lighting curves, blur, noise)."),
     calibrate: bool = typer.Option(False, "--calibrate", help="After training, choose the prior correction (tau) and test-time flip on --val and store them in best.safetensors."),
     min_majority: float = typer.Option(0.85, help="--calibrate keeps only settings whose validation majority-vote accuracy is at least this."),
-    select: str = typer.Option("score", help="Validation metric picking best.safetensors: score, acc_expr, f1_expr, ccc_va, f1_au."),
+    select: str = typer.Option("score", help="Validation metric picking best.safetensors: score, acc_expr, f1_expr, ccc_va, f1_au, teacher (lowest L_teacher on --val)."),
     seed: int = typer.Option(0, help="Random seed (initialisation, data order, augmentation)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
@@ -177,14 +179,25 @@ def train(
             raise ValueError(f"--augment {augment!r} is not one of {sorted(AUGMENT_PRESETS)}")
         train_sets = [load_spec(s, derive_va) for s in data]
         val_sets = [load_spec(s, derive_va) for s in val]
+        teacher_meta = {}
+        if teacher is not None:
+            from dataclasses import asdict
+
+            from affextract.teacher import TeacherOptions, load_cached
+
+            train_sets = [load_cached(s, teacher) for s in train_sets]
+            val_sets = [load_cached(s, teacher) for s in val_sets]
+            teacher_meta = {"teacher": {"cache": str(teacher), "options": asdict(TeacherOptions()),
+                                        "min_presence": 0.5}}
         opts = TrainOptions(out_dir=out, variant=variant, epochs=epochs, time_budget_s=time_budget,
                             batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup,
                             schedule=schedule, dm_form=dm_form, select=select, seed=seed, device=device,
-                            init=init, logit_adjust=logit_adjust, augment=AUGMENT_PRESETS[augment],
+                            init=init, heads=tuple(h.strip() for h in heads.split(",") if h.strip()),
+                            logit_adjust=logit_adjust, augment=AUGMENT_PRESETS[augment],
                             calibrate=CalibrateOptions(min_majority=min_majority) if calibrate else None,
                             amp=not no_amp, resume=resume,
                             metadata={"command": "affextract train " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
-                                      "derived_va": derive_va})
+                                      "derived_va": derive_va, **teacher_meta})
     except (DatasetError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)

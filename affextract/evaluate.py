@@ -101,6 +101,16 @@ def score(features: np.ndarray, va: np.ndarray, expr: np.ndarray, au: np.ndarray
     return r
 
 
+def partial_correlation(y: np.ndarray, x: np.ndarray, covariates: np.ndarray) -> float:
+    """Pearson r of (N,) y and x once both are regressed (least squares, with intercept) on (N, k) covariates: how
+    far y follows x beyond what the covariates explain (e.g. an AU row against the mouth opening, given the 7
+    expression probabilities)."""
+    c = np.column_stack([np.ones(len(y)), covariates]).astype(np.float64)
+    ry = y - c @ np.linalg.lstsq(c, y, rcond=None)[0]
+    rx = x - c @ np.linalg.lstsq(c, x, rcond=None)[0]
+    return float(np.corrcoef(ry, rx)[0, 1])
+
+
 @torch.no_grad()
 def predict_inputs(model, inputs: torch.Tensor, batch_size: int = 512, device: str | torch.device = "cpu") -> np.ndarray:
     """uint8 (N, C, S, S) network inputs -> (N, 26) activated features, with the model's inference-time

@@ -185,16 +185,26 @@ class MMA(nn.Module):
 
     def net(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) network input -> (B, 26) pre-activation outputs."""
-        h = self.trunk(self.stem(z))
-        e = self.embed(h.mean((2, 3)))
+        return self.heads(self.embedding(z))
+
+    def embedding(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) network input -> (B, embed_dim) shared embedding that the three heads read."""
+        return self.embed(self.trunk(self.stem(z)).mean((2, 3)))
+
+    def heads(self, e: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) shared embedding -> (B, 26) pre-activation outputs."""
         return torch.cat([self.va_head(e), self.expr_head(e), self.au_head(e)], 1)
 
     def infer(self, z: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) network input -> (B, 26) pre-activation with the inference-time settings of the config
         (test-time flip, prior correction); training calls `net` directly."""
-        out = self.net(z)
-        if self.config.flip_tta:
-            out = 0.5 * (out + self.net(z.flip(-1)))
+        return self.settle(self.net(z), self.net(z.flip(-1)) if self.config.flip_tta else None)
+
+    def settle(self, out: torch.Tensor, mirrored: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 26) pre-activation of the faces, and of their mirror images when flip_tta is on -> (B, 26) with the
+        inference-time settings applied (the mean of the two, the prior correction)."""
+        if mirrored is not None:
+            out = 0.5 * (out + mirrored)
         if self.config.prior_tau:
             out = torch.cat([out[:, VA], out[:, EXPR] + self._expr_offset.to(out.dtype), out[:, AU]], 1)
         return out

@@ -5,13 +5,15 @@ larger side. AU25 (lips part) is jawOpen less mouthClose: a jaw drop with the li
 AU11 and AU23 have no counterpart and stay NaN, so training keeps the Table-1 prior (L_DM) for them.
 
 A coefficient is not a probability: how one becomes the other is `TeacherOptions.calibration`, one logistic
-(centre, slope) per AU, to be measured on faces where the AU is known; without it the coefficient itself is used.
+(centre, slope) per AU, measured on faces where the AU is obvious against neutral faces; without it the coefficient
+itself is used.
 The result goes into FaceSet.teacher_au, which `train` fits with L_teacher.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -35,18 +37,24 @@ BLENDSHAPE_AU: dict[int, tuple[str, ...]] = {
     26: ("jawOpen",),
 }
 NO_TEACHER = (11, 23)  # AUs without a blendshape counterpart: the Table-1 prior stays their only signal
+# Measured by tools/fit_teacher_calibration.py on FER+ train faces measured with measure_native (x4, FER+ points).
+FERPLUS_CALIBRATION: dict[int, tuple[float, float]] = {
+    1: (0.312, 4.207), 2: (0.3425, 3.797), 5: (0.05779, 22.99), 6: (1.649e-06, 661800.0), 12: (0.1769, 11.88),
+    20: (0.03654, 7.869), 25: (0.09316, 16.52), 26: (0.1024, 15.11),
+}
 
 
 @dataclass(frozen=True)
 class TeacherOptions:
     """How blendshape coefficients become teacher AU probabilities."""
 
-    # AU -> (centre, slope): p = sigmoid(slope * (coefficient - centre)), measured per AU; an AU not listed
-    # uses its coefficient as the probability.
-    calibration: dict[int, tuple[float, float]] = field(default_factory=dict)
-    # AUs whose teacher is not trusted (it failed the check on faces where the AU is obvious): left NaN, so
-    # they keep the prior like AU11/AU23.
-    distrust: tuple[int, ...] = ()
+    # AU -> (centre, slope): p = sigmoid(slope * (coefficient - centre)); an AU not listed uses its coefficient as
+    # the probability. Default: fitted on FER+ train, faces where the AU is obvious against neutral faces
+    # (tools/fit_teacher_calibration.py; README, "AU teacher").
+    calibration: dict[int, tuple[float, float]] = field(default_factory=lambda: dict(FERPLUS_CALIBRATION))
+    # AUs whose teacher is not trusted (AUROC below 0.70 on FER+ valid, obvious against neutral faces): left NaN,
+    # so they keep the prior like AU11/AU23.
+    distrust: tuple[int, ...] = (4, 7, 9, 10, 15, 17, 24)
 
 
 def teacher_aus(blendshapes: np.ndarray, names: tuple[str, ...], opts: TeacherOptions = TeacherOptions()) -> np.ndarray:
@@ -75,3 +83,89 @@ def teacher_aus(blendshapes: np.ndarray, names: tuple[str, ...], opts: TeacherOp
 def with_teacher(fs, teacher: np.ndarray):
     """FaceSet `fs` with teacher AUs (N, 17) attached (checked by FaceSet)."""
     return replace(fs, teacher_au=np.asarray(teacher, np.float32))
+
+
+# ------------------------------------------------------------------------------------ measuring small native faces
+
+# Where MTCNN's 5 points sit on FER+ faces (median over 341 FER+ valid faces, in FER+ pixels; README, "Model card",
+# "Crop"): FER+ faces are framed alike, so one fixed set of points places the mesh crop of every image.
+FERPLUS_POINTS = np.array([[15.1, 18.7], [32.9, 18.4], [23.9, 28.6], [16.5, 37.6], [31.8, 37.2]])
+INNER_LIPS = (13, 14)  # mesh points of the upper and lower inner lip, on the midline
+EYE_CORNERS = (33, 263)  # mesh points of the outer eye corners
+
+
+def lip_gap(mesh: np.ndarray) -> np.ndarray:
+    """(N, 478, >=2) mesh points -> (N,) inner-lip gap over the outer-eye-corner distance: the mouth opening,
+    independent of the face's size in the image."""
+    m = np.asarray(mesh, np.float64)[:, :, :2]
+    gap = np.linalg.norm(m[:, INNER_LIPS[0]] - m[:, INNER_LIPS[1]], axis=1)
+    return (gap / np.linalg.norm(m[:, EYE_CORNERS[0]] - m[:, EYE_CORNERS[1]], axis=1)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class NativeMeasure:
+    """MediaPipe measurements of small, uniformly framed face images (such as FER+'s 48x48), one row per image."""
+
+    blendshapes: np.ndarray  # (N, 52) float32, BLENDSHAPE_NAMES order
+    presence: np.ndarray  # (N,) float32 face-presence probability of the mesh (MediaPipe keeps faces above 0.5)
+    lip_gap: np.ndarray  # (N,) float32 inner-lip gap over eye-corner distance (see lip_gap)
+
+
+def measure_native(images: np.ndarray, points: np.ndarray = FERPLUS_POINTS, upscale: int = 4, movement=None,
+                   chunk: int = 256, on_chunk=None) -> NativeMeasure:
+    """(N, H, W) uint8 grey (or (N, H, W, 3) RGB) face images framed alike -> their blendshapes and mesh measures.
+
+    Each image is upscaled `upscale` times (bicubic; MediaPipe's mesh wants a crop of 192 pixels) and the mesh crop
+    is placed from the fixed 5 `points` (H x W pixels) with movement.roi_from_points. `on_chunk(done, total)` is
+    called after each chunk of `chunk` images."""
+    import cv2
+    import torch
+
+    from affextract.movement import Movement, crop_faces, invert_affine, roi_from_points
+
+    mv = movement or Movement("cpu")
+    imgs = np.asarray(images)
+    if imgs.ndim not in (3, 4) or imgs.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (N, H, W) or (N, H, W, 3), got {imgs.dtype} {imgs.shape}")
+    # Pixel centres: source pixel x covers [x, x + 1), so its centre (x + 0.5) lands at (x + 0.5) * k - 0.5.
+    pts = (np.asarray(points, np.float64) + 0.5) * upscale - 0.5
+    blend, presence, gap = [], [], []
+    for s in range(0, len(imgs), chunk):
+        part = imgs[s:s + chunk]
+        big = np.stack([cv2.resize(im, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_CUBIC) for im in part])
+        if big.ndim == 3:
+            big = np.repeat(big[..., None], 3, -1)
+        m = roi_from_points(np.repeat(pts[None], len(part), 0))
+        out = mv(crop_faces(torch.from_numpy(big), m), invert_affine(m))
+        blend.append(out.blendshapes)
+        presence.append(out.presence)
+        gap.append(lip_gap(out.mesh))
+        if on_chunk:
+            on_chunk(min(s + chunk, len(imgs)), len(imgs))
+    return NativeMeasure(np.concatenate(blend), np.concatenate(presence), np.concatenate(gap))
+
+
+def load_cached(fs, path, opts: TeacherOptions = TeacherOptions(), min_presence: float = 0.5):
+    """FaceSet `fs` of FER+ rows (origin "file.h5:row") with teacher AUs from the blendshape cache `path` (written by
+    tools/ferplus_teacher.py, one row per row of the .h5). Faces whose mesh presence is below `min_presence` (where
+    MediaPipe would report no face) get no teacher, so L_DM covers them."""
+    from affextract.datasets import DatasetError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: teacher cache does not exist; make it with tools/ferplus_teacher.py")
+    with np.load(path) as z:
+        blend, presence, names = z["blendshapes"], z["presence"], tuple(str(n) for n in z["names"])
+    rows = []
+    for o in fs.origin:
+        head, _, row = o.rpartition(":")
+        if not row.isdigit() or not head.endswith(".h5"):
+            raise DatasetError(f"{fs.name}: sample {o!r} is not a FER+ row (file.h5:row); {path} covers FER+ only")
+        rows.append(int(row))
+    rows = np.asarray(rows)
+    if not len(rows) or rows.max() >= len(blend):
+        raise DatasetError(f"{path}: holds {len(blend)} rows but {fs.name} needs row {rows.max()}; "
+                           "rebuild it from the same ferplus.h5")
+    teacher = teacher_aus(blend[rows], names, opts)
+    teacher[presence[rows] < min_presence] = np.nan
+    return with_teacher(fs, teacher)

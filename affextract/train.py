@@ -31,7 +31,8 @@ from affextract.model import MMA, VARIANTS, MMAConfig, activate, resample, save_
 from affextract.schema import AU, AU_PRIOR, AUS, EXPR, VA
 
 DM_FORMS = ("full", "printed")
-SELECT_METRICS = ("score", "acc_expr", "acc_expr_majority", "f1_expr", "ccc_va", "f1_au")
+SELECT_METRICS = ("score", "acc_expr", "acc_expr_majority", "f1_expr", "ccc_va", "f1_au", "teacher")
+HEADS = ("va", "expr", "au")
 
 
 def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -185,12 +186,18 @@ class TrainOptions:
     # so the network does not learn the training set's class imbalance (FER+: 33% neutral). 0 = plain L_CCE.
     logit_adjust: float = 0.0
     teacher_weight: float = 1.0  # weight of L_teacher (BCE to teacher AUs, where the training sets have them)
+    # Heads to train. A subset freezes the trunk, the shared embedding and the other heads of `init`: the
+    # embeddings are computed once (no augmentation) and only the named heads are fitted on them, in seconds on a
+    # CPU, and the frozen heads' outputs stay exactly those of `init`.
+    heads: tuple[str, ...] = HEADS
     init: Path | None = None  # start from these weights (.safetensors): fine-tuning; None = random initialisation
     # After training, choose the inference-time settings of best.safetensors on the validation sets (see
     # calibrate); None = leave them off.
     calibrate: CalibrateOptions | None = None
     augment: Augment = field(default_factory=Augment)
-    select: str = "score"  # validation metric that picks best.safetensors; "score" = mean of the available Table-5 metrics
+    # validation metric that picks best.safetensors; "score" = mean of the available Table-5 metrics; "teacher" =
+    # lowest L_teacher on the validation sets' teacher AUs
+    select: str = "score"
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available; under torchrun each rank uses cuda:LOCAL_RANK
     amp: bool = True  # bf16 autocast on CUDA
@@ -281,6 +288,9 @@ def _select(metrics: dict, select: str) -> float:
     if select == "score":
         vals = [metrics[k] for k in ("ccc_va", "f1_expr", "f1_au") if metrics.get(k) is not None]
         return float(np.mean(vals)) if vals else -math.inf
+    if select == "teacher":
+        v = metrics.get("bce_teacher")
+        return -math.inf if v is None else -float(v)
     v = metrics.get(select)
     return -math.inf if v is None else float(v)
 
@@ -324,8 +334,15 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
         raise ValueError("no training data")
     if opts.variant not in VARIANTS and opts.config is None:
         raise ValueError(f"variant {opts.variant!r} is not one of {sorted(VARIANTS)}")
+    if not opts.heads or not set(opts.heads) <= set(HEADS) or len(set(opts.heads)) != len(opts.heads):
+        raise ValueError(f"heads {opts.heads} must be distinct names among {HEADS}")
+    frozen = set(opts.heads) != set(HEADS)
+    if frozen and opts.init is None:
+        raise ValueError(f"training only the heads {opts.heads} freezes the rest of a trained model: give init weights")
     emit = on_event or (lambda e: None)
     rank, world, local = _dist_env()
+    if frozen and world > 1:
+        raise ValueError("training only some heads runs in one process (it takes seconds); run it without torchrun")
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if opts.device == "auto":
@@ -348,7 +365,11 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
         from affextract.model import load_weights
 
         init, init_info = load_weights(opts.init)
-        if opts.config is None and opts.variant == "small":
+        if frozen:
+            # The expression head stays as it is, so the inference-time settings chosen for it still hold.
+            config = init_info.config
+            model = MMA(config).to(device)
+        elif opts.config is None and opts.variant == "small":
             # Fine-tuning keeps the architecture and preprocessing of the start point, not its inference-time
             # corrections (they were chosen for those weights).
             config = replace(init_info.config, flip_tta=False, expr_prior=None, prior_tau=0.0)
@@ -370,12 +391,25 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
     steps_per_epoch = max(1, n // per_step)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    if frozen:
+        # The frozen part is a fixed function: its embeddings (B, embed_dim) replace the images as training inputs.
+        model.eval()
+        x_train = _embeddings(model, x_train)
+        # Validation reads the embeddings too (and those of the mirror images where the config averages with them).
+        vals = [(s, (_embeddings(model, xv), _embeddings(model, xv, True) if config.flip_tta else None))
+                for s, xv in vals]
+        params = [p for h in opts.heads for p in getattr(model, f"{h}_head").parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
 
-    net = _NetOnly(model)
+    net = _HeadsOnly(model) if frozen else _NetOnly(model)
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    optim = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay) if opts.weight_decay \
-        else torch.optim.Adam(model.parameters(), lr=opts.lr)
+    optim = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay) if opts.weight_decay \
+        else torch.optim.Adam(params, lr=opts.lr)
     start_epoch, best, best_epoch, best_metrics, history = 0, -math.inf, -1, {}, []
     epochs = opts.epochs
     ckpt_path = out_dir / "checkpoint.pt"
@@ -425,8 +459,8 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
         sums = {"loss": 0.0, "ccc": 0.0, "cce": 0.0, "bce": 0.0, "dm": 0.0, "teacher": 0.0}
         for step in range(steps_per_epoch):
             idx = perm[step * per_step + rank * opts.batch_size : step * per_step + (rank + 1) * opts.batch_size]
-            z = augment_batch(x_train[idx].float() / 127.5 - 1.0, opts.augment, gen)
-            if device.type == "cuda":
+            z = x_train[idx] if frozen else augment_batch(x_train[idx].float() / 127.5 - 1.0, opts.augment, gen)
+            if device.type == "cuda" and not frozen:
                 z = z.contiguous(memory_format=torch.channels_last)
             for g in optim.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + step, epochs * steps_per_epoch)
@@ -451,8 +485,15 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
             model.eval()
             metrics = {}
             for s, xv in vals:
-                r = score(predict_inputs(model, xv, 1024, device), s.va, s.expr, s.au, s.name)
+                if frozen:
+                    with torch.no_grad():
+                        mirrored = None if xv[1] is None else model.heads(xv[1])
+                        feats = activate(model.settle(model.heads(xv[0]), mirrored)).float().cpu().numpy()
+                else:
+                    feats = predict_inputs(model, xv, 1024, device)
+                r = score(feats, s.va, s.expr, s.au, s.name)
                 metrics[s.name] = {k: v for k, v in r.to_json().items() if k not in ("confusion", "expressions")}
+                metrics[s.name] |= _teacher_metrics(feats[:, AU], s.teacher_au)
             flat = _merge_metrics(list(metrics.values()))
             record["val"] = flat
             record["val_sets"] = metrics
@@ -490,6 +531,36 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
     return TrainResult(out_dir / "best.safetensors", best_epoch, best_metrics, history)
 
 
+@torch.no_grad()
+def _embeddings(model: MMA, x: torch.Tensor, mirror: bool = False) -> torch.Tensor:
+    """uint8 (N, C, S, S) network inputs -> (N, embed_dim) shared embeddings in eval mode (of the mirror images)."""
+    model.eval()
+    z = [x[s:s + 512].float() / 127.5 - 1.0 for s in range(0, len(x), 512)]
+    return torch.cat([model.embedding(b.flip(-1) if mirror else b) for b in z])
+
+
+class _HeadsOnly(torch.nn.Module):
+    """The three heads on precomputed embeddings, with the embedding's training-time dropout."""
+
+    def __init__(self, model: MMA) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        return self.model.heads(F.dropout(e, self.model.config.dropout, self.training))
+
+
+def _teacher_metrics(au: np.ndarray, teacher: np.ndarray | None) -> dict:
+    """(N, 17) AU probabilities against (N, 17) teacher AUs (NaN = none) -> their mean BCE over the pairs that
+    have a teacher ({} when there is none)."""
+    if teacher is None or not np.isfinite(teacher).any():
+        return {}
+    m = np.isfinite(teacher)
+    p = np.clip(au[m].astype(np.float64), 1e-6, 1 - 1e-6)
+    t = teacher[m]
+    return {"bce_teacher": float(-(t * np.log(p) + (1 - t) * np.log(1 - p)).mean()), "n_teacher": int(m.sum())}
+
+
 class _NetOnly(torch.nn.Module):
     """MMA.net as a module's forward: training feeds prepared inputs, and DDP wraps forward()."""
 
@@ -505,7 +576,7 @@ def _merge_metrics(reports: list[dict]) -> dict:
     """Sample-weighted mean of each metric over the validation sets that have it."""
     out = {}
     for key, n_key in (("ccc_va", "n_va"), ("f1_expr", "n_expr"), ("acc_expr", "n_expr"),
-                       ("acc_expr_majority", "n_expr_majority"), ("f1_au", "n_au")):
+                       ("acc_expr_majority", "n_expr_majority"), ("f1_au", "n_au"), ("bce_teacher", "n_teacher")):
         have = [(r[key], r[n_key]) for r in reports if r.get(key) is not None]
         if have:
             w = sum(n for _, n in have)

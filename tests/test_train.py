@@ -253,3 +253,41 @@ def test_calibrate_picks_the_best_qualifying_setting_and_train_stores_it(tmp_pat
     # A floor nothing meets leaves the model uncorrected.
     config, rows = calibrate(model, [va], expression_prior([tr]), CalibrateOptions(taus=(1.0,), min_majority=1.01))
     assert config.prior_tau == 0.0 and not config.flip_tta and len(rows) == 2
+
+
+def test_training_only_the_au_head_keeps_everything_else_and_learns_the_teacher(tmp_path):
+    """heads=("au",) on trained weights: every tensor but the AU head's stays bit-identical (so expression and VA
+    outputs are unchanged), the AU head learns a teacher AU (AU26 on the faces that have it), and `select="teacher"`
+    picks the epoch by the validation L_teacher."""
+    tr, va = _toy_set(128, 0), _toy_set(32, 1)
+    base = TrainOptions(out_dir=tmp_path / "base", config=TINY, epochs=4, batch_size=16, lr=3e-3, warmup_epochs=0,
+                        augment=Augment(scale=0, shift=0, rotate=0, flip=False, contrast=0, erase=0), seed=0)
+    init = train([tr], [va], base).best_path
+
+    def with_teacher(fs):
+        t = np.full((len(fs), 17), np.nan, np.float32)
+        t[:, AUS.index(26)] = fs.expr[:, EXPRESSIONS.index("happiness")]  # learnable from the trained embedding
+        return replace(fs, teacher_au=t)
+
+    opts = replace(base, out_dir=tmp_path / "au", init=init, heads=("au",), epochs=8, lr=5e-2, select="teacher")
+    result = train([with_teacher(tr)], [with_teacher(va)], opts)
+    before, after = load_weights(init)[0].state_dict(), load_weights(result.best_path)[0].state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"au_head.weight", "au_head.bias"}
+    bce = [h["val"]["bce_teacher"] for h in result.history]
+    assert bce[-1] < 0.5 * bce[0] and result.best_metrics["bce_teacher"] == pytest.approx(min(bce))
+    from affextract.datasets import prepare_inputs
+    from affextract.evaluate import predict_inputs
+
+    model = load_weights(result.best_path)[0]
+    au26 = predict_inputs(model, prepare_inputs(va, model))[:, 9 + AUS.index(26)]
+    happy = va.expr[:, EXPRESSIONS.index("happiness")] == 1
+    assert au26[happy].min() > 0.5 > au26[~happy].max(), au26
+
+
+def test_heads_option_is_checked(tmp_path):
+    tr = _toy_set(8, 0)
+    with pytest.raises(ValueError, match="give init weights"):
+        train([tr], [], TrainOptions(out_dir=tmp_path, config=TINY, heads=("au",)))
+    with pytest.raises(ValueError, match="distinct names"):
+        train([tr], [], TrainOptions(out_dir=tmp_path, config=TINY, heads=("au", "trunk")))
