@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from affextract.model import MMA, VARIANTS, MMAConfig, activate, resample, save_weights
+from affextract.runtime import ranks, resolve_device
 from affextract.schema import AU, AU_PRIOR, AUS, EXPR, VA
 
 DM_FORMS = ("full", "printed")
@@ -295,10 +295,6 @@ def _select(metrics: dict, select: str) -> float:
     return -math.inf if v is None else float(v)
 
 
-def _dist_env() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
 def _labels(sets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(va, expr, au, teacher AUs) of all sets, concatenated; teacher is NaN for sets without one."""
     teacher = [s.teacher_au if s.teacher_au is not None else np.full((len(s), len(AUS)), np.nan, np.float32)
@@ -340,17 +336,13 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
     if frozen and opts.init is None:
         raise ValueError(f"training only the heads {opts.heads} freezes the rest of a trained model: give init weights")
     emit = on_event or (lambda e: None)
-    rank, world, local = _dist_env()
+    where = ranks()
+    rank, world = where.rank, where.world
     if frozen and world > 1:
         raise ValueError("training only some heads runs in one process (it takes seconds); run it without torchrun")
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if opts.device == "auto":
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(opts.device)
-        if world > 1 and device.type == "cuda":
-            device = torch.device(f"cuda:{local}")
+    device = resolve_device(opts.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
