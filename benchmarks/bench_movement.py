@@ -39,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from skimage import data
 
-    from affextract.faces import get_detector
+    from affextract.detectors import get_detector
 
     image = data.astronaut()
     points = get_detector("mtcnn").detect(image[None])[0].landmarks[:1]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from affextract import movement as mv
-from affextract.faces import get_detector
+from affextract.detectors import get_detector
 
 MEDIAPIPE = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "mediapipe"
 INSIGHTFACE_IMAGES = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images"

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from affextract import movement as mv  # noqa: E402
-from affextract.faces import get_detector  # noqa: E402
+from affextract.detectors import get_detector  # noqa: E402
 from affextract.video import import_decord  # noqa: E402
 
 
