@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from affextract.align import warp_affine
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MESH_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_mesh_v2.safetensors"
 BLENDSHAPE_WEIGHTS = WEIGHTS_DIR / "mediapipe_blendshapes.safetensors"
@@ -319,42 +321,9 @@ def roi_from_points(points: np.ndarray) -> np.ndarray:
 def crop_faces(frames, image_to_crop: np.ndarray, device: str | torch.device = "cpu", method: str = "auto"
                ) -> torch.Tensor:
     """Frames (N, H, W, 3) uint8 RGB (numpy or torch) and (N, 2, 3) image -> crop affines -> (N, 3, 192, 192) uint8
-    on ``device``; rows with non-finite affines are black.
-
-    ``method="cv2"`` (the default on the CPU): cv2.warpAffine per face, bilinear, black outside the frame, as
-    MediaPipe's CPU ImageToTensor. ``"grid"`` (the default on GPUs): one batched grid_sample on the device, within
-    a grey level of cv2."""
-    if method not in ("auto", "cv2", "grid"):
-        raise ValueError(f"unknown warp method {method!r}; known: auto, cv2, grid")
-    device = torch.device(device)
-    images = torch.as_tensor(frames)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"frames must be (N, H, W, 3) RGB, got shape {tuple(images.shape)}")
-    m = np.asarray(image_to_crop, np.float64).reshape(-1, 2, 3)
-    n, h, w, _ = images.shape
-    if len(m) != n:
-        raise ValueError(f"crop_faces needs one affine per frame: {n} frames, {len(m)} affines")
-    ok = np.isfinite(m).all((1, 2))
-    size = CROP_SIZE
-    if method == "cv2" or (method == "auto" and device.type == "cpu"):
-        import cv2
-
-        images = images.cpu().numpy()
-        out = np.zeros((n, size, size, 3), np.uint8)
-        for i in np.flatnonzero(ok):
-            out[i] = cv2.warpAffine(images[i], m[i], (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
-        return torch.from_numpy(out).permute(0, 3, 1, 2).to(device)
-    inverse = invert_affine(np.where(ok[:, None, None], m, [[1.0, 0, 0], [0, 1.0, 0]]))
-    # grid_sample with align_corners=True: normalised -1..1 spans pixel centres 0..size-1 (crop) and 0..W-1 (frame).
-    from_crop = np.array([[(size - 1) / 2, 0, (size - 1) / 2], [0, (size - 1) / 2, (size - 1) / 2], [0, 0, 1]])
-    to_frame = np.array([[2 / (w - 1), 0, -1], [0, 2 / (h - 1), -1]])
-    full = np.concatenate([inverse, np.tile([[[0.0, 0, 1]]], (n, 1, 1))], 1)
-    theta = torch.as_tensor(to_frame @ full @ from_crop, dtype=torch.float32, device=device)
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=True)
-    source = images.to(device).permute(0, 3, 1, 2).float()
-    crops = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    crops[torch.as_tensor(~ok, device=device)] = 0.0
-    return crops.round_().clamp_(0, 255).to(torch.uint8)
+    on ``device``; rows with non-finite affines are black. ``align.warp_affine``, the warp of the MMA's faces too:
+    bilinear, black outside the frame, as MediaPipe's CPU ImageToTensor (``method`` as there)."""
+    return warp_affine(frames, image_to_crop, CROP_SIZE, device, method)
 
 
 def mesh_to_image(mesh: torch.Tensor, crop_to_image: torch.Tensor) -> torch.Tensor:
