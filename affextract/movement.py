@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from affextract.align import warp_affine
+# Names of the outputs, shared with the file format and seqhead (see there for their conventions).
+from affextract.schema import BLENDSHAPE_NAMES, GAZE_NAMES, MESH_POINTS, POSE_NAMES  # noqa: F401
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MESH_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_mesh_v2.safetensors"
@@ -36,30 +38,8 @@ GEOMETRY_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_geometry.safetensors"
 WEIGHTS_FORMAT = "affextract-mediapipe"
 
 CROP_SIZE = 192  # side of the face mesh input
-N_LANDMARKS = 478  # 468 face points + 2 x 5 iris points
+N_LANDMARKS = MESH_POINTS  # 468 face points + 2 x 5 iris points
 N_FACE = 468  # face points (the canonical model's vertices); 468..472 right iris, 473..477 left iris (subject's)
-
-# The 52 outputs of the blendshapes model, in its order (MediaPipe face_landmarker_graph.cc). All 52 are kept so that
-# indices match MediaPipe's; ``_neutral`` (index 0) carries no movement and is to be ignored by readers. Left/Right
-# are the subject's (ARKit convention): mouthSmileLeft is the corner on the image's right in an unmirrored video.
-BLENDSHAPE_NAMES = (
-    "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight", "cheekPuff",
-    "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight", "eyeLookDownLeft", "eyeLookDownRight",
-    "eyeLookInLeft", "eyeLookInRight", "eyeLookOutLeft", "eyeLookOutRight", "eyeLookUpLeft", "eyeLookUpRight",
-    "eyeSquintLeft", "eyeSquintRight", "eyeWideLeft", "eyeWideRight", "jawForward", "jawLeft", "jawOpen", "jawRight",
-    "mouthClose", "mouthDimpleLeft", "mouthDimpleRight", "mouthFrownLeft", "mouthFrownRight", "mouthFunnel",
-    "mouthLeft", "mouthLowerDownLeft", "mouthLowerDownRight", "mouthPressLeft", "mouthPressRight", "mouthPucker",
-    "mouthRight", "mouthRollLower", "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper", "mouthSmileLeft",
-    "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight", "mouthUpperUpLeft", "mouthUpperUpRight",
-    "noseSneerLeft", "noseSneerRight",
-)
-# Head pose in degrees. yaw > 0: the subject turns to their left (the nose moves to the image's right in an
-# unmirrored video); pitch > 0: chin up (the nose points above the camera); roll > 0: the head tilts towards the
-# subject's left shoulder (the face turns counter-clockwise on screen). A frontal upright face is (0, 0, 0).
-POSE_NAMES = ("yaw", "pitch", "roll")
-# Gaze direction of both eyes together, in degrees, relative to the camera (head pose included): yaw > 0 towards the
-# subject's left (the image's right), pitch > 0 upwards. Looking straight into the camera is (0, 0).
-GAZE_NAMES = ("gaze_yaw", "gaze_pitch")
 
 # The 146 of the 478 mesh points fed to the blendshapes model, in order (MediaPipe face_blendshapes_graph.cc).
 BLENDSHAPE_LANDMARKS = (
