@@ -1,11 +1,12 @@
-"""`affextract run`: decode → detect and track the primary face → align → MMA (+ measured movement) → HDF5, resumable
-and crash-safe.
+"""`affextract run`: decode → detect and track the primary face → align → MMA (+ measured movement) → HDF5,
+resumable and crash-safe.
 
 Decoding, face detection, tracking and alignment run in worker processes (`affextract.workers`), each on its own
-videos; they send the aligned crops, the face mesh's crops and the face geometry, and the main process runs the MMA and
-the movement stage (`affextract.movement`: MediaPipe face mesh, blendshapes, head pose, gaze) on the same device,
-batched per chunk, and writes. The stages overlap, and a decoder crash on a malformed file costs that file only. Nothing heavy happens before it is needed: a
-rerun with nothing left to do reads the output file's index and returns, without loading torch, the model or a worker.
+videos; they send the aligned crops, the face mesh's crops and the face geometry, and the main process runs the MMA
+and the movement stage (`affextract.movement`: MediaPipe face mesh, blendshapes, head pose, gaze) on the same device,
+batched per chunk, and writes. The stages overlap, and a decoder crash on a malformed file costs that file only.
+Nothing heavy happens before it is needed: a rerun with nothing left to do reads the output file's index and returns,
+without loading torch, the model or a worker.
 """
 
 from __future__ import annotations
