@@ -61,9 +61,10 @@ PRESETS: dict[str, tuple[Variant, ...]] = {
         Variant("MRNN w/o Mask & Routing", (("head", "mrnn"), ("mask", False))),
         Variant("MRNN with MSE", (("head", "mrnn"), ("loss", "mse"))),
     ),
-    # The paper's Table 3: feature groups.
+    # The paper's Table 3: feature groups, then the measured movement alone and added to the 26 values.
     "table3": tuple(Variant(" & ".join(g.upper() for g in combo), (("features", ",".join(combo)),))
-                    for k in (1, 2, 3) for combo in itertools.combinations(("va", "expr", "au"), k)),
+                    for combo in [c for k in (1, 2, 3) for c in itertools.combinations(("va", "expr", "au"), k)]
+                    + [("bs",), ("pose", "gaze"), ("bs", "pose", "gaze"), ("va", "expr", "au", "bs", "pose", "gaze")]),
     # Every head and both baselines.
     "heads": (
         Variant("mrnn (paper head)", (("head", "mrnn"),)),
