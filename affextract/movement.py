@@ -110,9 +110,24 @@ class FaceMesh(nn.Module):
             out += [self.neck, self.neck_act] if b is None else [b.dw, b.act_dw, b.pw, b.act]
         return out + [self.presence, self.landmarks]
 
+    # The stem and the first blocks (96x96x16 and 48x48x32 maps, 0.6 MB per face in fp32) run a few faces at a time
+    # so that each layer's output is still in the core's cache when the next layer reads it; the cost per face then
+    # no longer grows with the batch (on the CPU, batch 64 ran twice as fast as without; benchmarks/bench_movement.py).
+    # The later blocks' smaller maps run on the whole batch, where larger matrices make the convolutions efficient.
+    cache_blocks = 5  # blocks run per chunk: up to the last 48x48 one
+    cache_faces = 4  # faces per chunk
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.stem_act(self.stem(_same_pad(x)))
-        h = self.neck_block(self.neck_act(self.neck(self.blocks(h))))
+        parts = []
+        for chunk in x.split(self.cache_faces) or (x,):  # (x,): an empty batch still gives empty outputs
+            h = self.stem_act(self.stem(_same_pad(chunk)))
+            for block in self.blocks[:self.cache_blocks]:
+                h = block(h)
+            parts.append(h)
+        h = torch.cat(parts) if len(parts) != 1 else parts[0]  # keeps channels-last
+        for block in self.blocks[self.cache_blocks:]:
+            h = block(h)
+        h = self.neck_block(self.neck_act(self.neck(h)))
         return self.landmarks(h).reshape(-1, N_LANDMARKS, 3), self.presence(h).reshape(-1)
 
 
@@ -126,10 +141,15 @@ class _MixerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(channels, bias=False)
         self.channel1, self.channel2 = nn.Linear(channels, channel_hidden), nn.Linear(channel_hidden, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
-        y = self.norm1(x).transpose(1, 2)
-        x = x + self.token2(F.relu(self.token1(y))).transpose(1, 2)
-        return x + self.channel2(F.relu(self.channel1(self.norm2(x))))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, C), tokens first
+        # Tokens first makes both mixings one plain matrix product over the whole batch, without transposes: token
+        # mixing is (hidden, T) @ (T, B * C), channel mixing (T * B, C) @ (C, hidden).
+        t, b, c = x.shape
+        y = self.norm1(x).view(t, b * c)
+        h = torch.addmm(self.token1.bias[:, None], self.token1.weight, y).relu_()
+        x = torch.addmm(self.token2.bias[:, None], self.token2.weight, h).view(t, b, c).add_(x)
+        h = F.linear(self.norm2(x).view(t * b, c), self.channel1.weight, self.channel1.bias).relu_()
+        return F.linear(h, self.channel2.weight, self.channel2.bias).view(t, b, c).add_(x)
 
 
 class Blendshapes(nn.Module):
@@ -149,12 +169,15 @@ class Blendshapes(nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         x = points - points.mean(1, keepdim=True)
-        x = x / x.norm(dim=2).mean(1)[:, None, None] * self.input_scale
-        x = self.embed(self.points_to_tokens(x.transpose(1, 2)).transpose(1, 2))  # (B, 96, 64)
-        x = torch.cat([self.extra_token.expand(len(x), -1, -1), x], 1)  # (B, 97, 64)
+        x = x / x.norm(dim=2).mean(1)[:, None, None] * self.input_scale  # (B, 146, 2)
+        b, p, _ = x.shape
+        tokens = torch.addmm(self.points_to_tokens.bias[:, None], self.points_to_tokens.weight,
+                             x.transpose(0, 1).reshape(p, b * 2))  # (96, B * 2)
+        x = self.embed(tokens.view(len(tokens), b, 2))  # (96, B, 64)
+        x = torch.cat([self.extra_token.view(1, 1, -1).expand(1, b, -1), x])  # (97, B, 64)
         for block in self.blocks:
             x = block(x)
-        return torch.sigmoid(self.out(x[:, 0]))
+        return torch.sigmoid(self.out(x[0]))
 
     def set_eps(self, eps: float) -> None:
         for block in self.blocks:
@@ -373,9 +396,8 @@ def gaze_degrees(mesh: torch.Tensor, rot: torch.Tensor, scale: torch.Tensor, t: 
 
 @dataclass(frozen=True)
 class MovementOptions:
-    # Faces per forward pass of the mesh and blendshapes. 16 keeps the mesh's largest activations (96x96x16 floats
-    # per face) in a CPU's cache and measured fastest per face on the CPU (benchmarks/bench_movement.py); raise it
-    # on a GPU.
+    # Faces per forward pass of the mesh and blendshapes (the mesh splits its first layers further, see FaceMesh);
+    # 16 and 64 cost about the same per face on the CPU (benchmarks/bench_movement.py); raise it on a GPU.
     batch_size: int = 16
     # Run the mesh channels-last (NHWC), which oneDNN's CPU depthwise convolutions prefer.
     channels_last: bool = True
