@@ -154,6 +154,11 @@ def train(
     schedule: str = typer.Option("cosine", help="cosine or constant learning rate after warm-up."),
     dm_form: str = typer.Option("full", help="L_DM: full soft-target BCE, or printed (Eq. 2's positive term only)."),
     derive_va: bool = typer.Option(False, help="Fill missing valence/arousal from the expression labels (per-expression centroids)."),
+    init: Optional[Path] = typer.Option(None, help="Start from these weights (.safetensors) and fine-tune them."),
+    logit_adjust: float = typer.Option(0.0, help="tau of the logit-adjusted expression loss (1 = balanced: the network does not learn the training class prior); 0 = plain cross-entropy."),
+    augment: str = typer.Option("default", help="Augmentation preset: default or strong (wider geometry, lighting curves, blur, noise)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="After training, choose the prior correction (tau) and test-time flip on --val and store them in best.safetensors."),
+    min_majority: float = typer.Option(0.85, help="--calibrate keeps only settings whose validation majority-vote accuracy is at least this."),
     select: str = typer.Option("score", help="Validation metric picking best.safetensors: score, acc_expr, f1_expr, ccc_va, f1_au."),
     seed: int = typer.Option(0, help="Random seed (initialisation, data order, augmentation)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
@@ -168,14 +173,18 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from affextract.datasets import DatasetError, load_spec
-    from affextract.train import TrainOptions, train as run_training
+    from affextract.train import AUGMENT_PRESETS, CalibrateOptions, TrainOptions, train as run_training
 
     try:
+        if augment not in AUGMENT_PRESETS:
+            raise ValueError(f"--augment {augment!r} is not one of {sorted(AUGMENT_PRESETS)}")
         train_sets = [load_spec(s, derive_va) for s in data]
         val_sets = [load_spec(s, derive_va) for s in val]
         opts = TrainOptions(out_dir=out, variant=variant, epochs=epochs, time_budget_s=time_budget,
                             batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup,
                             schedule=schedule, dm_form=dm_form, select=select, seed=seed, device=device,
+                            init=init, logit_adjust=logit_adjust, augment=AUGMENT_PRESETS[augment],
+                            calibrate=CalibrateOptions(min_majority=min_majority) if calibrate else None,
                             amp=not no_amp, resume=resume,
                             metadata={"command": "affextract train " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
                                       "derived_va": derive_va})
@@ -193,10 +202,13 @@ def train(
             console.print(f"training on {e['n_train']:,} samples, {e['steps_per_epoch']} steps/epoch, "
                           f"device {e['device']} x {e['world_size']}")
         elif e["event"] == "step":
-            losses = " ".join(f"{k} {e[k]:.3f}" for k in ("loss", "ccc", "cce", "bce", "dm")) + f" lr {e['lr']:.1e}"
+            losses = " ".join(f"{k} {e[k]:.3f}" for k in ("loss", "ccc", "cce", "bce", "dm", "teacher")) + f" lr {e['lr']:.1e}"
             if task is None:
                 task = progress.add_task("train", total=e["steps"], epoch=e["epoch"], losses=losses)
             progress.update(task, completed=e["step"], total=e["steps"], epoch=e["epoch"], losses=losses)
+        elif e["event"] == "calibrated" and show:
+            progress.console.print(f"calibrated on validation: prior_tau {e['prior_tau']}, flip_tta {e['flip_tta']}; "
+                                   + " ".join(f"{k} {x:.4f}" for k, x in e["val"].items() if isinstance(x, float)))
         elif e["event"] == "epoch" and show:
             v = e.get("val", {})
             vals = " ".join(f"{k} {x:.4f}" for k, x in v.items())
@@ -215,24 +227,27 @@ def train(
         console.print(_json.dumps(result.best_metrics, indent=1))
 
 
-@app.command(epilog="""Example: affextract evaluate ferplus:ferplus.h5:test --json > scores.json""")
+@app.command(epilog="""Examples:
+
+  affextract evaluate ferplus:ferplus.h5:test --json > scores.json
+
+  affextract evaluate folder:posed_faces/      class folders (DIR/<expression>/ or DIR/<source>/<expression>/),
+                                               detected and aligned as `run` does; scores per source""")
 def evaluate(
-    data: str = typer.Argument(..., help="Dataset kind:path[:arg], as for `train`."),
+    data: str = typer.Argument(..., help="Dataset kind:path[:arg], as for `train`, or folder:DIR of class folders."),
     weights: Optional[Path] = typer.Option(None, help="MMA weights (.safetensors). Default: the shipped weights."),
     derive_va: bool = typer.Option(False, help="Score valence/arousal against targets derived from expressions."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(512, min=1),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout."),
 ) -> None:
-    """Score MMA weights on a labelled dataset: CCC-VA, macro F1 (expressions, AUs), accuracy, confusion matrix."""
+    """Score MMA weights on a labelled dataset: CCC-VA, macro F1 (expressions, AUs), accuracy, confusion matrix,
+    F1 per expression, and the same per source when the data has several."""
     import json as _json
-
-    from rich.table import Table
 
     from affextract.datasets import DatasetError, load_spec
     from affextract.evaluate import evaluate as run_evaluation
     from affextract.model import load_weights
-    from affextract.schema import EXPRESSIONS
 
     try:
         fs = load_spec(data, derive_va)
@@ -241,11 +256,21 @@ def evaluate(
     except (DatasetError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
-    out = Console()
     if as_json:
         print(_json.dumps(report.to_json() | {"weights": info.name, "weights_sha256": info.sha256}, indent=1))
         return
-    t = Table(title=f"{info.name} on {report.dataset} ({report.n:,} samples)", title_justify="left")
+    out = Console()
+    _render_scores(out, report, f"{info.name} on {report.dataset} ({report.n:,} samples)")
+    for group, r in report.per_group.items():
+        _render_scores(out, r, f"source {group} ({r.n:,} samples)")
+
+
+def _render_scores(out: Console, report, title: str) -> None:
+    from rich.table import Table
+
+    from affextract.schema import EXPRESSIONS
+
+    t = Table(title=title, title_justify="left")
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_column("samples", justify="right")
@@ -263,8 +288,10 @@ def evaluate(
         c.add_column("")
         for e in EXPRESSIONS:
             c.add_column(e[:5], justify="right")
+        c.add_column("F1", justify="right")
         for e, row in zip(EXPRESSIONS, report.confusion):
-            c.add_row(e, *(str(x) for x in row))
+            f1 = report.f1_per_expr.get(e)
+            c.add_row(e, *(str(x) for x in row), "-" if f1 is None else f"{f1:.3f}")
         out.print(c)
     if report.f1_per_au:
         out.print("F1 per AU: " + ", ".join(f"{k} {v:.3f}" for k, v in report.f1_per_au.items()))

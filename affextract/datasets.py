@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,12 @@ class FaceSet:
     au: np.ndarray  # (N, 17) float32 in {0, 1} over AUS
     landmarks: np.ndarray | None = None  # (N, 5, 2) float32 source-pixel landmarks for "raw" images, NaN = detect
     origin: list[str] = field(default_factory=list)  # (N,) "file:row" of each sample, for error messages
+    # (N,) source of each sample (e.g. "jaffe", "kdef" in a labelled folder), so scores can be split by
+    # source; empty = one source.
+    groups: list[str] = field(default_factory=list)
+    # (N, 17) float32 teacher AU probabilities over AUS (e.g. from measured facial movement), NaN where the
+    # teacher has no value (AU11/AU23 have no counterpart); None = no teacher. Trained by L_teacher.
+    teacher_au: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -56,6 +62,16 @@ class FaceSet:
             a = getattr(self, attr)
             if a.shape != (n, width):
                 raise ValueError(f"{self.name}: {attr} has shape {a.shape}, expected ({n}, {width})")
+        if self.groups and len(self.groups) != n:
+            raise ValueError(f"{self.name}: {len(self.groups)} groups for {n} samples")
+        if self.teacher_au is not None:
+            t = self.teacher_au
+            if t.shape != (n, len(AUS)):
+                raise ValueError(f"{self.name}: teacher_au has shape {t.shape}, expected ({n}, {len(AUS)})")
+            bad = np.isfinite(t) & ((t < 0) | (t > 1))
+            if bad.any():
+                r = int(np.argwhere(bad)[0, 0])
+                raise DatasetError(f"{self.origin[r] if self.origin else self.name}: teacher AU values must be in [0, 1]")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -71,6 +87,8 @@ class FaceSet:
             self.name, self.framing, imgs, self.va[idx], self.expr[idx], self.au[idx],
             None if self.landmarks is None else self.landmarks[idx],
             [self.origin[i] for i in idx] if self.origin else [],
+            [self.groups[i] for i in idx] if self.groups else [],
+            None if self.teacher_au is None else self.teacher_au[idx],
         )
 
 
@@ -173,7 +191,7 @@ def derive_va(fs: FaceSet, centroids: dict[str, tuple[float, float]] = VA_CENTRO
     missing = ~np.isfinite(fs.va).all(1) & np.isfinite(fs.expr).all(1)
     va = fs.va.copy()
     va[missing] = fs.expr[missing] @ c
-    return FaceSet(fs.name, fs.framing, fs.images, va, fs.expr, fs.au, fs.landmarks, fs.origin)
+    return replace(fs, va=va)
 
 
 # --- AffectNet ---------------------------------------------------------------------------------------
@@ -443,6 +461,47 @@ def load_manifest(csv_path: str | Path, aligned: bool = True) -> FaceSet:
     )
 
 
+# --- Labelled image folders ---------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
+
+def load_folder(root: str | Path) -> FaceSet:
+    """Photos sorted into class folders named after the expressions: root/<expression>/*.jpg, or
+    root/<source>/<expression>/*.jpg (several sources, e.g. jaffe/, kdef/; scores can then be split
+    by source). Images are detected + aligned like `affextract run`; files that are not images are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder; expected class folders named {list(EXPRESSIONS)}")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if any(d.name in EXPRESSIONS for d in subdirs):
+        sources = [(None, root)]
+    else:
+        sources = [(d.name, d) for d in subdirs if any(c.is_dir() and c.name in EXPRESSIONS for c in d.iterdir())]
+    if not sources:
+        raise DatasetError(f"{root}: no class folders named {list(EXPRESSIONS)} in it or in its subfolders")
+    paths, codes, groups = [], [], []
+    for source, base in sources:
+        for d in sorted(base.iterdir()):
+            if not d.is_dir():
+                continue
+            if d.name not in EXPRESSIONS:
+                raise DatasetError(f"{d}: folder name is not one of the expressions {list(EXPRESSIONS)}; rename or move it")
+            for p in sorted(d.iterdir()):
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                    paths.append(p)
+                    codes.append(EXPRESSIONS.index(d.name))
+                    groups.append(source or root.name)
+    n = len(paths)
+    if n == 0:
+        raise DatasetError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    return FaceSet(
+        name=f"folder:{root.name}", framing="raw", images=paths, va=_nan(n, 2), expr=_one_hot(codes),
+        au=_nan(n, len(AUS)), origin=[str(p) for p in paths], groups=groups if len(sources) > 1 else [],
+    )
+
+
 # --- Images -> network inputs -------------------------------------------------------------------------
 
 
@@ -455,7 +514,7 @@ def _read_rgb(path: Path, where: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def _align_raw(fs: FaceSet, idx: list[int]) -> torch.Tensor:
+def align_raw(fs: FaceSet, idx: list[int]) -> torch.Tensor:
     """Raw photos -> (n, 3, 112, 112) aligned crops in [-1, 1], with the detector + alignment of `affextract run`.
 
     The dataset's own landmarks are used where it has them; otherwise the most confident MTCNN face.
@@ -472,7 +531,7 @@ def _align_raw(fs: FaceSet, idx: list[int]) -> torch.Tensor:
             detector = detector or get_detector("mtcnn")
             found = detector.detect(img[None])[0]
             if len(found) == 0:
-                raise DatasetError(f"{fs.origin[i]}: no face found in {fs.images[i]}; remove the row or crop the image")
+                raise DatasetError(f"{fs.origin[i]}: no face found in {fs.images[i]}; remove the image (or its row) or crop it")
             lm = found.landmarks[0]  # best score first
         crops.append(align_faces(img[None], np.asarray(lm, np.float32)[None])[0])
     return torch.stack(crops)
@@ -501,7 +560,7 @@ def prepare_inputs(fs: FaceSet, model, batch_size: int = 256) -> torch.Tensor:
             z = to_input(x, c.input_size)
         else:
             if fs.framing == "raw":
-                x = _align_raw(fs, idx)
+                x = align_raw(fs, idx)
             else:
                 imgs = fs.images[idx] if isinstance(fs.images, np.ndarray) else np.stack(
                     [_read_rgb(fs.images[i], fs.origin[i]) for i in idx])
@@ -523,6 +582,7 @@ SPEC_KINDS = {
     "affwild2": "affwild2:ROOT[:SPLIT] (Train_Set/Validation_Set)",
     "emotionet": "emotionet:PATH.csv[:IMAGE_ROOT]",
     "manifest": "manifest:PATH.csv[:raw] (raw = images not yet aligned)",
+    "folder": "folder:DIR (DIR/<expression>/*.jpg or DIR/<source>/<expression>/*.jpg)",
 }
 
 
@@ -540,6 +600,8 @@ def load_spec(spec: str, derive: bool = False) -> FaceSet:
         fs = load_affwild2(path, arg or "Train_Set")
     elif kind == "emotionet":
         fs = load_emotionet(path, arg or None)
+    elif kind == "folder":
+        fs = load_folder(rest)
     else:
         if arg not in ("", "raw", "aligned"):
             raise DatasetError(f"dataset {spec!r}: manifest option must be 'raw' or 'aligned', got {arg!r}")

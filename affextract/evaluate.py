@@ -58,12 +58,17 @@ class EvalReport:
     n_expr_majority: int = 0
     acc_expr_majority: float | None = None
     confusion: list[list[int]] | None = None  # (7, 7), rows = true, columns = predicted, EXPRESSIONS order
+    f1_per_expr: dict[str, float] = field(default_factory=dict)  # F1 of each expression that occurs (true or predicted)
     n_au: int = 0
     f1_au: float | None = None
     f1_per_au: dict[str, float] = field(default_factory=dict)
+    # The same scores per source of the data (FaceSet.groups), e.g. {"jaffe": {...}, "kdef": {...}}.
+    per_group: dict[str, EvalReport] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return asdict(self) | {"expressions": list(EXPRESSIONS)}
+        d = asdict(self) | {"expressions": list(EXPRESSIONS)}
+        d["per_group"] = {g: r.to_json() for g, r in self.per_group.items()}
+        return d
 
 
 def score(features: np.ndarray, va: np.ndarray, expr: np.ndarray, au: np.ndarray, dataset: str = "") -> EvalReport:
@@ -80,6 +85,8 @@ def score(features: np.ndarray, va: np.ndarray, expr: np.ndarray, au: np.ndarray
         r.f1_expr, cm = macro_f1(true, pred, len(EXPRESSIONS))
         r.acc_expr = float((true == pred).mean())
         r.confusion = cm.tolist()
+        denom = cm.sum(0) + cm.sum(1)
+        r.f1_per_expr = {e: float(2 * cm[i, i] / denom[i]) for i, e in enumerate(EXPRESSIONS) if denom[i]}
         maj = expr[m].max(1) > 0.5
         r.n_expr_majority = int(maj.sum())
         r.acc_expr_majority = float((true[maj] == pred[maj]).mean()) if maj.any() else None
@@ -96,14 +103,15 @@ def score(features: np.ndarray, va: np.ndarray, expr: np.ndarray, au: np.ndarray
 
 @torch.no_grad()
 def predict_inputs(model, inputs: torch.Tensor, batch_size: int = 512, device: str | torch.device = "cpu") -> np.ndarray:
-    """uint8 (N, C, S, S) network inputs -> (N, 26) activated features."""
+    """uint8 (N, C, S, S) network inputs -> (N, 26) activated features, with the model's inference-time
+    settings (test-time flip, prior correction) as `forward` applies them."""
     from affextract.model import activate
 
     model.eval().to(device)
     out = []
     for s in range(0, len(inputs), batch_size):
         z = inputs[s : s + batch_size].to(device).float() / 127.5 - 1.0
-        out.append(activate(model.net(z)).float().cpu())
+        out.append(activate(model.infer(z)).float().cpu())
     return torch.cat(out).numpy()
 
 
@@ -113,4 +121,15 @@ def evaluate(model, fs, batch_size: int = 512, device: str | torch.device = "cpu
 
     model.to(device)
     feats = predict_inputs(model, prepare_inputs(fs, model), batch_size, device)
-    return score(feats, fs.va, fs.expr, fs.au, fs.name)
+    return score_groups(feats, fs)
+
+
+def score_groups(features: np.ndarray, fs) -> EvalReport:
+    """`score` over all of FaceSet `fs`, plus one report per source when it has several (fs.groups)."""
+    report = score(features, fs.va, fs.expr, fs.au, fs.name)
+    groups = np.asarray(fs.groups) if fs.groups else None
+    if groups is not None and len(set(fs.groups)) > 1:
+        for g in sorted(set(fs.groups)):
+            m = groups == g
+            report.per_group[g] = score(features[m], fs.va[m], fs.expr[m], fs.au[m], f"{fs.name}/{g}")
+    return report

@@ -149,11 +149,10 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                 + f"; videos end in {' '.join(sorted(VIDEO_EXTENSIONS))}, "
                 f"images in {' '.join(sorted(IMAGE_EXTENSIONS))}"
             )
-        det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
         name, sha256 = _weights_identity(options.weights)
         provenance = Provenance(
             model=name, model_sha256=sha256,
-            detector=dumps(describe_detector(options.detector, **det_opts)
+            detector=dumps(describe_detector(options.detector, **_detector_options(options))
                            | {"detect_interval": float(options.detect_interval)}),
             alignment=ALIGNMENT, sampling=dumps({"fps": None if options.fps is None else float(options.fps)}),
             movement=_movement_identity(options),
@@ -264,9 +263,8 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
     if winfo.sha256 != provenance.model_sha256:
         raise RuntimeError(f"the weights file {options.weights} changed while the run started; run again")
     workers = options.workers or default_workers()
-    det_opts = {"model_path": str(options.detector_model)} if options.detector_model else {}
-    spec = WorkerSpec(options.fps, options.batch_size, options.detector, det_opts, float(options.detect_interval),
-                      str(device), _cpu_threads(workers), options.movement)
+    spec = WorkerSpec(options.fps, options.batch_size, options.detector, _detector_options(options),
+                      float(options.detect_interval), str(device), _cpu_threads(workers), options.movement)
     features = _Features(model, device)
     movement = _Movement(device, movement_datasets(options)) if options.movement else None
     writers: dict[int, ShardWriter] = {}  # video index -> shard of each video in flight
@@ -356,6 +354,10 @@ class _Movement:
             for d in self.datasets:
                 out[d][faces.face] = getattr(measured, d)
         return out
+
+
+def _detector_options(options: ExtractOptions) -> dict:
+    return {"model_path": str(options.detector_model)} if options.detector_model else {}
 
 
 def _source_attrs(src: Source) -> dict:

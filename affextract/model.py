@@ -54,6 +54,15 @@ class MMAConfig:
     embed_dim: int = 256
     # Dropout on the shared embedding during training.
     dropout: float = 0.3
+    # Inference only: average the outputs of the face and its mirror image (the labels are left/right
+    # symmetric, so this removes one source of variance at twice the cost).
+    flip_tta: bool = False
+    # Inference only: class frequencies of the expressions in the training data (EXPRESSIONS order) and the
+    # strength tau of the prior correction: tau * log(prior) is subtracted from the expression logits
+    # (logit adjustment, Menon et al. 2021), so a training set's imbalance (FER+: 33% neutral, 1.7% disgust)
+    # does not decide what new faces are called. tau = 0: no correction.
+    expr_prior: tuple[float, ...] | None = None
+    prior_tau: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.widths) != len(self.blocks) or not self.widths:
@@ -62,6 +71,10 @@ class MMAConfig:
             raise ValueError(f"crop {self.crop} must be (x0, y0, x1, y1) with x1 > x0 and y1 > y0")
         if self.source_size is not None and self.source_size < 8:
             raise ValueError(f"source_size {self.source_size} must be None or at least 8 pixels")
+        if self.expr_prior is not None and (len(self.expr_prior) != len(EXPRESSIONS) or min(self.expr_prior) <= 0):
+            raise ValueError(f"expr_prior {self.expr_prior} must hold {len(EXPRESSIONS)} positive class frequencies")
+        if self.prior_tau and self.expr_prior is None:
+            raise ValueError(f"prior_tau {self.prior_tau} needs expr_prior (the training class frequencies)")
         if self.input_size < 2 ** len(self.widths):
             raise ValueError(f"input_size {self.input_size} is too small for {len(self.widths)} stride-2 stages")
 
@@ -79,8 +92,8 @@ class MMAConfig:
         if unknown:
             raise ValueError(f"unknown MMA config fields {sorted(unknown)}: weights from a newer affextract?")
         d = dict(d)
-        for k in ("crop", "widths", "blocks"):
-            if k in d:
+        for k in ("crop", "widths", "blocks", "expr_prior"):
+            if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
 
@@ -147,6 +160,11 @@ class MMA(nn.Module):
         # Fixed resampling of the aligned crop; a buffer so it follows .to(device) and is not trained.
         self.register_buffer("_theta", crop_theta(c.crop), persistent=False)
         self.register_buffer("_luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+        offset = torch.zeros(len(EXPRESSIONS))
+        if c.prior_tau:
+            p = torch.tensor(c.expr_prior, dtype=torch.float64)
+            offset = (-c.prior_tau * torch.log(p / p.sum())).float()
+        self.register_buffer("_expr_offset", offset, persistent=False)  # (7,) added to expression logits
 
     def preprocess(self, x: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, 112, 112) RGB in [-1, 1] -> (B, C, S, S) network input.
@@ -171,9 +189,19 @@ class MMA(nn.Module):
         e = self.embed(h.mean((2, 3)))
         return torch.cat([self.va_head(e), self.expr_head(e), self.au_head(e)], 1)
 
+    def infer(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) network input -> (B, 26) pre-activation with the inference-time settings of the config
+        (test-time flip, prior correction); training calls `net` directly."""
+        out = self.net(z)
+        if self.config.flip_tta:
+            out = 0.5 * (out + self.net(z.flip(-1)))
+        if self.config.prior_tau:
+            out = torch.cat([out[:, VA], out[:, EXPR] + self._expr_offset.to(out.dtype), out[:, AU]], 1)
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 112, 112) aligned RGB in [-1, 1] -> (B, 26) pre-activation (VA, expression logits, AU logits)."""
-        return self.net(self.preprocess(x))
+        return self.infer(self.preprocess(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 112, 112) -> (B, 26) in FEATURE_NAMES order: tanh VA, softmax expressions, sigmoid AUs."""

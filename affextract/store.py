@@ -257,7 +257,7 @@ class FeatureWriter:
 
     def add(self, video: VideoFeatures) -> None:
         """One whole video under video.key, with its attrs."""
-        VideoWriter(self.f, video.key, video.attrs, len(video.frame)).add(video)
+        VideoWriter(self.f, video.key, video.attrs, len(video)).add(video)
 
     def close(self) -> None:
         self.f.attrs["updated"] = _now()

@@ -1,14 +1,16 @@
 """MMA training with the paper's multi-task loss (Eq. 3), single process or DDP under torchrun.
 
-L = L_CCC + L_CCE + L_BCE + L_DM. Each supervised term is averaged over the samples of the batch that
-carry its label (datasets annotate different tasks), and a term with no labelled sample in the batch is 0.
+L = L_CCC + L_CCE + L_BCE + L_DM, plus L_teacher where teacher AUs from measured movement are given. Each
+supervised term is averaged over the samples of the batch that carry its label (datasets annotate different
+tasks), and a term with no labelled sample in the batch is 0.
 L_DM (Eq. 1-2) matches the AU head to the pseudo-AUs r' = sum_e p(e) r_{AU|e} of the expression head on
 every sample. The paper prints only the positive part -r' log r_AU, which is minimised by predicting every
 AU present; by default this uses the full soft-target BCE -[r' log r + (1 - r') log(1 - r)] (the
 minimiser is r = r'), and `dm_form="printed"` keeps the printed form.
 
 Whole datasets live in memory as uint8 network inputs (datasets.prepare_inputs) on the training device;
-augmentation (scale, shift, rotation, flip, erasing) is one batched affine resampling there.
+augmentation (scale, shift, rotation, flip, then lighting, blur, noise, erasing) is one batched affine
+resampling there.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from affextract.model import MMA, VARIANTS, MMAConfig, resample, save_weights
-from affextract.schema import AU, AU_PRIOR, EXPR, VA
+from affextract.model import MMA, VARIANTS, MMAConfig, activate, resample, save_weights
+from affextract.schema import AU, AU_PRIOR, AUS, EXPR, VA
 
 DM_FORMS = ("full", "printed")
 SELECT_METRICS = ("score", "acc_expr", "acc_expr_majority", "f1_expr", "ccc_va", "f1_au")
@@ -39,11 +41,13 @@ def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1.0 - ccc(pred, target).mean()
 
 
-def dm_loss(expr_logits: torch.Tensor, au_logits: torch.Tensor, form: str = "full", target_grad: bool = False) -> torch.Tensor:
+def dm_loss(expr_logits: torch.Tensor, au_logits: torch.Tensor, form: str = "full", target_grad: bool = False,
+            keep: torch.Tensor | None = None) -> torch.Tensor:
     """L_DM (Eq. 2): AU head vs the pseudo-AUs of Eq. 1; summed over the 17 AUs, averaged over the batch.
 
     `target_grad=False` treats r' as a fixed target, so L_DM teaches the AU head without pulling the
-    expression head towards whatever the AU head currently says.
+    expression head towards whatever the AU head currently says. `keep` (B, 17) bool, when given, limits
+    the sum to those entries (the ones without a measured teacher AU).
     """
     if form not in DM_FORMS:
         raise ValueError(f"dm form {form!r} is not one of {DM_FORMS}")
@@ -56,29 +60,42 @@ def dm_loss(expr_logits: torch.Tensor, au_logits: torch.Tensor, form: str = "ful
         per = -r * F.logsigmoid(z)
     else:
         per = F.binary_cross_entropy_with_logits(z, r, reduction="none")
+    if keep is not None:
+        per = per * keep
     return per.sum(1).mean()
 
 
 def mma_losses(
     out: torch.Tensor, va: torch.Tensor, expr: torch.Tensor, au: torch.Tensor,
     dm_form: str = "full", dm_target_grad: bool = False,
+    teacher: torch.Tensor | None = None, expr_offset: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The four terms of Eq. 3 for (B, 26) pre-activations and labels with NaN = not annotated.
+    """The four terms of Eq. 3, plus L_teacher, for (B, 26) pre-activations and labels with NaN = not annotated.
 
-    va (B, 2) in [-1, 1]; expr (B, 7) target distribution (one-hot or votes); au (B, 17) in {0, 1}.
+    va (B, 2) in [-1, 1]; expr (B, 7) target distribution (one-hot or votes); au (B, 17) in {0, 1};
+    teacher (B, 17) soft AU targets in [0, 1] from a teacher (NaN = none): L_teacher is their BCE, averaged
+    over the (sample, AU) pairs that have one; L_DM covers the other pairs (AUs without a teacher, such as
+    AU11/AU23, and samples without one), so the prior never pulls against a measured movement.
+    `expr_offset` (7,) is added to the expression logits inside L_CCE only (logit-adjusted loss, Menon et al. 2021: with tau * log(prior) the logits
+    themselves learn the balanced posterior instead of the training set's class prior).
     """
     out = out.float()
     zero = out.new_zeros(())
     m = torch.isfinite(va).all(1)
     l_ccc = ccc_loss(torch.tanh(out[m, VA]), va[m]) if m.sum() >= 2 else zero
     m = torch.isfinite(expr).all(1)
-    l_cce = -(expr[m] * torch.log_softmax(out[m, EXPR], 1)).sum(1).mean() if m.any() else zero
+    logits = out[m, EXPR] if expr_offset is None else out[m, EXPR] + expr_offset
+    l_cce = -(expr[m] * torch.log_softmax(logits, 1)).sum(1).mean() if m.any() else zero
     m = torch.isfinite(au)
     l_bce = (
         F.binary_cross_entropy_with_logits(out[:, AU][m], au[m]) if m.any() else zero
     )
-    l_dm = dm_loss(out[:, EXPR], out[:, AU], dm_form, dm_target_grad)
-    return {"ccc": l_ccc, "cce": l_cce, "bce": l_bce, "dm": l_dm}
+    has = torch.isfinite(teacher) if teacher is not None else None
+    l_dm = dm_loss(out[:, EXPR], out[:, AU], dm_form, dm_target_grad, None if has is None else ~has)
+    l_teacher = zero
+    if has is not None and has.any():
+        l_teacher = F.binary_cross_entropy_with_logits(out[:, AU][has], teacher[has])
+    return {"ccc": l_ccc, "cce": l_cce, "bce": l_bce, "dm": l_dm, "teacher": l_teacher}
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,17 @@ class Augment:
     flip: bool = True  # mirror half the faces (all labels here are left/right symmetric)
     contrast: float = 0.3  # multiply contrast by [1 - c, 1 + c] and shift brightness by +/- c/2
     erase: float = 0.5  # probability of blanking one random rectangle (up to a quarter of the face)
+    gamma: float = 0.0  # gamma drawn from exp([-g, g]): lighting curves of other cameras (0 = off)
+    blur: float = 0.0  # probability of a 3x3 box blur: softer faces (upscaled video, studio optics)
+    noise: float = 0.0  # std of Gaussian pixel noise on the [-1, 1] scale, drawn per face from [0, noise]
+
+
+# Named augmentation settings for the command line. "strong" widens the geometry and adds lighting curves,
+# blur and noise, for faces from cameras and framings unlike the training set's.
+AUGMENT_PRESETS = {
+    "default": Augment(),
+    "strong": Augment(scale=0.25, shift=0.1, rotate=20.0, contrast=0.5, erase=0.5, gamma=0.5, blur=0.3, noise=0.05),
+}
 
 
 def augment_batch(z: torch.Tensor, aug: Augment, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -113,8 +141,16 @@ def augment_batch(z: torch.Tensor, aug: Augment, gen: torch.Generator | None = N
     # Fill outside the image with the face's own mean, not a hard black border the model could key on.
     mean = z.mean((1, 2, 3), keepdim=True)
     x = resample(z - mean, theta, z.shape[-1]) + mean
+    if aug.gamma:
+        x = ((x.clamp(-1, 1) + 1) / 2).pow(torch.exp(aug.gamma * u(b, 1, 1, 1))) * 2 - 1
+    if aug.blur:
+        soft = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+        x = torch.where((torch.rand(b, device=dev, generator=gen) < aug.blur)[:, None, None, None], soft, x)
     if aug.contrast:
         x = x * (1 + aug.contrast * u(b, 1, 1, 1)) + 0.5 * aug.contrast * u(b, 1, 1, 1)
+    if aug.noise:
+        x = x + aug.noise * torch.rand(b, 1, 1, 1, device=dev, generator=gen) * torch.randn(
+            x.shape, device=dev, generator=gen)
     if aug.erase:
         side = z.shape[-1]
         h = (torch.rand(b, device=dev, generator=gen) * 0.5 * side).long() + 1
@@ -145,6 +181,14 @@ class TrainOptions:
     schedule: str = "cosine"  # "cosine" decays to 0 over the run after warm-up; "constant" keeps lr (the paper)
     dm_form: str = "full"  # L_DM form: "full" soft-target BCE, or "printed" (Eq. 2 as printed)
     dm_target_grad: bool = False  # let L_DM's gradient reach the expression head through r'
+    # tau of the logit-adjusted expression loss: L_CCE sees logits + tau * log(prior of the training labels),
+    # so the network does not learn the training set's class imbalance (FER+: 33% neutral). 0 = plain L_CCE.
+    logit_adjust: float = 0.0
+    teacher_weight: float = 1.0  # weight of L_teacher (BCE to teacher AUs, where the training sets have them)
+    init: Path | None = None  # start from these weights (.safetensors): fine-tuning; None = random initialisation
+    # After training, choose the inference-time settings of best.safetensors on the validation sets (see
+    # calibrate); None = leave them off.
+    calibrate: CalibrateOptions | None = None
     augment: Augment = field(default_factory=Augment)
     select: str = "score"  # validation metric that picks best.safetensors; "score" = mean of the available Table-5 metrics
     seed: int = 0
@@ -152,6 +196,77 @@ class TrainOptions:
     amp: bool = True  # bf16 autocast on CUDA
     resume: bool = False  # continue from out_dir/checkpoint.pt
     metadata: dict = field(default_factory=dict)  # extra facts recorded with the weights (data, command line)
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """How the inference-time settings (prior correction tau, test-time flip) are chosen on validation data."""
+
+    taus: tuple[float, ...] = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # candidate taus
+    flips: tuple[bool, ...] = (False, True)  # candidate test-time flip settings
+    metric: str = "f1_expr"  # validation metric to maximise (macro F1 over the 7 expressions)
+    # Only settings that keep the majority-vote accuracy at or above this count (None = no floor): a prior
+    # correction buys balanced recall with accuracy on the frequent classes, and this caps what it may spend.
+    min_majority: float | None = 0.85
+
+
+def calibrate(model: MMA, val_sets, prior: np.ndarray, opts: CalibrateOptions = CalibrateOptions(),
+              device: str | torch.device = "cpu") -> tuple[MMAConfig, list[dict]]:
+    """Choose flip_tta and prior_tau on validation FaceSets: every candidate is scored and the best `opts.metric`
+    among those meeting `opts.min_majority` wins (none meeting it: no correction, no flip).
+
+    Returns the model's config with the chosen settings (expr_prior = `prior`) and one row per candidate.
+    """
+    from affextract.datasets import prepare_inputs
+    from affextract.evaluate import score
+
+    if not val_sets:
+        raise ValueError("calibration needs validation data with expression labels")
+    model = model.to(device).eval()
+    inputs = [prepare_inputs(s, model).to(device).float() / 127.5 - 1.0 for s in val_sets]
+    offset = -np.log(prior / prior.sum())  # (7,) per unit of tau
+    rows = []
+    with torch.no_grad():
+        for flip in opts.flips:
+            outs = []
+            for z in inputs:
+                o = torch.cat([model.net(z[i:i + 1024]) for i in range(0, len(z), 1024)])
+                if flip:
+                    o = 0.5 * (o + torch.cat([model.net(z[i:i + 1024].flip(-1)) for i in range(0, len(z), 1024)]))
+                outs.append(o.cpu())
+            for tau in opts.taus:
+                reports = []
+                for s, o in zip(val_sets, outs):
+                    o = o.clone()
+                    o[:, EXPR] += torch.as_tensor(tau * offset, dtype=o.dtype)
+                    reports.append(score(activate(o).numpy(), s.va, s.expr, s.au, s.name).to_json())
+                rows.append({"flip_tta": flip, "prior_tau": tau, **_merge_metrics(reports)})
+    ok = [r for r in rows if opts.min_majority is None or (r.get("acc_expr_majority") or 0) >= opts.min_majority]
+    best = max(ok, key=lambda r: r.get(opts.metric) or -math.inf) if ok else {"flip_tta": False, "prior_tau": 0.0}
+    config = replace(model.config, flip_tta=best["flip_tta"], prior_tau=float(best["prior_tau"]),
+                     expr_prior=tuple(round(float(p), 6) for p in prior / prior.sum()))
+    return config, rows
+
+
+def calibrate_weights(path: str | Path, val_sets, prior: np.ndarray, opts: CalibrateOptions = CalibrateOptions(),
+                      out: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[dict, dict | None]:
+    """Calibrate the weights file `path` on `val_sets` (see calibrate) and write them with the chosen settings to
+    `out` (default: in place); the candidates' scores go into the metadata. Returns the chosen settings and their
+    validation scores (None when no candidate met the floor)."""
+    from affextract.model import load_weights
+
+    model, info = load_weights(path, device)
+    config, rows = calibrate(model, val_sets, prior, opts, device)
+    calibrated = MMA(config)
+    calibrated.load_state_dict(model.state_dict())
+    chosen = {"flip_tta": config.flip_tta, "prior_tau": config.prior_tau}
+    meta = {k: v for k, v in info.metadata.items() if k != "feature_names"}
+    save_weights(calibrated, out or path, meta | {"calibration": {"options": asdict(opts), "chosen": chosen,
+                                                                 "candidates": rows}})
+    row = next((r for r in rows if r["flip_tta"] == config.flip_tta and r["prior_tau"] == config.prior_tau
+                and r.get("f1_expr") is not None and (opts.min_majority is None
+                                                      or r.get("acc_expr_majority", 0) >= opts.min_majority)), None)
+    return chosen, row
 
 
 @dataclass
@@ -174,8 +289,21 @@ def _dist_env() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _labels(sets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(torch.from_numpy(np.concatenate([getattr(s, k) for s in sets])) for k in ("va", "expr", "au"))
+def _labels(sets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(va, expr, au, teacher AUs) of all sets, concatenated; teacher is NaN for sets without one."""
+    teacher = [s.teacher_au if s.teacher_au is not None else np.full((len(s), len(AUS)), np.nan, np.float32)
+               for s in sets]
+    return tuple(torch.from_numpy(np.concatenate([getattr(s, k) for s in sets])) for k in ("va", "expr", "au")) + (
+        torch.from_numpy(np.concatenate(teacher).astype(np.float32)),)
+
+
+def expression_prior(sets) -> np.ndarray:
+    """(7,) mean expression target over the samples of `sets` that have one: the class prior of the training data."""
+    e = np.concatenate([s.expr for s in sets])
+    e = e[np.isfinite(e).all(1)]
+    if not len(e):
+        raise ValueError("no expression labels in the training data: the expression prior is undefined")
+    return np.clip(e.mean(0), 1e-4, None)
 
 
 def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], None] | None = None) -> TrainResult:
@@ -216,9 +344,26 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
 
     config = opts.config or VARIANTS[opts.variant]
     model = MMA(config).to(device)
+    if opts.init is not None:
+        from affextract.model import load_weights
+
+        init, init_info = load_weights(opts.init)
+        if opts.config is None and opts.variant == "small":
+            # Fine-tuning keeps the architecture and preprocessing of the start point, not its inference-time
+            # corrections (they were chosen for those weights).
+            config = replace(init_info.config, flip_tta=False, expr_prior=None, prior_tau=0.0)
+            model = MMA(config).to(device)
+        try:
+            model.load_state_dict(init.state_dict())
+        except RuntimeError as e:
+            raise ValueError(f"{opts.init}: weights do not fit the requested architecture ({e})") from None
     # Inputs and labels of every set, prepared once with the model's own preprocessing, kept on the device.
     x_train = torch.cat([prepare_inputs(s, model) for s in train_sets]).to(device)
-    va_t, ex_t, au_t = (t.to(device) for t in _labels(train_sets))
+    va_t, ex_t, au_t, teach_t = (t.to(device) for t in _labels(train_sets))
+    has_teacher = bool(torch.isfinite(teach_t).any())
+    prior = expression_prior(train_sets) if (opts.logit_adjust or any("expr" in s.tasks for s in train_sets)) else None
+    expr_offset = (torch.as_tensor(opts.logit_adjust * np.log(prior / prior.sum()), dtype=torch.float32, device=device)
+                   if opts.logit_adjust else None)
     vals = [(s, prepare_inputs(s, model)) for s in val_sets] if rank == 0 else []
     n = len(x_train)
     per_step = opts.batch_size * world
@@ -252,6 +397,7 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
             "validation": [{"name": s.name, "n": len(s)} for s in val_sets],
             "options": json.loads(json.dumps(asdict(replace(opts, config=None)), default=str)),
             "world_size": world,
+            "expr_prior": None if prior is None else [round(float(p), 6) for p in prior / prior.sum()],
         },
         **opts.metadata,
     }
@@ -276,7 +422,7 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
         # Same permutation on every rank (seeded by epoch), each rank takes its slice.
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed * 100003 + epoch)).to(device)
         gen.manual_seed(opts.seed * 7919 + epoch * world + rank)
-        sums = {"loss": 0.0, "ccc": 0.0, "cce": 0.0, "bce": 0.0, "dm": 0.0}
+        sums = {"loss": 0.0, "ccc": 0.0, "cce": 0.0, "bce": 0.0, "dm": 0.0, "teacher": 0.0}
         for step in range(steps_per_epoch):
             idx = perm[step * per_step + rank * opts.batch_size : step * per_step + (rank + 1) * opts.batch_size]
             z = augment_batch(x_train[idx].float() / 127.5 - 1.0, opts.augment, gen)
@@ -286,8 +432,9 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
                 g["lr"] = lr_at(epoch * steps_per_epoch + step, epochs * steps_per_epoch)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = net(z)
-            terms = mma_losses(out, va_t[idx], ex_t[idx], au_t[idx], opts.dm_form, opts.dm_target_grad)
-            loss = terms["ccc"] + terms["cce"] + terms["bce"] + terms["dm"]
+            terms = mma_losses(out, va_t[idx], ex_t[idx], au_t[idx], opts.dm_form, opts.dm_target_grad,
+                               teach_t[idx] if has_teacher else None, expr_offset)
+            loss = terms["ccc"] + terms["cce"] + terms["bce"] + terms["dm"] + opts.teacher_weight * terms["teacher"]
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -334,6 +481,11 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
             torch.distributed.barrier()
         if epoch + 1 >= epochs:
             break
+    if opts.calibrate is not None and rank == 0 and vals and prior is not None and best_epoch >= 0:
+        chosen, row = calibrate_weights(out_dir / "best.safetensors", [s for s, _ in vals], prior, opts.calibrate,
+                                        device=device)
+        best_metrics = row or best_metrics
+        emit({"event": "calibrated", **chosen, "val": best_metrics})
     emit({"event": "done", "best_epoch": best_epoch, "best": best_metrics, "seconds": time.perf_counter() - t_start})
     return TrainResult(out_dir / "best.safetensors", best_epoch, best_metrics, history)
 

@@ -116,3 +116,25 @@ def test_shipped_weights_see_happiness_on_a_smiling_face():
     assert EXPRESSIONS[int(np.argmax(expr))] == "happiness", dict(zip(EXPRESSIONS, expr.round(3)))
     assert f[0] > 0.2  # positive valence, derived from happiness
     assert f[9 + list(FEATURE_NAMES[9:]).index("AU12")] > 0.5  # lip corner puller, derived from happiness
+
+
+def test_inference_settings_flip_and_prior_correction_act_in_forward():
+    torch.manual_seed(0)
+    prior = (0.4, 0.1, 0.05, 0.05, 0.2, 0.1, 0.1)
+    plain = MMA(MMAConfig()).eval()
+    both = MMA(MMAConfig(flip_tta=True, expr_prior=prior, prior_tau=0.5)).eval()
+    both.load_state_dict(plain.state_dict())
+    x = torch.rand(3, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        z = plain.preprocess(x)
+        want = 0.5 * (plain.net(z) + plain.net(z.flip(-1)))
+        want[:, 2:9] -= 0.5 * torch.log(torch.tensor(prior))
+        got = both(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(both.infer(z), got, atol=1e-6)  # the path evaluate/predict_inputs use
+    with pytest.raises(ValueError, match="needs expr_prior"):
+        MMAConfig(prior_tau=1.0)
+    with pytest.raises(ValueError, match="positive class frequencies"):
+        MMAConfig(expr_prior=(0.5, 0.5))
+    rt = MMAConfig.from_json(both.config.to_json())
+    assert rt == both.config and isinstance(rt.expr_prior, tuple)

@@ -12,7 +12,10 @@ from affextract.datasets import FaceSet
 from affextract.evaluate import ccc, score
 from affextract.model import MMAConfig, load_weights
 from affextract.schema import AUS, EXPRESSIONS
-from affextract.train import Augment, TrainOptions, augment_batch, ccc_loss, dm_loss, mma_losses, train
+from affextract.train import (
+    AUGMENT_PRESETS, Augment, TrainOptions, augment_batch, ccc_loss, dm_loss, expression_prior, mma_losses, train,
+)
+from affextract.datasets import DatasetError
 
 NAN = float("nan")
 
@@ -89,6 +92,36 @@ def test_supervised_terms_use_only_labelled_samples():
     assert math.isfinite(none["dm"].item())
 
 
+def test_teacher_term_and_dm_cover_disjoint_entries():
+    torch.manual_seed(0)
+    out = torch.randn(3, 26)
+    nan7, nan2, nan17 = torch.full((3, 7), NAN), torch.full((3, 2), NAN), torch.full((3, 17), NAN)
+    teacher = torch.full((3, 17), NAN)
+    teacher[0, AUS.index(26)] = 0.8
+    teacher[2, AUS.index(12)] = 0.1
+    t = mma_losses(out, nan2, nan7, nan17, teacher=teacher)
+    z = out[:, 9:]
+    want = (torch.nn.functional.binary_cross_entropy_with_logits(z[0, AUS.index(26)], torch.tensor(0.8))
+            + torch.nn.functional.binary_cross_entropy_with_logits(z[2, AUS.index(12)], torch.tensor(0.1))) / 2
+    assert t["teacher"].item() == pytest.approx(want.item(), abs=1e-6)
+    # L_DM leaves out exactly the entries the teacher covers.
+    keep = ~torch.isfinite(teacher)
+    assert t["dm"].item() == pytest.approx(dm_loss(out[:, 2:9], z, keep=keep).item(), abs=1e-6)
+    assert t["dm"].item() < dm_loss(out[:, 2:9], z).item()
+    # Without a teacher the loss is the paper's Eq. 3 unchanged.
+    plain = mma_losses(out, nan2, nan7, nan17)
+    assert plain["teacher"].item() == 0.0 and plain["dm"].item() == pytest.approx(dm_loss(out[:, 2:9], z).item())
+
+
+def test_logit_adjusted_loss_shifts_the_logits_by_the_log_prior():
+    out = torch.zeros(1, 26)
+    expr = torch.zeros(1, 7)
+    expr[0, 0] = 1.0
+    offset = torch.log(torch.tensor([0.4, 0.1, 0.05, 0.05, 0.2, 0.1, 0.1]))
+    t = mma_losses(out, torch.full((1, 2), NAN), expr, torch.full((1, 17), NAN), expr_offset=offset)
+    assert t["cce"].item() == pytest.approx(-math.log(0.4), abs=1e-6)  # softmax(log prior)[neutral] = 0.4
+
+
 def test_augment_keeps_shape_and_range():
     z = torch.rand(8, 1, 32, 32) * 2 - 1
     g = torch.Generator().manual_seed(0)
@@ -97,6 +130,16 @@ def test_augment_keeps_shape_and_range():
     assert not torch.allclose(x, z)
     same = augment_batch(z, Augment(scale=0, shift=0, rotate=0, flip=False, contrast=0, erase=0), g)
     assert torch.allclose(same, z, atol=1e-5)
+    strong = augment_batch(z, AUGMENT_PRESETS["strong"], g)
+    assert strong.shape == z.shape and strong.min() >= -1 and strong.max() <= 1
+    # Gamma alone bends the curve but keeps black and white where they are.
+    ends = torch.ones(8, 1, 16, 16)
+    ends[..., :8] = -1.0
+    g2 = augment_batch(ends, Augment(scale=0, shift=0, rotate=0, flip=False, contrast=0, erase=0, gamma=0.5), g)
+    assert torch.allclose(g2, ends, atol=1e-3)
+    mid = augment_batch(torch.zeros(8, 1, 16, 16), Augment(scale=0, shift=0, rotate=0, flip=False, contrast=0, erase=0,
+                                                           gamma=0.5), g)
+    assert mid.std() > 0.01  # mid-grey moves: a different curve per face
 
 
 TINY = MMAConfig(input_size=16, source_size=None, stem_width=8, widths=(8, 16), blocks=(1, 1), embed_dim=16, dropout=0.0)
@@ -147,3 +190,66 @@ def test_train_refuses_bad_options_and_missing_checkpoint(tmp_path):
         train([tr], [], TrainOptions(out_dir=tmp_path, config=TINY, dm_form="x"))
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train([tr], [], TrainOptions(out_dir=tmp_path / "new", config=TINY, resume=True))
+
+
+def test_teacher_aus_teach_movement_the_expression_does_not_explain(tmp_path):
+    """The teacher marks AU26 (jaw drop) on half of each class; no expression of the toy task implies AU26
+    in Table 1, so only the teacher can teach it. AU11 has no teacher and keeps the Table-1 prior (sadness)."""
+    def with_teacher(fs, seed):
+        n = len(fs)
+        imgs = fs.images.copy()
+        mouth = np.arange(n) % 4 < 2  # independent of the class (class = index % 2)
+        imgs[mouth, 10:14, 8:16] = 255  # a bright bar: the "open mouth"
+        t = np.full((n, 17), np.nan, np.float32)
+        t[:, AUS.index(26)] = mouth
+        return FaceSet(fs.name, fs.framing, imgs, fs.va, fs.expr, fs.au * np.nan, teacher_au=t)
+
+    tr, va = with_teacher(_toy_set(128, 0), 0), with_teacher(_toy_set(32, 1), 1)
+    opts = TrainOptions(out_dir=tmp_path, config=TINY, epochs=10, batch_size=16, lr=3e-3, warmup_epochs=0,
+                        augment=Augment(scale=0, shift=0, rotate=0, flip=False, contrast=0, erase=0), seed=0)
+    result = train([tr], [va], opts)
+    assert result.history[-1]["train"]["teacher"] > 0
+    model, _ = load_weights(tmp_path / "last.safetensors")
+    from affextract.datasets import prepare_inputs
+    from affextract.evaluate import predict_inputs
+
+    f = predict_inputs(model, prepare_inputs(va, model))
+    au26, au11 = f[:, 9 + AUS.index(26)], f[:, 9 + AUS.index(11)]
+    mouth = np.arange(len(va)) % 4 < 2
+    sad = va.expr[:, EXPRESSIONS.index("sadness")] == 1
+    assert au26[mouth].min() > 0.5 and au26[~mouth].max() < 0.5, au26
+    assert au11[sad].min() > au11[~sad].max() + 0.1, au11  # the Table-1 prior, still being learnt
+
+
+def test_teacher_values_are_checked_and_the_prior_is_the_label_mean():
+    fs = _toy_set(4, 0)
+    bad = np.full((4, 17), np.nan, np.float32)
+    bad[2, 0] = 1.5
+    with pytest.raises(DatasetError, match="teacher AU values must be in"):
+        FaceSet("t", "native", fs.images, fs.va, fs.expr, fs.au, teacher_au=bad)
+    with pytest.raises(ValueError, match="teacher_au has shape"):
+        FaceSet("t", "native", fs.images, fs.va, fs.expr, fs.au, teacher_au=bad[:, :5])
+    p = expression_prior([fs])
+    assert p[EXPRESSIONS.index("happiness")] == pytest.approx(0.5) and p[EXPRESSIONS.index("sadness")] == pytest.approx(0.5)
+
+
+def test_calibrate_picks_the_best_qualifying_setting_and_train_stores_it(tmp_path):
+    from affextract.train import CalibrateOptions, calibrate
+
+    tr, va = _toy_set(64, 0), _toy_set(32, 1)
+    opts = TrainOptions(out_dir=tmp_path, config=TINY, epochs=2, batch_size=8, lr=3e-3, warmup_epochs=0,
+                        augment=Augment(scale=0, shift=0, rotate=0, flip=False, contrast=0, erase=0), seed=0,
+                        calibrate=CalibrateOptions(taus=(0.0, 1.0, 3.0), min_majority=0.0))
+    events = []
+    train([tr], [va], opts, events.append)
+    model, info = load_weights(tmp_path / "best.safetensors")
+    cal = info.metadata["calibration"]
+    assert len(cal["candidates"]) == 6 and any(e["event"] == "calibrated" for e in events)
+    best = max(cal["candidates"], key=lambda r: r["f1_expr"])
+    assert cal["chosen"] == {"flip_tta": info.config.flip_tta, "prior_tau": info.config.prior_tau}
+    assert [r for r in cal["candidates"] if r["flip_tta"] == info.config.flip_tta
+            and r["prior_tau"] == info.config.prior_tau][0]["f1_expr"] == best["f1_expr"]
+    assert info.config.expr_prior[EXPRESSIONS.index("happiness")] == pytest.approx(0.5, abs=1e-3)
+    # A floor nothing meets leaves the model uncorrected.
+    config, rows = calibrate(model, [va], expression_prior([tr]), CalibrateOptions(taus=(1.0,), min_majority=1.01))
+    assert config.prior_tau == 0.0 and not config.flip_tta and len(rows) == 2
