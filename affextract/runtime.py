@@ -45,4 +45,9 @@ def resolve_device(device: str) -> torch.device:
             raise ValueError(f"device {device} was asked for, but this PyTorch build sees no CUDA GPU; use cpu")
         if d.index is None:
             d = torch.device(f"cuda:{local}")
+        if d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif d.type != "cpu":
+        raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
     return d

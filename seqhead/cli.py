@@ -36,13 +36,51 @@ Patience = Annotated[int, typer.Option(help="Epochs without improvement before s
 BatchSize = Annotated[int, typer.Option(help="Videos per step (paper: 4).")]
 Lr = Annotated[float, typer.Option(help="Adam learning rate (paper: 1e-4).")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
-Threads = Annotated[int, typer.Option(help="Torch CPU threads (0 = default).")]
+Threads = Annotated[int, typer.Option(help="Torch CPU threads per process (0 = torch's default, all cores: much "
+                                           "slower when another process is busy).")]
 MaxBatches = Annotated[Optional[int], typer.Option(help="Cap on batches per epoch (smoke runs, benchmarks).")]
 
 
 def _fail(e: Exception) -> None:
     console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
+
+
+class _TrainProgress:
+    """Renders `train`'s progress on stderr: a live step bar on a terminal; elsewhere (a pipe, a log file) plain
+    lines, one per quarter of an epoch and one per epoch, without control characters."""
+
+    def __init__(self):
+        self.bar = None
+        self.quarter = 1
+
+    def _line(self, text: str) -> None:
+        console.print(text, soft_wrap=True, highlight=False, markup=False)
+
+    def __call__(self, p) -> None:
+        if p.val_mean_pearson is not None:  # the epoch ended
+            if self.bar is not None:
+                self.bar.stop()
+                self.bar = None
+            self.quarter = 1
+            best = "best so far, saved" if p.best_epoch == p.epoch else f"best: epoch {p.best_epoch}"
+            self._line(f"epoch {p.epoch}/{p.epochs}: {p.steps} steps in {p.seconds:.1f}s "
+                       f"({1000 * p.seconds / max(p.steps, 1):.0f} ms/step), train loss {p.train_loss:.4f}, "
+                       f"val mean Pearson {p.val_mean_pearson:.4f} ({best})")
+        elif console.is_terminal:
+            if self.bar is None:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.bar = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+                                    console=console, transient=True)
+                self.task = self.bar.add_task("", total=p.steps, epoch=f"{p.epoch}/{p.epochs}", loss=p.train_loss)
+                self.bar.start()
+            self.bar.update(self.task, completed=p.step, loss=p.train_loss)
+        elif p.step < p.steps and 4 * p.step >= self.quarter * p.steps:
+            self.quarter = 4 * p.step // p.steps + 1
+            self._line(f"epoch {p.epoch}/{p.epochs}: step {p.step}/{p.steps} ({100 * p.step // p.steps}%), "
+                       f"{p.seconds:.1f}s, train loss {p.train_loss:.4f}")
 
 
 def _pearson_table(title: str, per_target: dict[str, float], mean: float) -> Table:
@@ -72,9 +110,14 @@ def train(
     head: Annotated[str, typer.Option(help="attn | mean | mrnn (paper) | last | ridge.")] = "attn",
     mask: Annotated[bool, typer.Option(help="Mask (and routing for mrnn); --no-mask = paper's w/o Mask & "
                                             "Routing.")] = True,
-    rnn: Annotated[str, typer.Option(help="gru | lstm.")] = "gru",
+    rnn: Annotated[str, typer.Option(help="Encoder: conv (dilated convolutions, parallel in time) | gru (paper) | "
+                                          "lstm.")] = "conv",
     layers: Annotated[int, typer.Option(help="Recurrent layers.")] = 1,
-    hidden: Annotated[int, typer.Option(help="Recurrent units.")] = 128,
+    conv_blocks: Annotated[int, typer.Option(help="conv encoder: residual blocks (receptive field 1 + "
+                                                  "2·(2^blocks − 1) frames).")] = 4,
+    stride: Annotated[int, typer.Option(help="Keep every n-th kept frame (predict does the same).")] = 1,
+    hidden: Annotated[int, typer.Option(help="Encoder width (recurrent units or conv channels; paper: GRU 128).")]
+    = 64,
     fc: Annotated[int, typer.Option(help="Units of the first FC.")] = 32,
     dropout: Annotated[float, typer.Option(help="Dropout before each FC.")] = 0.0,
     loss: Annotated[str, typer.Option(help="pearson (Eq. 4) | mse.")] = "pearson",
@@ -86,32 +129,42 @@ def train(
     patience: Patience = 6,
     seed: Annotated[int, typer.Option(help="Seed for weights, batches and a random split.")] = 0,
     skip_padding: Annotated[str, typer.Option(help="truncate | pack | none.")] = "truncate",
-    bucket: Annotated[bool, typer.Option(help="Length-sorted batches.")] = False,
+    bucket: Annotated[bool, typer.Option(help="Length-sorted batches (less padding).")] = True,
     device: Device = "auto",
-    threads: Threads = 0,
+    threads: Threads = 1,
     max_batches: MaxBatches = None,
-    paper: Annotated[bool, typer.Option(help="The paper's setting: --head mrnn --batch-size 4 --lr 1e-4 --t 480.")]
-    = False,
+    paper: Annotated[bool, typer.Option(help="The paper's setting: --head mrnn --rnn gru --hidden 128 --batch-size 4 "
+                                             "--lr 1e-4 --t 480 --no-bucket.")] = False,
 ):
     """Train a head on cached features and write a run directory (weights, config, metrics, learning curve)."""
     from .train import TrainOptions, train as run_train
 
     if paper:
-        head, batch_size, lr, t = "mrnn", 4, 1e-4, t or 480
+        head, rnn, hidden, batch_size, lr, t, bucket = "mrnn", "gru", 128, 4, 1e-4, t or 480, False
     try:
         opts = TrainOptions(h5=h5, out=out, labels=labels, id_column=id_column,
                             targets=tuple(targets.split(",")) if targets else None, split_column=split_column,
                             group_column=group_column, val_fraction=val_fraction, allow_unmatched=allow_unmatched,
-                            features=features, no_face=no_face, t=t, head=head, mask=mask, rnn=rnn, layers=layers,
-                            hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
+                            features=features, no_face=no_face, stride=stride, t=t, head=head, mask=mask, rnn=rnn,
+                            layers=layers, conv_blocks=conv_blocks, hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, clip=clip, epochs=epochs, patience=patience, seed=seed,
                             skip_padding=skip_padding, bucket=bucket, device=device, threads=threads,
-                            max_batches=max_batches, quiet=False)
-        res = run_train(opts)
+                            max_batches=max_batches)
+        res = run_train(opts, progress=_TrainProgress())
     except (DataError, ValueError) as e:
         _fail(e)
+    except KeyboardInterrupt:
+        console.print(f"interrupted before the first epoch ended: nothing kept in {out}", soft_wrap=True)
+        raise typer.Exit(130)
+    console.print("ids matched by " + ", ".join(f"{f} ({n} rows)" for f, n in res.id_forms.items()), soft_wrap=True,
+                  highlight=False)
     out_console.print(_pearson_table(f"{head}: validation ({res.n_val} videos, {res.n_train} for training)",
                                      res.val_pearson, res.val_mean_pearson))
+    if res.interrupted:
+        console.print(f"interrupted after epoch {res.epochs_run}: {res.run_dir} holds the best epoch so far "
+                      f"({res.best_epoch}); `seqhead predict {res.run_dir} FEATURES.h5` uses it", soft_wrap=True,
+                      highlight=False)
+        raise typer.Exit(130)
     console.print(f"best epoch {res.best_epoch} of {res.epochs_run}, {res.seconds:.1f}s → {res.run_dir}")
 
 
@@ -125,12 +178,13 @@ def predict(
                                                   "truncate (first t frames).")] = "windows",
     batch_size: Annotated[int, typer.Option(help="Videos per forward pass.")] = 64,
     device: Device = "auto",
+    threads: Threads = 1,
 ):
     """Predict every video of a features file with a trained run; one row per video."""
     from .predict import PredictOptions, predict as run_predict
 
     try:
-        res = run_predict(PredictOptions(run_dir, h5, out, long_videos, batch_size, device))
+        res = run_predict(PredictOptions(run_dir, h5, out, long_videos, batch_size, device, threads))
     except (DataError, ValueError) as e:
         _fail(e)
     console.print(f"{len(res.table)} videos → {res.out}" +
@@ -185,7 +239,7 @@ def sweep(
     batch_size: BatchSize = 16,
     lr: Lr = 3e-3,
     device: Device = "auto",
-    threads: Threads = 0,
+    threads: Threads = 1,
     max_batches: MaxBatches = None,
 ):
     """Train a grid or preset of configurations × seeds; rank them by mean validation Pearson."""
@@ -208,6 +262,9 @@ def sweep(
             f"{name} seed {seed}: val mean Pearson {row['val_mean_pearson']:.4f} ({row['seconds']:.0f}s)"))
     except (DataError, ValueError) as e:
         _fail(e)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: finished runs are kept in {out}; the same command resumes", soft_wrap=True)
+        raise typer.Exit(130)
     table = Table(title=f"{out}: {len(res.ranked)} configurations ({res.n_run} runs now, {res.n_reused} reused)")
     # Numbers never wrap; long configuration names do (the table must fit a narrow terminal).
     for c in ("rank", "configuration", "val mean r", "± std", "seeds", "best epoch", "s/run"):
@@ -229,12 +286,18 @@ def simulate(
     nuisance: Annotated[float, typer.Option(help="Scale of subject/video baselines and drift.")] = 0.4,
     frame_noise: Annotated[float, typer.Option(help="Frame-to-frame noise (logit units).")] = 1.2,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    setting: Annotated[str, typer.Option(help="How labels arise: episode (one labelled bump) | peak (labels = the "
+                                              "peak of 2–3 bumps, saturating, AR(1) noise, shorter videos).")]
+    = "episode",
 ):
     """Write a Hume-Reaction-shaped simulated features file and labels CSV."""
     from .simulate import SimulateOptions, simulate as run_simulate
 
-    res = run_simulate(SimulateOptions(out, labels, scale=scale, max_len=max_len, signal=signal,
-                                               nuisance=nuisance, frame_noise=frame_noise, seed=seed))
+    try:
+        res = run_simulate(SimulateOptions(out, labels, scale=scale, max_len=max_len, signal=signal,
+                                           nuisance=nuisance, frame_noise=frame_noise, seed=seed, setting=setting))
+    except ValueError as e:
+        _fail(e)
     console.print(f"{sum(res.n_videos)} videos (train/val/test {'/'.join(map(str, res.n_videos))}), "
                   f"{res.n_frames} frames → {res.h5}, {res.labels}")
 

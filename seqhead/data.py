@@ -260,59 +260,100 @@ def find_labels(h5_path: Path, labels: Path | None) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------- matching
 
-ID_FORMS = ("key", "source", "path", "stem")
+# Most specific first: a row takes the first form that names exactly one video.
+ID_FORMS = ("key", "source", "path", "name", "stem", "number")
 
 
-def id_forms(source: str, key: str) -> dict[str, str]:
-    """The ways a label file may name a video: group key, relative path, path without suffix, file stem."""
+def id_forms(source: str, key: str) -> dict[str, str | None]:
+    """The ways a label file may name a video: HDF5 group key, relative path, path without suffix, file name,
+    file stem, and for a numeric stem its number without leading zeros ('0' for '00000'; None otherwise)."""
     p = PurePosixPath(source)
-    return {"key": key, "source": source, "path": str(p.with_suffix("")), "stem": p.stem}
+    return {"key": key, "source": source, "path": str(p.with_suffix("")), "name": p.name, "stem": p.stem,
+            "number": str(int(p.stem)) if p.stem.isdigit() else None}
 
 
 def video_id(video: Video, form: str) -> str:
-    return id_forms(video.source, video.key)[form]
+    """The video's id in one form; a form the video has no value for (number of a non-numeric stem) gives the
+    relative path."""
+    return id_forms(video.source, video.key)[form] or video.source
 
 
-def match(labels: Labels, videos: list[Video], allow_unmatched: bool = False) -> tuple[list[int], list[int], str]:
-    """Pair label rows with videos: (row indices, video indices, id form used).
+def _label_key(label_id: str, form: str) -> str | None:
+    """How a label id reads in one form: itself, except 'number', where a bare numeric name (with or without a
+    suffix: '7', '007.mp4') reads as its integer."""
+    if form != "number":
+        return label_id
+    p = PurePosixPath(label_id)
+    return str(int(p.stem)) if p.name == label_id and p.stem.isdigit() else None
 
-    The id form (key, relative path, path without suffix or stem) is the one that matches the most label ids; it
-    must name each video once. Ids on one side only are an error (count + examples) unless allow_unmatched.
+
+def match_ids(label_ids: list[str], names: list[dict[str, str | None]]) -> tuple[dict[int, tuple[int, str]],
+                                                                                   dict[int, str]]:
+    """Pair label ids with items named in several forms (`id_forms` of each), each label row on its own.
+
+    A row takes the first form of ID_FORMS under which its id names exactly one item. Returns ({row: (item,
+    form)}, {row: form under which the id names several items}); rows in neither named nothing.
     """
-    best = None
-    for form in ID_FORMS:
-        index: dict[str, int] = {}
-        clash = set()
-        for j, v in enumerate(videos):
-            k = video_id(v, form)
-            if k in index:
-                clash.add(k)
-            index[k] = j
-        hits = sum(1 for i in labels.ids if i in index and i not in clash)
-        if best is None or hits > best[0]:
-            best = (hits, form, index, clash)
-    hits, form, index, clash = best
-    if hits == 0:
+    index: dict[str, dict[str, list[int]]] = {f: {} for f in ID_FORMS}
+    for j, forms in enumerate(names):
+        for f in ID_FORMS:
+            if forms[f] is not None:
+                index[f].setdefault(forms[f], []).append(j)
+    found, ambiguous = {}, {}
+    for r, i in enumerate(label_ids):
+        for f in ID_FORMS:
+            hit = index[f].get(_label_key(i, f) or "", [])
+            if len(hit) == 1:
+                found[r] = (hit[0], f)
+                break
+            if len(hit) > 1:  # less specific forms would name at least as many
+                ambiguous[r] = f
+                break
+    return found, ambiguous
+
+
+def match(labels: Labels, videos: list[Video], allow_unmatched: bool = False) -> tuple[list[int], list[int],
+                                                                                         list[str]]:
+    """Pair label rows with videos: (row indices, video indices, id form of each pair).
+
+    Each row is matched on its own (see `match_ids`), so one file may mix forms ('a/clip' and 'b/clip.mp4',
+    '00000.mp4' and '7'). Two rows naming one video, an id naming several videos, and (unless allow_unmatched)
+    ids on one side only are errors with a count and examples.
+    """
+    found, ambiguous = match_ids(labels.ids, [id_forms(v.source, v.key) for v in videos])
+    if not found:
         raise DataError(f"{labels.path}: no id in column {labels.id_column!r} matches a video of the features file "
                         f"(label ids like {_examples(labels.ids, 3)}; video paths like "
-                        f"{_examples([v.source for v in videos], 3)}); ids must be keys, relative paths or stems")
-    ambiguous = [i for i in labels.ids if i in clash]
+                        f"{_examples([v.source for v in videos], 3)}); ids must be keys, relative paths (with or "
+                        "without suffix), file names or stems")
     if ambiguous:
-        raise DataError(f"{labels.path}: {len(ambiguous)} id(s) name several videos by {form}: "
-                        f"{_examples(ambiguous)}; use relative paths as ids")
-    rows = [r for r, i in enumerate(labels.ids) if i in index]
-    vids = [index[labels.ids[r]] for r in rows]
+        amb = [f"{labels.ids[r]} (by {f})" for r, f in ambiguous.items()]
+        raise DataError(f"{labels.path}: {len(amb)} id(s) name several videos: {_examples(amb, quote=False)}; "
+                        "use relative paths as ids")
+    first: dict[int, int] = {}
+    clashes = []
+    for r, (j, _) in found.items():
+        if j in first:
+            clashes.append(f"{labels.ids[first[j]]!r} (line {first[j] + 2}) and {labels.ids[r]!r} (line {r + 2}) "
+                           f"→ {videos[j].source}")
+        first.setdefault(j, r)
+    if clashes:
+        raise DataError(f"{labels.path}: {len(clashes)} video(s) named by two rows: "
+                        f"{_examples(clashes, quote=False)}; keep one row per video")
+    rows = sorted(found)
+    vids = [found[r][0] for r in rows]
+    forms = [found[r][1] for r in rows]
     if not allow_unmatched:
-        no_video = [i for i in labels.ids if i not in index]
+        no_video = [i for r, i in enumerate(labels.ids) if r not in found]
         if no_video:
             raise DataError(f"{labels.path}: {len(no_video)} labelled id(s) have no video in the features file: "
                             f"{_examples(no_video)}; extract them, remove the rows, or pass --allow-unmatched")
         matched = set(vids)
-        no_label = [video_id(v, form) for j, v in enumerate(videos) if j not in matched]
+        no_label = [v.source for j, v in enumerate(videos) if j not in matched]
         if no_label:
             raise DataError(f"{len(no_label)} video(s) of the features file have no row in {labels.path}: "
                             f"{_examples(no_label)}; add them, or pass --allow-unmatched to train on the others")
-    return rows, vids, form
+    return rows, vids, forms
 
 
 def split_indices(labels: Labels, rows: list[int], val_fraction: float, seed: int,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import DataError, SPLIT_NAMES, _examples, normalize_id, read_labels
+from .data import DataError, SPLIT_NAMES, _examples, id_forms, match_ids, normalize_id, read_labels
 from .train import pearson
 
 
@@ -48,18 +48,19 @@ def evaluate(opts: EvaluateOptions) -> EvaluateResult:
             raise DataError(f"{labels.path}: cannot select split {opts.split!r} (split column: "
                             f"{'none' if labels.split is None else 'found'}; use train, val or test)")
         rows = np.array([i for i in rows if labels.split[i] == want], dtype=int)
-    index = {normalize_id(v): i for i, v in enumerate(pred[pid])}
-    if len(index) < len(pred):
+    pred_ids = [normalize_id(v) for v in pred[pid]]
+    if len(set(pred_ids)) < len(pred_ids):
         raise DataError(f"{pred_path}: duplicate ids in column {pid!r}")
-    # Predictions may be keyed by relative path while labels use stems (or the reverse): try both.
-    if not any(labels.ids[r] in index for r in rows):
-        index = {Path(k).stem: i for k, i in index.items()}
-    hit = [r for r in rows if labels.ids[r] in index]
+    # Predictions may name videos by relative path while labels use stems, file names or numbers (or the reverse):
+    # each labelled row is matched on its own, as in training.
+    found, _ = match_ids([labels.ids[r] for r in rows], [id_forms(i, i) for i in pred_ids])
+    hit = [rows[k] for k in sorted(found)]
     if not hit:
         raise DataError(f"{pred_path}: no id matches a labelled row of {labels.path} (prediction ids like "
-                        f"{_examples(list(index)[:3])}; label ids like {_examples(labels.ids[:3])})")
+                        f"{_examples(pred_ids[:3])}; label ids like {_examples(labels.ids[:3])})")
+    index = {rows[k]: found[k][0] for k in found}
     p = np.stack([pd.to_numeric(pred[t]).to_numpy(np.float64) for t in targets], 1)[
-        [index[labels.ids[r]] for r in hit]]
+        [index[r] for r in hit]]
     cols = [labels.targets.index(t) for t in targets]
     y = labels.y[np.asarray(hit)][:, cols].astype(np.float64)
     if np.isnan(y).any():

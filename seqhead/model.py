@@ -1,6 +1,8 @@
 """Sequence heads on per-frame features: the paper's MRNN (concatenate → Mask → FC → FC) and pooling heads.
 
-All heads share one recurrent encoder (GRU or LSTM) and end in FC(fc) → ReLU → FC(n targets).
+All heads share one encoder and end in FC(fc) → ReLU → FC(n targets). The encoder is recurrent (GRU or LSTM,
+sequential in time) or convolutional (`conv`: dilated 1-D convolutions, parallel in time, many times faster on a
+CPU; its receptive field is 1 + 2·(2^blocks − 1) frames, 31 with the default 4 blocks).
 - `mrnn`: the paper's §3.2 head. The d'·t outputs are concatenated, positions ≥ l are zeroed by the Mask, then
   FC(fc). Its first FC has d'·t inputs per unit; `routed_columns` tells the optimiser which of them a batch uses.
 - `mean`: masked mean of the valid outputs (positions < l).
@@ -18,7 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 HEADS = ("mrnn", "mean", "attn", "last")
-RNNS = ("gru", "lstm")
+RNNS = ("gru", "lstm", "conv")
 SKIP_PADDING = ("truncate", "pack", "none")
 
 
@@ -29,8 +31,9 @@ class ModelConfig:
     t: int  # padded length; the mrnn head's first FC has hidden·t inputs
     head: str = "mean"  # one of HEADS
     mask: bool = True  # False: no Mask (and so no routing), encoder runs over the padding
-    rnn: str = "gru"  # gru | lstm
-    layers: int = 1  # stacked recurrent layers
+    rnn: str = "gru"  # encoder: gru | lstm | conv
+    layers: int = 1  # stacked recurrent layers (gru, lstm)
+    conv_blocks: int = 4  # conv: residual blocks, kernel 3, dilations 1, 2, 4, …
     hidden: int = 128  # d', recurrent units
     fc: int = 32  # d'', units of the first fully connected layer
     dropout: float = 0.0  # dropout before each FC (0 = none, as in the paper)
@@ -55,12 +58,37 @@ def valid_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]
 
 
+class ConvEncoder(nn.Module):
+    """Residual blocks of dilated 1-D convolutions (kernel 3, 'same' zero padding, ReLU) over time.
+
+    With `lengths`, every block's output is zeroed at positions ≥ l, so what a video's valid positions see beyond
+    its end is zeros, exactly as the convolution's own padding: outputs do not depend on how far the batch pads.
+    """
+
+    def __init__(self, n_in: int, hidden: int, blocks: int):
+        super().__init__()
+        self.inp = nn.Conv1d(n_in, hidden, 1)
+        self.convs = nn.ModuleList(nn.Conv1d(hidden, hidden, 3, padding=2 ** i, dilation=2 ** i)
+                                   for i in range(blocks))
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, F) → (B, T, hidden)."""
+        m = None if lengths is None else valid_mask(lengths, x.shape[1])[:, None, :].to(x.dtype)  # (B, 1, T)
+        h = self.inp(x.transpose(1, 2))  # (B, hidden, T)
+        for conv in self.convs:
+            h = h + torch.relu(conv(h if m is None else h * m))
+        return (h if m is None else h * m).transpose(1, 2)
+
+
 class SeqHead(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        rnn = nn.GRU if cfg.rnn == "gru" else nn.LSTM
-        self.rnn = rnn(cfg.n_features, cfg.hidden, num_layers=cfg.layers, batch_first=True)
+        if cfg.rnn == "conv":
+            self.rnn = ConvEncoder(cfg.n_features, cfg.hidden, cfg.conv_blocks)
+        else:
+            rnn = nn.GRU if cfg.rnn == "gru" else nn.LSTM
+            self.rnn = rnn(cfg.n_features, cfg.hidden, num_layers=cfg.layers, batch_first=True)
         fc_in = cfg.hidden * cfg.t if cfg.head == "mrnn" else cfg.hidden
         if cfg.head == "attn":
             self.score = nn.Sequential(nn.Linear(cfg.hidden, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, 1))
@@ -75,6 +103,12 @@ class SeqHead(nn.Module):
         causal), so the encoder may stop at the batch's longest l (truncate) or skip each video's padding (pack).
         """
         cfg = self.cfg
+        if cfg.rnn == "conv":
+            if not cfg.mask:
+                return self.rnn(x)
+            if cfg.skip_padding != "none":  # packing has no meaning for a convolution: truncate instead
+                x = x[:, : int(lengths.max())]
+            return self.rnn(x, lengths)
         if not cfg.mask:
             return self.rnn(x)[0]
         if cfg.skip_padding == "pack":

@@ -17,9 +17,11 @@ import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file as load_torch
 
+from affextract.runtime import resolve_device
+
 from .data import DataError, read_features, video_id
 from .model import ModelConfig, SeqHead
-from .train import pooled_stats, predict_raw, resolve_device, standardize
+from .train import cpu_threads, file_sha256, pooled_stats, predict_raw, standardize
 
 LONG_VIDEO_POLICIES = ("windows", "truncate")
 
@@ -32,6 +34,7 @@ class PredictOptions:
     long_videos: str = "windows"  # videos longer than t: windows (average over t-frame windows) | truncate
     batch_size: int = 64  # videos per forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 1  # torch CPU threads (0 = torch's default; see TrainOptions.threads)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ class Run:
     model: SeqHead | None  # None for the ridge baseline
     ridge: dict | None  # scaler_mean, scaler_scale, coef, intercept
 
+    @property
+    def stride(self) -> int:
+        """Every stride-th kept frame is used (runs written before the option existed used them all)."""
+        return int(self.config["features"].get("stride", 1))
+
     def predict_seqs(self, seqs: list[np.ndarray], long_videos: str, device: torch.device,
                      batch_size: int = 64) -> np.ndarray:
         """Calibrated predictions (N, n_targets) for raw (unstandardised) kept-frame sequences."""
@@ -66,7 +74,8 @@ class Run:
             raise ValueError(f"long-video policy {long_videos!r}: use one of {LONG_VIDEO_POLICIES}")
         f = self.config["features"]
         t = int(self.config["t"])
-        seqs = standardize(seqs, np.asarray(f["mean"], np.float32), np.asarray(f["std"], np.float32))
+        seqs = standardize([s[::self.stride] for s in seqs], np.asarray(f["mean"], np.float32),
+                           np.asarray(f["std"], np.float32))
         pieces, owner = [], []
         for i, s in enumerate(seqs):
             parts = windows(s, t) if long_videos == "windows" else [s[:t]]
@@ -93,6 +102,9 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
         raise DataError(f"{run_dir}: not a seqhead run directory (needs config.json and model.safetensors; "
                         "make one with `seqhead train`)")
     config = json.loads(cfg_path.read_text())
+    if config.get("weights_sha256") and file_sha256(weights) != config["weights_sha256"]:
+        raise DataError(f"{weights}: SHA-256 differs from the one config.json names (the files belong to different "
+                        "epochs or were edited); retrain with `seqhead train`")
     if config["model"]["head"] == "ridge":
         return Run(config, None, load_numpy(str(weights)))
     model = SeqHead(ModelConfig(**config["model"]))
@@ -102,6 +114,11 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
 
 def predict(opts: PredictOptions) -> PredictResult:
     device = resolve_device(opts.device)
+    with cpu_threads(opts.threads):
+        return _predict(opts, device)
+
+
+def _predict(opts: PredictOptions, device: torch.device) -> PredictResult:
     run = load_run(opts.run_dir, device)
     f = run.config["features"]
     videos, names = read_features(opts.h5, f["groups"], f["no_face"])
@@ -117,5 +134,5 @@ def predict(opts: PredictOptions) -> PredictResult:
     if opts.out is not None:
         Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(opts.out, index=False, float_format="%.6f")
-    n_long = sum(len(s) > int(run.config["t"]) for s in seqs)
+    n_long = sum(len(s[::run.stride]) > int(run.config["t"]) for s in seqs)
     return PredictResult(table, opts.out, n_long)

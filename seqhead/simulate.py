@@ -8,10 +8,17 @@ a labelled episode's, the co-occurrence does not). Values pass through the same 
 (tanh for VA, softmax for expressions, sigmoid for AUs). Some frames have no face (NaN features, face=false), in
 gaps, and a few videos have no face at all.
 
+`setting="peak"` changes how labels arise, the noise and the lengths, so that a head tuned on one setting can be
+checked on another: 2–3 labelled episodes per video with intensities y·u (u in [0.3, 1], one episode at u = 1),
+so the labels are the episodes' peak, not their sum; each episode moves the logits through a saturating
+non-linearity (tanh) of different mixing weights; the frame noise is autocorrelated (AR(1), 0.8); videos are
+shorter on average and vary more in length.
+
 The measured movement (52 blendshapes, head pose, gaze, presence) is simulated the same way through a law of its own:
 the labelled episode moves the blendshapes (sigmoid) and the head (degrees), on top of subject baselines, drift,
 noise and one label-free episode; gaze follows the head with the eyes' own noise. It is drawn from random generators
-of its own, so a seed gives the same 26 values with or without it.
+of its own, so a seed gives the same 26 values with or without it. In the peak setting every labelled episode moves
+them.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.signal import lfilter
 
 from affextract.schema import BLENDSHAPE_NAMES
 from affextract.store import MOVEMENT_OFF, FeatureWriter, Provenance, dumps
@@ -30,6 +38,7 @@ from .data import HUME_ID, HUME_TARGETS
 
 HUME_SIZES = (15806, 4657, 4604)  # train, val, test videos of Hume-Reaction
 HUME_SUBJECTS = 2222
+SETTINGS = ("episode", "peak")
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,11 @@ class SimulateOptions:
     frame_noise: float = 1.2  # frame-to-frame white noise (logit units); pooled maxima pick it up, a GRU averages it
     seed: int = 0  # everything random derives from it
     movement: bool = True  # also simulate the measured movement (blendshapes, pose, gaze, presence)
+    setting: str = "episode"  # how labels arise: episode (one labelled bump) | peak (labels = peak of 2–3 bumps)
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting {self.setting!r}: use one of {SETTINGS}")
 
 
 @dataclass(frozen=True)
@@ -75,10 +89,12 @@ class _MovementLaw:
         self.subj_bs = self.rng.normal(-2.0, 0.6 * opts.nuisance, (subjects, n_bs)).astype(np.float32)
         self.subj_pose = self.rng.normal(0, 6.0, (subjects, 3)).astype(np.float32)
 
-    def __call__(self, subject: int, y: np.ndarray, p: int, E: int, face: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, subject: int, episodes: list, face: np.ndarray) -> dict[str, np.ndarray]:
+        """`episodes`: (start, frames, intensities (7,)) of the video's labelled episodes."""
         rng, o, K = self.rng, self.opts, len(face)
-        bump = np.zeros((K, 1), np.float32)
-        bump[p:p + E, 0] = o.signal * _bump(E)
+        drive = np.zeros((K, 7), np.float32)  # per frame, the labelled episodes' intensities - 0.3, times their bump
+        for p, E, y in episodes:
+            drive[p:p + E] += o.signal * _bump(E)[:, None] * (y - 0.3)
         fake = np.zeros((K, 1), np.float32)
         E2 = max(4, int(K * rng.uniform(0.1, 0.3)))
         p2 = int(rng.integers(0, K - E2 + 1))
@@ -87,11 +103,11 @@ class _MovementLaw:
         logits = (self.subj_bs[subject] + rng.normal(0, 0.4 * o.nuisance, self.subj_bs.shape[1])
                   + np.cumsum(rng.normal(0, 0.06 * o.nuisance, (K, self.subj_bs.shape[1])), axis=0)
                   + rng.normal(0, o.frame_noise, (K, self.subj_bs.shape[1]))
-                  + bump * ((y - 0.3) @ self.bs_mixing) + fake * (noise @ self.bs_mixing))
+                  + drive @ self.bs_mixing + fake * (noise @ self.bs_mixing))
         neutral = rng.normal(-4.0, 0.5, (K, 1))
         blendshapes = 1 / (1 + np.exp(-np.concatenate([neutral, logits], axis=1)))
         pose = (self.subj_pose[subject] + np.cumsum(rng.normal(0, 0.5 * o.nuisance, (K, 3)), axis=0)
-                + rng.normal(0, 1.0, (K, 3)) + bump * ((y - 0.3) @ self.pose_mixing)
+                + rng.normal(0, 1.0, (K, 3)) + drive @ self.pose_mixing
                 + fake * (noise @ self.pose_mixing))
         gaze = 0.6 * pose[:, :2] + rng.normal(0, 3.0, (K, 2))  # the eyes follow the head, with the iris's noise
         presence = np.clip(rng.normal(0.98, 0.01, K), 0, 1)
@@ -106,6 +122,8 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
     # The feature "physics" (how reactions show on the face) is fixed, so simulated sets of different seeds agree.
     law = np.random.default_rng(20240614)
     mixing = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # intensities → logits of the 26 values
+    mixing_peak = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # the peak setting's own mixing
+    peak = opts.setting == "peak"
     counts = tuple(max(2, int(round(n * opts.scale))) for n in HUME_SIZES)
     n = sum(counts)
     n_subj = max(4, int(round(HUME_SUBJECTS * n / sum(HUME_SIZES))))
@@ -124,7 +142,8 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
     z = rng.multivariate_normal(np.zeros(7), corr, n)
     y = 1 / (1 + np.exp(-(1.4 * z - 0.8)))
     y = np.clip(y + rng.normal(0, 0.03, y.shape), 0, 1).astype(np.float32)
-    lengths = np.clip(rng.normal(0.62, 0.22, n) * opts.max_len, opts.min_len, opts.max_len).astype(int)
+    lengths = np.clip(rng.normal(0.45, 0.3, n) if peak else rng.normal(0.62, 0.22, n), 0, 1) * opts.max_len
+    lengths = np.clip(lengths, opts.min_len, opts.max_len).astype(int)
     ids = [f"{i:05d}" for i in range(n)]
 
     out = Path(opts.out)
@@ -133,7 +152,7 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
     labels_path.parent.mkdir(parents=True, exist_ok=True)
     total_frames = 0
     provenance = Provenance(model="simulated", model_sha256="", alignment="arcface-112", sampling=dumps({"fps": None}),
-                            detector=dumps({"name": "simulated", "seed": opts.seed}),
+                            detector=dumps({"name": "simulated", "seed": opts.seed, "setting": opts.setting}),
                             movement=dumps({"enabled": True, "simulated": True}) if opts.movement else MOVEMENT_OFF)
     written_by = {"affextract_version": f"seqhead-simulate {__version__}"}
     movement = _MovementLaw(opts, first) if opts.movement else None
@@ -144,15 +163,32 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
             total_frames += K
             logits = subj_base[subj[i]] + rng.normal(0, 0.4 * opts.nuisance, 26).astype(np.float32)  # (26,) baseline
             drift = np.cumsum(rng.normal(0, 0.06 * opts.nuisance, (K, 26)), axis=0).astype(np.float32)  # (K, 26)
-            logits = logits[None] + drift + rng.normal(0, opts.frame_noise, (K, 26)).astype(np.float32)
-            # The labelled episode: intensity-weighted directions, one bump at a random position.
-            E = max(4, int(K * rng.uniform(0.1, 0.3)))
-            p = int(rng.integers(0, K - E + 1))
-            logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i] - 0.3) @ mixing)[None]
+            noise = rng.normal(0, opts.frame_noise, (K, 26))
+            if peak:  # AR(1) noise with the same variance: slow wobbles that look like small episodes
+                noise = lfilter([np.sqrt(1 - 0.8 ** 2)], [1, -0.8], noise, axis=0)
+            logits = logits[None] + drift + noise.astype(np.float32)
+            episodes = []  # (start, frames, intensities) of each labelled episode, for the movement too
+            if peak:
+                # Labelled episodes at intensities y·u; the labels are their peak (one episode has u = 1).
+                n_ep = int(rng.integers(2, 4))
+                u = rng.uniform(0.3, 1.0, n_ep)
+                u[rng.integers(n_ep)] = 1.0
+                for k in range(n_ep):
+                    E = max(4, int(K * rng.uniform(0.08, 0.2)))
+                    p = int(rng.integers(0, K - E + 1))
+                    drive = 2.0 * np.tanh(0.8 * ((y[i] * u[k] - 0.3) @ mixing_peak))
+                    logits[p:p + E] += opts.signal * _bump(E)[:, None] * drive[None].astype(np.float32)
+                    episodes.append((p, E, y[i] * u[k]))
+            else:
+                # The labelled episode: intensity-weighted directions, one bump at a random position.
+                E = max(4, int(K * rng.uniform(0.1, 0.3)))
+                p = int(rng.integers(0, K - E + 1))
+                logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i] - 0.3) @ mixing)[None]
+                episodes.append((p, E, y[i]))
             # Label-free episodes: the same kind of movement with random intensities, but split into two halves of
             # the 26 values shown at different times, so each value's own statistics look like the labelled
             # episode's while the co-occurrence (what a sequence model can see) does not.
-            fake = (rng.uniform(0, 1, 7) - 0.3) @ mixing
+            fake = (rng.uniform(0, 1, 7) - 0.3) @ (mixing_peak if peak else mixing)
             half = rng.random(26) < 0.5
             for part in (half, ~half):
                 E2 = max(4, int(K * rng.uniform(0.1, 0.3)))
@@ -182,7 +218,7 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
                                           width=640, height=360), frames=K)
             video.append(feats, face, np.arange(K, dtype=np.int32), np.arange(K, dtype=np.float64) / 30.0, box, lm,
                          np.where(face, 0.99, np.nan).astype(np.float32),
-                         **(movement(subj[i], y[i], p, E, face) if movement else {}))
+                         **(movement(subj[i], episodes, face) if movement else {}))
             video.finish()
     df = pd.DataFrame(y, columns=list(HUME_TARGETS)).round(4)
     df.insert(0, HUME_ID, ids)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from affextract.runtime import resolve_device
+
 from .train import Prepared, TrainOptions, _options_json, prepare, train
 
 
@@ -46,31 +48,43 @@ class SweepResult:
     n_reused: int  # runs found finished and not rerun
 
 
+# The paper's head and encoder with the training setting of the earlier default (batch 16, random batches): the
+# rows of the Table-4 preset change one thing each from it.
+_MRNN = (("head", "mrnn"), ("rnn", "gru"), ("hidden", 128), ("batch_size", 16), ("bucket", False))
+
+
+def _paper(*changes: tuple[str, object]) -> tuple[tuple[str, object], ...]:
+    return tuple(c for c in _MRNN if c[0] not in {k for k, _ in changes}) + changes
+
+
 # Ablations like the paper's Table 4 (its ResNet50 row needs another frame CNN), all on the paper's head
 # (GRU(128) → concat → Mask → FC(32) → FC, routing).
 PRESETS: dict[str, tuple[Variant, ...]] = {
     "table4": (
-        Variant("MRNN (paper): GRU(128) + FC(32)", (("head", "mrnn"),)),
-        Variant("GRU + FC(64)", (("head", "mrnn"), ("fc", 64))),
-        Variant("GRU + FC(16)", (("head", "mrnn"), ("fc", 16))),
-        Variant("GRU + FC(8)", (("head", "mrnn"), ("fc", 8))),
-        Variant("2 × GRU + FC(32)", (("head", "mrnn"), ("layers", 2))),
-        Variant("LSTM + FC(32)", (("head", "mrnn"), ("rnn", "lstm"))),
-        Variant("GRU(256) + FC(32)", (("head", "mrnn"), ("hidden", 256))),
-        Variant("GRU(64) + FC(32)", (("head", "mrnn"), ("hidden", 64))),
-        Variant("MRNN w/o Mask & Routing", (("head", "mrnn"), ("mask", False))),
-        Variant("MRNN with MSE", (("head", "mrnn"), ("loss", "mse"))),
+        Variant("MRNN (paper): GRU(128) + FC(32)", _paper()),
+        Variant("GRU + FC(64)", _paper(("fc", 64))),
+        Variant("GRU + FC(16)", _paper(("fc", 16))),
+        Variant("GRU + FC(8)", _paper(("fc", 8))),
+        Variant("2 × GRU + FC(32)", _paper(("layers", 2))),
+        Variant("LSTM + FC(32)", _paper(("rnn", "lstm"))),
+        Variant("GRU(256) + FC(32)", _paper(("hidden", 256))),
+        Variant("GRU(64) + FC(32)", _paper(("hidden", 64))),
+        Variant("MRNN w/o Mask & Routing", _paper(("mask", False))),
+        Variant("MRNN with MSE", _paper(("loss", "mse"))),
     ),
     # The paper's Table 3: feature groups, then the measured movement alone and added to the 26 values.
     "table3": tuple(Variant(" & ".join(g.upper() for g in combo), (("features", ",".join(combo)),))
                     for combo in [c for k in (1, 2, 3) for c in itertools.combinations(("va", "expr", "au"), k)]
                     + [("bs",), ("pose", "gaze"), ("bs", "pose", "gaze"), ("va", "expr", "au", "bs", "pose", "gaze")]),
-    # Every head and both baselines.
+    # Every head and both baselines (the paper's head and the MuSe style on their own GRU encoders).
     "heads": (
-        Variant("mrnn (paper head)", (("head", "mrnn"),)),
+        Variant("mrnn (paper head, GRU(128))", _paper()),
         Variant("mean (masked mean pooling)", (("head", "mean"),)),
         Variant("attn (masked attention pooling)", (("head", "attn"),)),
-        Variant("MuSe 2022 style: last state, MSE", (("head", "last"), ("loss", "mse"), ("skip_padding", "pack"))),
+        Variant("attn on GRU(128), batch 16 (earlier default)", (("rnn", "gru"), ("hidden", 128),
+                                                                 ("batch_size", 16), ("bucket", False))),
+        Variant("MuSe 2022 style: last state, MSE", (("head", "last"), ("loss", "mse"), ("skip_padding", "pack"),
+                                                      ("rnn", "gru"), ("hidden", 128))),
         Variant("ridge on mean/max/std", (("head", "ridge"),)),
     ),
 }
@@ -119,9 +133,19 @@ def parse_grid(axes: list[str]) -> tuple[Variant, ...]:
     return tuple(out)
 
 
+# Options that change where and how fast a run trains, not what it trains: left out of a run's identity (its folder
+# hash and the check that a finished run matches), so changing them reuses finished runs. `quiet` was an option of
+# earlier versions (progress is a callback now).
+EXECUTION_OPTIONS = ("out", "device", "threads", "quiet")
+
+
+def _identity(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in EXECUTION_OPTIONS}
+
+
 def _slug(v: Variant, opts: TrainOptions) -> str:
-    # Seeds share a configuration directory; the device does not change what is trained.
-    same = {k: v for k, v in _options_json(opts).items() if k not in ("out", "quiet", "seed", "device")}
+    # Seeds share a configuration directory.
+    same = {k: v for k, v in _identity(_options_json(opts)).items() if k != "seed"}
     h = hashlib.sha1(json.dumps(same, sort_keys=True).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9]+", "-", v.name).strip("-")[:40] + "-" + h
 
@@ -141,20 +165,23 @@ def _run(opts: TrainOptions) -> dict:
         _CACHE.clear()  # one data set at a time: they can be large
         _CACHE[key] = prepare(opts)
     res = train(opts, _CACHE[key])
+    if res.interrupted:  # Ctrl-C reached this run: stop the sweep (the run keeps its best epoch; reruns later)
+        raise KeyboardInterrupt
     return {"val_mean_pearson": res.val_mean_pearson, **{f"val_{k}": v for k, v in res.val_pearson.items()},
             "best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "seconds": res.seconds}
 
 
 def _done(run_dir: Path, opts: TrainOptions) -> dict | None:
+    """The results of a finished run with the same identity, or None (missing, other options, or stopped early by
+    Ctrl-C or a kill: those train again)."""
     m, c = run_dir / "metrics.json", run_dir / "config.json"
     if not (m.exists() and c.exists()):
         return None
-    def same(o: dict) -> dict:  # the device a run was dealt does not change what it trained
-        return {k: v for k, v in o.items() if k not in ("device", "quiet")}
-
-    if same(json.loads(c.read_text())["options"]) != same(json.loads(json.dumps(_options_json(opts)))):
+    if _identity(json.loads(c.read_text())["options"]) != _identity(json.loads(json.dumps(_options_json(opts)))):
         return None
     met = json.loads(m.read_text())
+    if met.get("status", "complete") != "complete":
+        return None
     return {"val_mean_pearson": met["val"]["mean_pearson"],
             **{f"val_{k}": v for k, v in met["val"]["pearson"].items()},
             "best_epoch": met["best_epoch"], "epochs_run": met["epochs_run"], "seconds": met["seconds"]}
@@ -162,15 +189,17 @@ def _done(run_dir: Path, opts: TrainOptions) -> dict | None:
 
 def sweep(opts: SweepOptions, progress=None) -> SweepResult:
     """Run every variant × seed not already finished; `progress(name, seed, row)` is called after each run."""
+    for d in opts.devices or (opts.base.device,):
+        resolve_device(d)  # a missing GPU is a one-line error before anything trains
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, rows, reused = [], [], 0
     for i, v in enumerate(opts.variants):
         for s in opts.seeds:
-            o = replace(opts.base, seed=s, quiet=True, **dict(v.changes))
+            o = replace(opts.base, seed=s, **dict(v.changes))
             if opts.devices:
                 o = replace(o, device=opts.devices[len(jobs) % len(opts.devices)])
-            run_dir = out / "runs" / _slug(v, replace(o, device=opts.base.device)) / f"seed{s}"
+            run_dir = out / "runs" / _slug(v, o) / f"seed{s}"
             o = replace(o, out=run_dir)
             row = {"config": v.name, "seed": s, "changes": json.dumps(dict(v.changes)), "run_dir": str(run_dir)}
             done = _done(run_dir, o)

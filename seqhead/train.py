@@ -1,15 +1,22 @@
 """Training: data preparation, routed Adam, Pearson loss, early stopping, calibration and the run directory.
 
 A run directory describes itself: model.safetensors (weights), config.json (every option, the model
-configuration, the feature schema and standardisation, t, label names, id column/form, calibration),
-metrics.json (per-target and mean Pearson on validation), history.csv and learning_curve.png.
+configuration, the feature schema and standardisation, t, label names, id column/forms, calibration, the weights'
+SHA-256), metrics.json (per-target and mean Pearson on validation, status), history.csv and learning_curve.png.
+
+The best epoch so far is on disk while training runs (weights, config and metrics replaced atomically after every
+epoch that improves validation), so Ctrl-C or a kill leaves a run directory that `predict` accepts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -22,8 +29,7 @@ from affextract.runtime import resolve_device
 from affextract.schema import FEATURE_NAMES, FORMAT_VERSION
 
 from . import __version__
-from .data import (Labels, Video, find_labels, match, read_features, read_labels, split_indices,
-                   video_id, pad_batch)
+from .data import Labels, Video, find_labels, match, pad_batch, read_features, read_labels, split_indices
 from .model import HEADS, ModelConfig, SeqHead
 
 ALL_HEADS = HEADS + ("ridge",)  # ridge: per-video mean/max/std pooling + ridge regression (scikit-learn)
@@ -43,16 +49,20 @@ class TrainOptions:
     allow_unmatched: bool = False  # train on the matched ids when some ids exist on one side only
     features: str = "va,expr,au"  # feature groups, any combination of va, expr, au (paper Table 3)
     no_face: str = "drop"  # frames without a face: drop (l = frames kept) | fill (repeat last face)
-    t: int | None = None  # padded length; None = longest training video (kept frames); longer ones are cut
+    stride: int = 1  # keep every stride-th kept frame (2 halves the encoder's work; predict does the same)
+    t: int | None = None  # padded length; None = longest training video (kept frames after the stride); longer
+    # ones are cut
     head: str = "attn"  # attn (best on the simulator's validation) | mean | mrnn (paper) | last | ridge
     mask: bool = True  # Mask (+ routing for mrnn); False = the paper's "w/o Mask & Routing"
-    rnn: str = "gru"  # gru | lstm
+    rnn: str = "conv"  # encoder: conv (dilated convolutions, parallel in time; best on validation of both
+    # simulator settings and 4–6× faster on a CPU) | gru (the paper's) | lstm
     layers: int = 1  # recurrent layers
-    hidden: int = 128  # recurrent units d'
+    conv_blocks: int = 4  # conv encoder: residual blocks (receptive field 1 + 2·(2^blocks − 1) frames)
+    hidden: int = 64  # encoder width d' (recurrent units or conv channels; the paper: a GRU of 128)
     fc: int = 32  # units of the first FC
     dropout: float = 0.0  # dropout before each FC
     loss: str = "pearson"  # pearson (1 − mean Pearson, Eq. 4) | mse
-    batch_size: int = 16  # videos per step (the paper: 4)
+    batch_size: int = 32  # videos per step (the paper: 4)
     lr: float = 3e-3  # Adam learning rate (the paper: 1e-4)
     weight_decay: float = 0.0  # L2 added to the gradient (as torch Adam), routed columns only for mrnn
     clip: float = 1.0  # maximum gradient norm per step (0 = no clipping); recurrent nets spike without it
@@ -60,11 +70,11 @@ class TrainOptions:
     patience: int = 6  # stop after this many epochs without a better validation mean Pearson
     seed: int = 0  # weights, batch order and the random validation split
     skip_padding: str = "truncate"  # encoder work on padding: truncate (batch's longest l) | pack | none
-    bucket: bool = False  # length-sorted batches (less padding per batch, batches less random)
+    bucket: bool = True  # length-sorted batches (less padding per batch: ~2× faster, same validation)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    threads: int = 1  # torch CPU threads while training (0 = torch's default: all cores, which collapses when
+    # another process is busy — OpenMP threads spin against each other; 1 thread costs ≤ 2× on a busy 2-core CPU)
     max_batches: int | None = None  # stop each epoch after this many batches (benchmarks, smoke tests)
-    quiet: bool = True  # no per-epoch progress line on stderr
 
     def __post_init__(self):
         if self.head not in ALL_HEADS:
@@ -73,6 +83,8 @@ class TrainOptions:
             raise ValueError(f"loss {self.loss!r}: use one of {LOSSES}")
         if self.batch_size < 2:
             raise ValueError("batch_size must be ≥ 2 (the Pearson loss is computed over the batch)")
+        if self.stride < 1:
+            raise ValueError(f"stride {self.stride}: keep every n-th frame with n ≥ 1")
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,22 @@ class TrainResult:
     n_val: int
     seconds: float
     history: list[dict] = field(default_factory=list)  # per epoch: train_loss, val_mean_pearson, seconds
+    id_forms: dict[str, int] = field(default_factory=dict)  # how the label ids named the videos: form → rows
+    interrupted: bool = False  # Ctrl-C ended training; the run directory holds the best epoch before it
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What `train` reports to its `progress` callback: after every step, and once more when an epoch ends."""
+
+    epoch: int  # 1-based
+    epochs: int  # upper bound (early stopping may end sooner)
+    step: int  # steps done in this epoch
+    steps: int  # steps in this epoch
+    seconds: float  # since the epoch started
+    train_loss: float  # mean training loss over the steps done
+    val_mean_pearson: float | None = None  # set when the epoch ended (validation done)
+    best_epoch: int = 0  # best epoch so far (the one on disk), 0 before the first validation
 
 
 # --------------------------------------------------------------------------------------------------- optimiser
@@ -141,7 +169,9 @@ class RoutedAdam(torch.optim.Optimizer):
 def pearson_loss(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Eq. 4: 1 − mean over targets of Pearson's r over the batch. pred, y (B, n)."""
     pm, ym = pred - pred.mean(0), y - y.mean(0)
-    r = (pm * ym).sum(0) / (pm.pow(2).sum(0).sqrt() * ym.pow(2).sum(0).sqrt() + 1e-8)
+    # ε inside the square root: a batch of identical predictions (every ReLU of a small FC off) has a zero
+    # variance, where the root's gradient is infinite and would turn every weight into NaN.
+    r = (pm * ym).sum(0) / (pm.pow(2).sum(0) * ym.pow(2).sum(0) + 1e-12).sqrt()
     return 1 - r.mean()
 
 
@@ -174,6 +204,18 @@ def pooled_stats(seqs: list[np.ndarray]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------- helpers
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """Torch intra-op threads for a block (0 = leave torch's default), restored afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def standardize(seqs: list[np.ndarray], mean: np.ndarray, std: np.ndarray) -> list[np.ndarray]:
     return [((s - mean) / std).astype(np.float32) for s in seqs]
 
@@ -194,13 +236,13 @@ def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, buck
     return out
 
 
-def predict_raw(model: SeqHead, seqs: list[np.ndarray], device: torch.device, batch_size: int = 64) -> np.ndarray:
+def predict_raw(model: SeqHead, seqs: list[np.ndarray], device: torch.device, batch_size: int = 128) -> np.ndarray:
     """Uncalibrated predictions (N, n_targets) for sequences already standardised and cut to ≤ t."""
     model.eval()
     cfg = model.cfg
     out = []
     order = np.argsort([len(s) for s in seqs], kind="stable")  # similar lengths together: less padding
-    with torch.no_grad():
+    with torch.inference_mode():
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             x, lengths = pad_batch([seqs[j] for j in idx], None if cfg.mask else cfg.t)
@@ -235,14 +277,17 @@ class Prepared:
 
     labels: Labels
     videos: list[Video]
-    id_form: str
+    id_forms: dict[str, int]  # id form → label rows matched by it (most rows first)
     train_seqs: list[np.ndarray]  # (l, F) each, raw (not standardised)
     val_seqs: list[np.ndarray]
     y_train: np.ndarray  # (N_train, n_targets)
     y_val: np.ndarray
-    train_ids: list[str]
-    val_ids: list[str]
     feature_names: tuple[str, ...]
+
+    @property
+    def id_form(self) -> str:
+        """The form most label rows used: `predict` names videos this way."""
+        return next(iter(self.id_forms))
 
 
 def prepare(opts: TrainOptions) -> Prepared:
@@ -254,16 +299,16 @@ def prepare(opts: TrainOptions) -> Prepared:
     if opts.split_column == "":
         labels = replace(labels, split=None)
     videos, feat_names = read_features(opts.h5, opts.features, opts.no_face)
-    rows, vids, form = match(labels, videos, opts.allow_unmatched)
+    rows, vids, forms = match(labels, videos, opts.allow_unmatched)
     tr, va = split_indices(labels, rows, opts.val_fraction, opts.seed, opts.group_column is not None)
+    counts = {f: forms.count(f) for f in sorted(set(forms), key=lambda f: -forms.count(f))}
 
     def take(pos):
-        return ([videos[vids[p]].frames for p in pos], labels.y[[rows[p] for p in pos]],
-                [video_id(videos[vids[p]], form) for p in pos])
+        return [videos[vids[p]].frames for p in pos], labels.y[[rows[p] for p in pos]]
 
-    trs, ytr, tri = take(tr)
-    vas, yva, vai = take(va)
-    return Prepared(labels, videos, form, trs, vas, ytr, yva, tri, vai, feat_names)
+    trs, ytr = take(tr)
+    vas, yva = take(va)
+    return Prepared(labels, videos, counts, trs, vas, ytr, yva, feat_names)
 
 
 def _learning_curve(history: list[dict], path: Path, title: str) -> None:
@@ -290,32 +335,118 @@ def _options_json(opts: TrainOptions) -> dict:
             for k, v in asdict(opts).items()}
 
 
+# --------------------------------------------------------------------------------------------------- run directory
+
+# Calibration is refitted whenever validation improves (the run directory always holds a usable best epoch), so it
+# uses at most this many training videos (a seeded sample): two numbers per target need no more, and the cost of
+# the extra forward pass stays small at Hume scale.
+CALIBRATION_VIDEOS = 1000
+
+
+def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder and rename it over `path` (atomic on POSIX)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _RunWriter:
+    """Writes a run directory: weights first, then config.json naming their SHA-256, then metrics.json, each
+    replaced atomically, so the files on disk always belong to one epoch (`predict` checks the hash)."""
+
+    def __init__(self, out: Path, opts: TrainOptions, data: Prepared, t: int, mean: np.ndarray, std: np.ndarray):
+        self.out, self.opts, self.data = out, opts, data
+        self.base = {
+            "seqhead_version": __version__,
+            "options": _options_json(opts),
+            "t": t,
+            "features": {"groups": opts.features, "names": list(data.feature_names), "no_face": opts.no_face,
+                         "stride": opts.stride, "mean": mean.tolist(), "std": std.tolist(), "format_version": FORMAT_VERSION,
+                         "all_names": list(FEATURE_NAMES)},
+            "targets": list(data.labels.targets),
+            "id_column": data.labels.id_column,
+            "id_form": data.id_form,
+            "id_forms": data.id_forms,
+        }
+
+    def write(self, save_weights: Callable[[Path], None], model: dict, slope: np.ndarray, intercept: np.ndarray,
+              pred_val: np.ndarray, status: str, best_epoch: int, epochs_run: int, seconds: float,
+              extra: dict | None = None) -> np.ndarray:
+        """Write weights, config and metrics; returns the validation Pearson per target (calibrated predictions)."""
+        weights = self.out / "model.safetensors"
+        _replace_file(weights, save_weights)
+        config = {**self.base, "model": model, "weights_sha256": file_sha256(weights),
+                  "calibration": {"slope": slope.tolist(), "intercept": intercept.tolist()}}
+        _replace_file(self.out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+        r = pearson(pred_val, self.data.y_val)
+        targets = self.data.labels.targets
+        metrics = {
+            "val": {"pearson": dict(zip(targets, map(float, r))), "mean_pearson": float(r.mean())},
+            # training: written while training ran (a killed run keeps it); interrupted: Ctrl-C; complete: done.
+            "status": status, "best_epoch": best_epoch, "epochs_run": epochs_run,
+            "n_train": len(self.data.train_seqs), "n_val": len(self.data.val_seqs), "seconds": seconds,
+            **(extra or {}),
+        }
+        _replace_file(self.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+        return r
+
+    def history(self, history: list[dict], best_epoch: int, curve: bool) -> None:
+        def write(p: Path) -> None:
+            with open(p, "w") as f:
+                f.write("epoch,train_loss,val_mean_pearson,seconds\n")
+                for h in history:
+                    f.write(f"{h['epoch']},{h['train_loss']:.6f},{h['val_mean_pearson']:.6f},{h['seconds']:.3f}\n")
+
+        _replace_file(self.out / "history.csv", write)
+        if curve:
+            _learning_curve(history, self.out / "learning_curve.png",
+                            f"{self.opts.head} ({self.opts.features}), best epoch {best_epoch}")
+
+
 # --------------------------------------------------------------------------------------------------- train
 
 
-def train(opts: TrainOptions, prepared: Prepared | None = None) -> TrainResult:
-    """Train one head and write its run directory. `prepared` lets a sweep reuse the data it already read."""
+def train(opts: TrainOptions, prepared: Prepared | None = None,
+          progress: Callable[[Progress], None] | None = None) -> TrainResult:
+    """Train one head and write its run directory. `prepared` lets a sweep reuse the data it already read;
+    `progress` is called after every step and at the end of every epoch.
+
+    Ctrl-C (KeyboardInterrupt) after the first epoch ends training early: the run directory keeps the best epoch
+    so far and the result says `interrupted`. Before the first epoch ends, the interrupt propagates and the
+    (then empty) run directory is removed.
+    """
+    device = resolve_device(opts.device)  # before reading anything: a missing GPU is a one-line error
+    with cpu_threads(opts.threads):
+        return _train(opts, prepared, progress, device)
+
+
+def _train(opts: TrainOptions, prepared: Prepared | None, progress: Callable[[Progress], None] | None,
+           device: torch.device) -> TrainResult:
     t0 = time.time()
     data = prepared or prepare(opts)
     out = Path(opts.out)
+    existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
-    device = resolve_device(opts.device)
 
-    longest = max(max(len(s) for s in data.train_seqs), 1)
+    raw_train = [s[::opts.stride] for s in data.train_seqs]
+    longest = max(max(len(s) for s in raw_train), 1)
     t = int(opts.t or longest)
-    all_train = np.concatenate([s for s in data.train_seqs if len(s)])
+    all_train = np.concatenate([s for s in raw_train if len(s)])
     mean = all_train.mean(0).astype(np.float32)
     std = np.maximum(all_train.std(0), 1e-6).astype(np.float32)
     # Training and validation videos longer than t keep their first t frames (predict has its own policy).
-    train_seqs = [s[:t] for s in standardize(data.train_seqs, mean, std)]
-    val_seqs = [s[:t] for s in standardize(data.val_seqs, mean, std)]
+    train_seqs = [s[:t] for s in standardize(raw_train, mean, std)]
+    val_seqs = [s[:t] for s in standardize([s[::opts.stride] for s in data.val_seqs], mean, std)]
     targets = data.labels.targets
+    writer = _RunWriter(out, opts, data, t, mean, std)
     history: list[dict] = []
-    model_cfg = None
+    interrupted = False
 
     if opts.head == "ridge":
         from sklearn.linear_model import RidgeCV
@@ -327,79 +458,73 @@ def train(opts: TrainOptions, prepared: Prepared | None = None) -> TrainResult:
         pred_val = ridge.predict(scaler.transform(pooled_stats(val_seqs))).astype(np.float32)
         arrays = {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_, "coef": ridge.coef_,
                   "intercept": np.atleast_1d(ridge.intercept_)}
-        # safetensors writes the raw buffer: sklearn's coef_ can be Fortran-ordered, so make every array C-ordered.
-        save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
-                   str(out / "model.safetensors"))
-        slope, intercept = np.ones(len(targets), np.float32), np.zeros(len(targets), np.float32)
-        best_epoch = epochs_run = 0
         extra = {"ridge_alpha": float(ridge.alpha_)}
+        # safetensors writes the raw buffer: sklearn's coef_ can be Fortran-ordered, so make every array C-ordered.
+        r_val = writer.write(
+            lambda p: save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(p)),
+            {"head": "ridge", **extra}, np.ones(len(targets), np.float32), np.zeros(len(targets), np.float32),
+            pred_val, "complete", 0, 0, time.time() - t0, extra)
+        best_epoch = epochs_run = 0
     else:
         model_cfg = ModelConfig(n_features=len(data.feature_names), n_targets=len(targets), t=t, head=opts.head,
-                                mask=opts.mask, rnn=opts.rnn, layers=opts.layers, hidden=opts.hidden, fc=opts.fc,
-                                dropout=opts.dropout, skip_padding=opts.skip_padding)
+                                mask=opts.mask, rnn=opts.rnn, layers=opts.layers, conv_blocks=opts.conv_blocks,
+                                hidden=opts.hidden, fc=opts.fc, dropout=opts.dropout,
+                                skip_padding=opts.skip_padding)
         model = SeqHead(model_cfg).to(device)
         optim = RoutedAdam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         lengths = np.array([max(len(s), 1) for s in train_seqs])
         y_train = torch.from_numpy(data.y_train)
-        best, best_state, best_epoch, stale = -np.inf, None, 0, 0
-        epochs_run = 0
-        for epoch in range(1, opts.epochs + 1):
-            te = time.time()
-            model.train()
-            losses = []
-            for b, idx in enumerate(batches(lengths, opts.batch_size, rng, opts.bucket)):
-                if opts.max_batches is not None and b >= opts.max_batches:
-                    break
-                losses.append(train_step(model, optim, [train_seqs[i] for i in idx], y_train[idx], opts.loss,
-                                         device, opts.clip))
-            r = pearson(predict_raw(model, val_seqs, device), data.y_val)
-            epochs_run = epoch
-            history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_mean_pearson=float(r.mean()),
-                                seconds=time.time() - te))
-            if not opts.quiet:
-                import sys
-                print(f"epoch {epoch}: train loss {history[-1]['train_loss']:.4f}  val mean Pearson "
-                      f"{r.mean():.4f}  ({history[-1]['seconds']:.1f}s)", file=sys.stderr)
-            if r.mean() > best:
-                best, best_epoch, stale = float(r.mean()), epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                stale += 1
+        calib = np.sort(rng.permutation(len(train_seqs))[:CALIBRATION_VIDEOS])
+        best, best_epoch, stale, epochs_run = -np.inf, 0, 0, 0
+        saved = None  # what the run directory holds: (weights, slope, intercept, raw validation predictions)
+
+        def save(status: str) -> np.ndarray:
+            state, slope, intercept, raw_val = saved
+            return writer.write(lambda p: save_torch(state, str(p)), model_cfg.to_dict(), slope, intercept,
+                                raw_val * slope + intercept, status, best_epoch, epochs_run, time.time() - t0)
+
+        try:
+            for epoch in range(1, opts.epochs + 1):
+                te = time.time()
+                model.train()
+                losses = []
+                plan = batches(lengths, opts.batch_size, rng, opts.bucket)[: opts.max_batches]
+                for b, idx in enumerate(plan):
+                    losses.append(train_step(model, optim, [train_seqs[i] for i in idx], y_train[idx], opts.loss,
+                                             device, opts.clip))
+                    if progress:
+                        progress(Progress(epoch, opts.epochs, b + 1, len(plan), time.time() - te,
+                                          float(np.mean(losses)), None, best_epoch))
+                raw_val = predict_raw(model, val_seqs, device)
+                r = float(pearson(raw_val, data.y_val).mean())
+                epochs_run = epoch
+                if r > best:
+                    best, best_epoch, stale = r, epoch, 0
+                    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+                    slope, intercept = fit_calibration(predict_raw(model, [train_seqs[i] for i in calib], device),
+                                                       data.y_train[calib])
+                    saved = (state, slope, intercept, raw_val)
+                    save("training")
+                else:
+                    stale += 1
+                history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_mean_pearson=r,
+                                    seconds=time.time() - te))
+                writer.history(history, best_epoch, curve=False)
+                if progress:
+                    progress(Progress(epoch, opts.epochs, len(plan), len(plan), history[-1]["seconds"],
+                                      history[-1]["train_loss"], r, best_epoch))
                 if stale >= opts.patience:
                     break
-        model.load_state_dict(best_state)
-        slope, intercept = fit_calibration(predict_raw(model, train_seqs, device), data.y_train)
-        pred_val = predict_raw(model, val_seqs, device) * slope + intercept
-        save_torch({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                   str(out / "model.safetensors"))
-        extra = {}
+        except KeyboardInterrupt:
+            if saved is None:
+                if not existed and not any(out.iterdir()):
+                    out.rmdir()
+                raise
+            interrupted = True
+        # Rewritten from memory: an interrupt may have landed between two files of a checkpoint.
+        r_val = save("interrupted" if interrupted else "complete")
+        writer.history(history, best_epoch, curve=True)
 
-    r_val = pearson(pred_val, data.y_val)
-    config = {
-        "seqhead_version": __version__,
-        "options": _options_json(opts),
-        "model": model_cfg.to_dict() if model_cfg else {"head": "ridge", **extra},
-        "t": t,
-        "features": {"groups": opts.features, "names": list(data.feature_names), "no_face": opts.no_face,
-                     "mean": mean.tolist(), "std": std.tolist(), "format_version": FORMAT_VERSION,
-                     "all_names": list(FEATURE_NAMES)},
-        "targets": list(targets),
-        "id_column": data.labels.id_column,
-        "id_form": data.id_form,
-        "calibration": {"slope": slope.tolist(), "intercept": intercept.tolist()},
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    metrics = {
-        "val": {"pearson": dict(zip(targets, map(float, r_val))), "mean_pearson": float(r_val.mean())},
-        "best_epoch": best_epoch, "epochs_run": epochs_run, "n_train": len(train_seqs), "n_val": len(val_seqs),
-        "seconds": time.time() - t0, **extra,
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if history:
-        with open(out / "history.csv", "w") as f:
-            f.write("epoch,train_loss,val_mean_pearson,seconds\n")
-            for h in history:
-                f.write(f"{h['epoch']},{h['train_loss']:.6f},{h['val_mean_pearson']:.6f},{h['seconds']:.3f}\n")
-        _learning_curve(history, out / "learning_curve.png", f"{opts.head} ({opts.features}), best epoch {best_epoch}")
     return TrainResult(out, targets, dict(zip(targets, map(float, r_val))), float(r_val.mean()), best_epoch,
-                       epochs_run, len(train_seqs), len(val_seqs), time.time() - t0, history)
+                       epochs_run, len(train_seqs), len(val_seqs), time.time() - t0, history, data.id_forms,
+                       interrupted)

@@ -96,8 +96,8 @@ def test_hume_layout_out_of_the_box(sim):
     lab = read_labels(sim.labels)
     assert lab.id_column == "File_ID" and len(lab.targets) == 7 and lab.split is not None
     videos, _ = read_features(sim.h5)
-    rows, vids, form = match(lab, videos)
-    assert form == "stem" and len(rows) == len(videos)
+    rows, vids, forms = match(lab, videos)
+    assert set(forms) == {"stem"} and len(rows) == len(videos)
     tr, va = split_indices(lab, rows, 0.2, 0, False)
     assert len(tr) and len(va) and not set(tr) & set(va)
 
@@ -110,8 +110,8 @@ def test_generic_ids_relative_paths_and_random_grouped_split(sim, tmp_path):
                       "subject": df.Subject_ID})
     lab = read_labels(_labels(tmp_path, g), group_column="subject")
     assert lab.id_column == "video" and lab.targets == ("score_a", "score_b") and lab.split is None
-    rows, vids, form = match(lab, videos)
-    assert form == "source"
+    rows, vids, forms = match(lab, videos)
+    assert set(forms) == {"source"}
     tr, va = split_indices(lab, rows, 0.3, 1, True)
     subj = np.array(lab.groups)[rows]
     assert len(va) and not set(subj[tr]) & set(subj[va])
@@ -163,3 +163,66 @@ def test_short_form_finds_labels_beside_or_says_how(sim, tmp_path):
         find_labels(lone, None)
     with pytest.raises(DataError, match="--labels"):
         prepare(TrainOptions(h5=lone, out=tmp_path / "r"))
+
+
+def _rename_videos(src: Path, dst: Path, sources: dict[str, str]) -> None:
+    """Copy a features file, giving some videos new relative paths (group key and `source` attribute)."""
+    import shutil
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as h5:
+        for old, new in sources.items():
+            h5.move(f"videos/{escape_key(old)}", f"videos/{escape_key(new)}")
+            h5[f"videos/{escape_key(new)}"].attrs["source"] = new
+
+
+def test_every_promised_id_form_matches_row_by_row(sim, tmp_path):
+    df = pd.read_csv(sim.labels, dtype={"File_ID": str})
+    split_of = dict(zip(df.File_ID, df.Split))
+    ids = list(df.File_ID)
+    # Videos 0 and 1 move to a/clip.mp4 and b/clip.mp4: same stem and file name, different folders.
+    h5 = tmp_path / "renamed.h5"
+    _rename_videos(sim.h5, h5, {f"{split_of[ids[0]]}/{ids[0]}.mp4": "a/clip.mp4",
+                                f"{split_of[ids[1]]}/{ids[1]}.mp4": "b/clip.mp4"})
+    written = ["a/clip", "b/clip.mp4",  # mixed forms naming two videos with one stem
+               f"{ids[2]}.mp4",  # file name with suffix
+               str(int(ids[3])), f"{int(ids[4])}.mp4",  # leading zeros lost (with and without suffix)
+               f"{split_of[ids[5]]}/{ids[5]}",  # relative path without suffix
+               escape_key(f"{split_of[ids[6]]}/{ids[6]}.mp4")] + ids[7:]  # HDF5 key, then stems
+    lab = read_labels(_labels(tmp_path, df.assign(File_ID=written)))
+    videos, _ = read_features(h5)
+    rows, vids, forms = match(lab, videos)
+    assert len(rows) == len(videos) == len(df)
+    source_of_row = {r: videos[j].source for r, j in zip(rows, vids)}
+    assert source_of_row[0] == "a/clip.mp4" and source_of_row[1] == "b/clip.mp4"
+    for r in range(2, len(df)):
+        assert Path(source_of_row[r]).stem == ids[r], (r, written[r], source_of_row[r])
+    assert forms[:8] == ["path", "source", "name", "number", "number", "path", "key", "stem"]
+
+
+def test_id_errors_name_rows_and_forms(sim, tmp_path):
+    df = pd.read_csv(sim.labels, dtype={"File_ID": str})
+    videos, _ = read_features(sim.h5)
+    two_names = df.assign(File_ID=[str(int(df.File_ID[1]))] + list(df.File_ID[1:]))  # '1' and '00001': one video
+    with pytest.raises(DataError, match=r"1 video\(s\) named by two rows: '1' \(line 2\) and '00001' \(line 3\)"):
+        match(read_labels(_labels(tmp_path, two_names)), videos)
+    h5 = tmp_path / "renamed.h5"
+    split_of = dict(zip(df.File_ID, df.Split))
+    _rename_videos(sim.h5, h5, {f"{split_of[i]}/{i}.mp4": f"{d}/clip.mp4" for i, d in zip(df.File_ID[:2], "ab")})
+    clip = df.assign(File_ID=["clip"] + list(df.File_ID[1:]))
+    with pytest.raises(DataError, match=r"1 id\(s\) name several videos: clip \(by stem\)"):
+        match(read_labels(_labels(tmp_path, clip)), read_features(h5)[0])
+
+
+def test_peak_setting_differs_in_lengths_and_labels(tmp_path):
+    kw = dict(scale=0.004, max_len=60, min_len=8, seed=2)
+    ep = simulate(SimulateOptions(tmp_path / "e.h5", **kw))
+    pk = simulate(SimulateOptions(tmp_path / "p.h5", setting="peak", **kw))
+    assert pk.n_videos == ep.n_videos and pk.n_frames < 0.85 * ep.n_frames  # shorter videos on average
+    with h5py.File(pk.h5) as h5:
+        assert '"setting": "peak"' in h5.attrs["detector"]
+    videos, _ = read_features(pk.h5)
+    rows, vids, forms = match(read_labels(pk.labels), videos)
+    assert len(rows) == len(videos) and set(forms) == {"stem"}
+    with pytest.raises(ValueError, match="setting 'late'"):
+        SimulateOptions(tmp_path / "x.h5", setting="late")

@@ -1,6 +1,7 @@
 """seqhead end to end: train → predict → evaluate (CLI), calibration, long videos, run directory, sweep."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -126,9 +127,13 @@ def test_pearson_metric():
     np.testing.assert_allclose(pearson(np.c_[-y[:, 0], np.ones(50)], y), [-1, 0])
 
 
-@pytest.mark.parametrize("head", ["ridge", "attn"])
-def test_run_dir_reproduces_validation_metrics(sim, tmp_path, head):
-    res = train(TrainOptions(h5=sim.h5, out=tmp_path / head, head=head, **TINY))
+@pytest.mark.parametrize("head, kw", [("ridge", {}), ("attn", {}), ("attn", dict(stride=2, rnn="conv", bucket=True))])
+def test_run_dir_reproduces_validation_metrics(sim, tmp_path, head, kw):
+    res = train(TrainOptions(h5=sim.h5, out=tmp_path / head, head=head, **TINY, **kw))
+    if kw:  # the stride is part of the run: t counts strided frames, and predict strides the same way
+        cfg = json.loads((res.run_dir / "config.json").read_text())
+        longest = max(len(v.frames) for v in read_features(sim.h5)[0])
+        assert cfg["features"]["stride"] == 2 and cfg["t"] <= (longest + 1) // 2 and cfg["model"]["rnn"] == "conv"
     # Validation videos longer than t are cut during training; predict the same way to compare.
     predict(PredictOptions(res.run_dir, sim.h5, tmp_path / "p.csv", long_videos="truncate"))
     ev = evaluate(EvaluateOptions(tmp_path / "p.csv", sim.labels, split="val"))
@@ -147,3 +152,72 @@ def test_batches_cover_every_video_once_and_never_leave_one_alone(bucket):
             out = batches(rng.integers(1, 480, n), size, rng, bucket)
             assert sorted(np.concatenate(out).tolist()) == list(range(n)), (n, size)
             assert min(len(b) for b in out) >= 2, (n, size)
+
+
+def test_threads_and_device_do_not_change_a_sweep_runs_identity(sim, tmp_path):
+    variants = parse_grid(["head=mean"])
+    base = TrainOptions(h5=sim.h5, out=tmp_path, **TINY)
+    first = sweep(SweepOptions(replace(base, threads=1, device="cpu"), tmp_path / "s", variants))
+    again = sweep(SweepOptions(replace(base, threads=2, device="auto"), tmp_path / "s", variants, devices=("cpu",)))
+    assert first.n_run == 1 and again.n_run == 0 and again.n_reused == 1
+    assert list(again.runs["run_dir"]) == list(first.runs["run_dir"])
+    assert len(list((tmp_path / "s" / "runs").iterdir())) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_cuda_is_one_clear_line(sim, tmp_path):
+    runner = CliRunner()
+    res = train(TrainOptions(h5=sim.h5, out=tmp_path / "run", head="ridge", **TINY))
+    for args in (["train", str(sim.h5), "--out", str(tmp_path / "r"), "--device", "cuda"],
+                 ["predict", str(res.run_dir), str(sim.h5), "-o", str(tmp_path / "p.csv"), "--device", "cuda:0"],
+                 ["sweep", str(sim.h5), "--out", str(tmp_path / "s"), "--grid", "head=mean", "--devices", "cuda:0"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args[0], r.output)
+        assert "sees no CUDA GPU" in r.output and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) <= 2, r.output  # one message (a narrow terminal may wrap it once)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "s" / "runs").exists()
+
+
+def test_ctrl_c_keeps_the_best_epoch_and_progress_is_plain_text(sim, tmp_path):
+    """A real `seqhead train` process, interrupted by SIGINT after its second epoch began; stderr is a pipe."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "seqhead.cli", "train", str(sim.h5), "--out", str(run),
+                             "--hidden", "8", "--fc", "4", "--batch-size", "8", "--epochs", "100000",
+                             "--patience", "100000"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=env)
+    lines = []
+    watchdog = threading.Timer(300, proc.kill)  # never hang the suite
+    watchdog.start()
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("epoch 3"):
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    err = "".join(lines) + err
+    assert proc.returncode == 130, err
+    assert "holds the best epoch so far" in err and "seqhead predict" in err, err
+    # Progress: steps within an epoch and seconds per epoch, as plain lines.
+    assert "epoch 1/100000: step 4/8 (50%)" in err and "epoch 2/100000: 8 steps in" in err and "ms/step" in err, err
+    assert "\r" not in err and "\x1b" not in err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["epochs_run"] >= 2 and metrics["best_epoch"] >= 1
+    hist = pd.read_csv(run / "history.csv")
+    assert np.isclose(hist.val_mean_pearson.max(), hist.val_mean_pearson[metrics["best_epoch"] - 1])
+    pred = predict(PredictOptions(run, sim.h5, tmp_path / "p.csv", long_videos="truncate"))
+    assert len(pred.table) == sum(sim.n_videos)
+    ev = evaluate(EvaluateOptions(tmp_path / "p.csv", sim.labels, split="val"))
+    assert np.isclose(ev.mean_pearson, metrics["val"]["mean_pearson"], atol=1e-4)
