@@ -1,4 +1,5 @@
-"""Alignment: each face warped onto insightface's ArcFace 5-point template (similarity transform), the MMA's input."""
+"""Alignment: each face warped onto insightface's ArcFace 5-point template (similarity transform), the MMA's input;
+`warp_affine`, the one warp of every model's crops (also the face mesh's, `movement.crop_faces`)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,24 @@ def align_faces(frames, landmarks, size: int = 112, device: str | torch.device =
 def warp_faces(frames, landmarks, size: int = 112, device: str | torch.device = "cpu", method: str = "auto"
                ) -> torch.Tensor:
     """As align_faces, but (N, 3, size, size) uint8 on ``device``: the aligned crops as insightface's ``norm_crop``
-    makes them.
+    makes them (``warp_affine`` with the ArcFace template's transforms)."""
+    matrices = alignment_matrices(landmarks, size)
+    if len(matrices) != len(frames):
+        raise ValueError(f"align_faces needs one landmark set per frame: {len(frames)} frames, {len(matrices)} "
+                         "landmark sets")
+    return warp_affine(frames, matrices, size, device, method)
 
-    ``method="cv2"`` (the default on the CPU): one cv2.warpAffine per face, exactly ``norm_crop`` and much cheaper
-    there than converting frames to float. ``"grid"`` (the default on GPUs): all faces in one batched bilinear warp
-    (affine_grid + grid_sample, zero border) on the device, within one grey level of ``norm_crop``.
+
+def warp_affine(frames, matrices: np.ndarray, size: int, device: str | torch.device = "cpu", method: str = "auto"
+                ) -> torch.Tensor:
+    """Frames (N, H, W, 3) uint8 RGB (numpy or torch) and (N, 2, 3) affines image -> crop pixels -> (N, 3, size,
+    size) uint8 crops on ``device``, bilinear, black beyond the frame; rows with non-finite affines are black. The one
+    warp of the crops every model sees (the MMA's aligned faces, the face mesh's crops).
+
+    ``method="cv2"`` (the default on the CPU): one cv2.warpAffine per face, which is what insightface's ``norm_crop``
+    and MediaPipe's CPU ImageToTensor do, and much cheaper there than converting frames to float. ``"grid"`` (the
+    default on GPUs): all faces in one batched bilinear warp (affine_grid + grid_sample, zero border) on the device,
+    within one grey level of cv2.
     """
     if method not in ("auto", "cv2", "grid"):
         raise ValueError(f"unknown warp method {method!r}; known: auto, cv2, grid")
@@ -48,9 +62,9 @@ def warp_faces(frames, landmarks, size: int = 112, device: str | torch.device = 
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"frames must be (N, H, W, 3) RGB, got shape {tuple(images.shape)}")
     n, h, w, _ = images.shape
-    matrices = alignment_matrices(landmarks, size)
+    matrices = np.asarray(matrices, np.float64).reshape(-1, 2, 3)
     if len(matrices) != n:
-        raise ValueError(f"align_faces needs one landmark set per frame: {n} frames, {len(matrices)} landmark sets")
+        raise ValueError(f"one affine per frame needed: {n} frames, {len(matrices)} affines")
     if n == 0:
         return torch.zeros(0, 3, size, size, dtype=torch.uint8, device=device)
     ok = np.isfinite(matrices).all((1, 2))
@@ -60,7 +74,7 @@ def warp_faces(frames, landmarks, size: int = 112, device: str | torch.device = 
         images = images.cpu().numpy()
         out = np.zeros((n, size, size, 3), np.uint8)
         for i in np.flatnonzero(ok):
-            out[i] = cv2.warpAffine(images[i], matrices[i], (size, size), borderValue=0.0)
+            out[i] = cv2.warpAffine(images[i], matrices[i], (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
         return torch.from_numpy(out).permute(0, 3, 1, 2).to(device)
     full = np.zeros((n, 3, 3))
     full[:, :2] = np.where(ok[:, None, None], matrices, [[1.0, 0, 0], [0, 1.0, 0]])

@@ -42,9 +42,11 @@ def run(
     fps: Optional[float] = typer.Option(None, min=0.001, help="Analyse frames at this rate (by timestamp). Default: every frame."),
     commit_every: float = typer.Option(60.0, min=0, help="Seconds between merges of finished videos into the output file."),
     progress_every: float = typer.Option(30.0, min=0, help="Seconds between progress lines when stderr is not a terminal (a log file)."),
+    movement: bool = typer.Option(True, "--movement/--no-movement", help="Measure facial movement per frame (MediaPipe face mesh: 52 blendshapes, head pose, gaze). --no-movement stores the 26 values only."),
+    mesh: bool = typer.Option(False, "--mesh", help="Also store the 478 face mesh points per frame (float16, about 2.9 KB a frame)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
-    """Extract per-frame affect features (26 values per frame) of videos into an HDF5 file."""
+    """Extract per-frame affect features (26 values per frame) and measured facial movement of videos into an HDF5 file."""
     from affextract.extract import ExtractOptions, extract
 
     if detect_every is not None:
@@ -56,10 +58,11 @@ def run(
     *inputs, output = paths
     if output.suffix.lower() not in (".h5", ".hdf5"):
         raise typer.BadParameter(f"the last path is the output file and must end in .h5 (got {output})")
-    opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
-                          detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
-                          fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every)
     try:
+        opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
+                              detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
+                              fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every,
+                              movement=movement, mesh=mesh)
         report = extract(inputs, output, opts)
     except (OSError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
@@ -120,7 +123,7 @@ def info(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An 
     out.print(f"{len(rows)} videos, {frames:,} frames, face found on {faces / max(frames, 1):.1%}")
     p = Table(show_header=False, box=None)
     for k in ("format", "format_version", "affextract_version", "model", "model_sha256", "detector", "alignment",
-              "sampling", "created", "updated"):
+              "sampling", "movement", "created", "updated"):
         if k in attrs:
             p.add_row(f"[bold]{k}[/bold]", str(attrs[k]))
     out.print(p)

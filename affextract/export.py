@@ -1,9 +1,11 @@
 """`affextract export`: one table row per analysed frame, with OpenFace-like columns, as CSV or Parquet.
 
-Columns: video, frame, timestamp, success, confidence, then the 26 features by name (FEATURE_NAMES), optionally the
-face box and the 5 landmarks. Differences from OpenFace's CSV worth knowing: `frame` is the 0-based index of the frame
-in the decoded stream (OpenFace counts from 1), `confidence` is the face detector's score (NaN where no face), and rows
-without a face have NaN features instead of zeros.
+Columns: video, frame, timestamp, success, confidence, then the 26 features by name (FEATURE_NAMES); with measured
+movement OpenFace's head pose and gaze columns (pose_Rx, pose_Ry, pose_Rz, gaze_angle_x, gaze_angle_y: radians, in
+OpenFace's axes and signs, see `openface_pose` and `openface_gaze`), the face mesh's presence and the 52 blendshapes by
+name; optionally the face box and the 5 landmarks. Differences from OpenFace's CSV worth knowing: `frame` is the
+0-based index of the frame in the decoded stream (OpenFace counts from 1), `confidence` is the face detector's score
+(NaN where no face), and rows without a face have NaN values instead of zeros.
 
 The file is written video by video (one CSV append or one Parquet row group each), so memory stays at one video.
 """
@@ -17,10 +19,12 @@ import numpy as np
 
 from affextract.detectors import LANDMARK_NAMES
 from affextract.features import VideoFeatures, open_features
-from affextract.schema import FEATURE_NAMES
+from affextract.schema import BLENDSHAPE_NAMES, FEATURE_NAMES
 
 FORMATS = ("csv", "parquet")
 BOX_COLUMNS = ("face_x1", "face_y1", "face_x2", "face_y2")
+POSE_COLUMNS = ("pose_Rx", "pose_Ry", "pose_Rz")  # OpenFace's names: pitch, yaw, roll in radians
+GAZE_COLUMNS = ("gaze_angle_x", "gaze_angle_y")  # OpenFace's names: radians
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ def frame_table(video: VideoFeatures, geometry: bool = False) -> "pd.DataFrame":
     }
     for i, name in enumerate(FEATURE_NAMES):
         cols[name] = video.features[:, i]
+    if video.pose is not None:
+        cols |= dict(zip(POSE_COLUMNS, openface_pose(video.pose).T.astype(np.float32)))
+        cols |= dict(zip(GAZE_COLUMNS, openface_gaze(video.gaze).T.astype(np.float32)))
+        cols["presence"] = video.presence
+        cols |= dict(zip(BLENDSHAPE_NAMES, video.blendshapes.T))
     if geometry:
         for i, name in enumerate(BOX_COLUMNS):
             cols[name] = video.box[:, i]
@@ -62,6 +71,47 @@ def frame_table(video: VideoFeatures, geometry: bool = False) -> "pd.DataFrame":
         for i, name in enumerate(landmark_columns()):
             cols[name] = marks[:, i]
     return pd.DataFrame(cols)
+
+
+def openface_pose(pose: np.ndarray) -> np.ndarray:
+    """(n, 3) yaw, pitch, roll in degrees (schema.POSE_NAMES) -> (n, 3) OpenFace's pose_Rx, pose_Ry, pose_Rz in
+    radians: the same head rotation in OpenFace's camera axes (x right, y down, z away from the camera) as Euler
+    angles of R = Rx(pose_Rx) @ Ry(pose_Ry) @ Rz(pose_Rz) (OpenFace's RotationMatrix2Euler). Without cross terms,
+    pose_Rx = -pitch (head up: negative), pose_Ry = -yaw (turning to the subject's right: positive), pose_Rz = -roll.
+    NaN rows stay NaN."""
+    yaw, pitch, roll = np.radians(np.asarray(pose, np.float64)).T
+    # The stored angles' rotation, rot = Ry(yaw) @ Rx(-pitch) @ Rz(roll) in axes x right, y up, z towards the camera
+    # (movement.euler_degrees), seen in OpenFace's axes: F @ rot @ F with F = diag(1, -1, -1).
+    rot = _rot_y(yaw) @ _rot_x(-pitch) @ _rot_z(roll) * np.outer([1, -1, -1], [1, -1, -1])
+    rx = np.arctan2(-rot[:, 1, 2], rot[:, 2, 2])
+    ry = np.arcsin(np.clip(rot[:, 0, 2], -1, 1))
+    rz = np.arctan2(-rot[:, 0, 1], rot[:, 0, 0])
+    return np.stack([rx, ry, rz], 1)
+
+
+def openface_gaze(gaze: np.ndarray) -> np.ndarray:
+    """(n, 2) gaze yaw, pitch in degrees (schema.GAZE_NAMES) -> (n, 2) OpenFace's gaze_angle_x, gaze_angle_y in
+    radians: atan2(g.x, -g.z) and atan2(g.y, -g.z) of the gaze direction g in OpenFace's camera axes (x right, y
+    down, z away from the camera; GazeAnalysis::GetGazeAngle). gaze_angle_x > 0: looking towards the image's right
+    (the subject's left) and equal to the gaze yaw; gaze_angle_y > 0: looking down."""
+    yaw, pitch = np.radians(np.asarray(gaze, np.float64)).T
+    # g = (cos p sin y, -sin p, -cos p cos y) in OpenFace's axes for gaze yaw y, pitch p (pitch up in ours).
+    return np.stack([yaw, np.arctan2(-np.sin(pitch), np.cos(pitch) * np.cos(yaw))], 1)
+
+
+def _rot_x(a: np.ndarray) -> np.ndarray:
+    c, s, o, i = np.cos(a), np.sin(a), np.zeros_like(a), np.ones_like(a)
+    return np.stack([np.stack([i, o, o], -1), np.stack([o, c, -s], -1), np.stack([o, s, c], -1)], -2)
+
+
+def _rot_y(a: np.ndarray) -> np.ndarray:
+    c, s, o, i = np.cos(a), np.sin(a), np.zeros_like(a), np.ones_like(a)
+    return np.stack([np.stack([c, o, s], -1), np.stack([o, i, o], -1), np.stack([-s, o, c], -1)], -2)
+
+
+def _rot_z(a: np.ndarray) -> np.ndarray:
+    c, s, o, i = np.cos(a), np.sin(a), np.zeros_like(a), np.ones_like(a)
+    return np.stack([np.stack([c, -s, o], -1), np.stack([s, c, o], -1), np.stack([o, o, i], -1)], -2)
 
 
 def landmark_columns() -> tuple[str, ...]:

@@ -1,14 +1,18 @@
-"""`affextract run`: decode → detect and track the primary face → align → MMA → HDF5, resumable and crash-safe.
+"""`affextract run`: decode → detect and track the primary face → align → MMA (+ measured movement) → HDF5,
+resumable and crash-safe.
 
 Decoding, face detection, tracking and alignment run in worker processes (`affextract.workers`), each on its own
-videos; they send the aligned crops and the face geometry, and the main process runs the MMA and writes. The stages
-overlap, and a decoder crash on a malformed file costs that file only. Nothing heavy happens before it is needed: a
-rerun with nothing left to do reads the output file's index and returns, without loading torch, the model or a worker.
+videos; they send the aligned crops, the face mesh's crops and the face geometry, and the main process runs the MMA
+and the movement stage (`affextract.movement`: MediaPipe face mesh, blendshapes, head pose, gaze) on the same device,
+batched per chunk, and writes. The stages overlap, and a decoder crash on a malformed file costs that file only.
+Nothing heavy happens before it is needed: a rerun with nothing left to do reads the output file's index and returns,
+without loading torch, the model or a worker.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -17,11 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from affextract.store import FeatureStore, Provenance, ShardWriter, StoredVideo, dumps
+from affextract.store import (MOVEMENT_DATASETS, MOVEMENT_OFF, FeatureStore, Provenance, ShardWriter, StoredVideo,
+                              dumps)
 from affextract.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, VideoInfo, find_sources
 from affextract.workers import Broken, FaceChunk, Failed, Finished, Opened, WorkerSpec, analyse
 
 ALIGNMENT = "arcface-5pt similarity (insightface.utils.face_align.estimate_norm) to 112x112 RGB in [-1, 1]"
+MESH_CROP = ("MediaPipe's face crop placed from the tracked face's 5 points (movement.roi_from_points: eyes level, "
+             "POINTS_TEMPLATE fitted by least squares), 192x192 RGB, bilinear, black beyond the frame")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class ExtractOptions:
     commit_every: float = 60.0  # seconds between merges of finished videos into the output file
     progress: bool = True  # progress on stderr: a live display on a terminal, a plain line now and then otherwise
     progress_every: float = 30.0  # seconds between plain progress lines (stderr not a terminal, e.g. a log file)
+    movement: bool = True  # measure movement: MediaPipe blendshapes, head pose, gaze, face presence per frame
+    mesh: bool = False  # also store the 478 face mesh points per frame (float16; needs movement)
 
     def __post_init__(self):
         for name, low in (("detect_interval", 0), ("batch_size", 1), ("workers", 0), ("commit_every", 0),
@@ -49,6 +58,8 @@ class ExtractOptions:
                 raise ValueError(f"ExtractOptions.{name} must be >= {low}, got {getattr(self, name)}")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"ExtractOptions.fps must be > 0 (or None for every frame), got {self.fps}")
+        if self.mesh and not self.movement:
+            raise ValueError("the mesh is part of the movement stage: --mesh cannot go with --no-movement")
 
 
 @dataclass
@@ -144,8 +155,9 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             detector=dumps(describe_detector(options.detector, **_detector_options(options))
                            | {"detect_interval": float(options.detect_interval)}),
             alignment=ALIGNMENT, sampling=dumps({"fps": None if options.fps is None else float(options.fps)}),
+            movement=_movement_identity(options),
         )
-        store = FeatureStore(output, provenance, merge=dist.rank == 0)
+        store = FeatureStore(output, provenance, merge=dist.rank == 0, datasets=movement_datasets(options))
         opened: Exception | None = None
         if dist.rank == 0:
             try:
@@ -220,6 +232,24 @@ def _weights_identity(weights: Path | str | None) -> tuple[str, str]:
     return path.stem, h.hexdigest()
 
 
+def movement_datasets(options: ExtractOptions) -> tuple[str, ...]:
+    """The per-frame movement datasets a run with these options stores (store.MOVEMENT_DATASETS)."""
+    if not options.movement:
+        return ()
+    return tuple(d for d in MOVEMENT_DATASETS if d != "mesh" or options.mesh)
+
+
+def _movement_identity(options: ExtractOptions) -> str:
+    """The file's `movement` provenance: on/off, mesh stored, the MediaPipe weights' SHA-256s and the crop rule. The
+    checksums are those recorded beside the shipped weights (the loader refuses a file that does not match its
+    record), read without importing torch."""
+    if not options.movement:
+        return MOVEMENT_OFF
+    weights = {p.stem: json.loads(p.read_text())["sha256"]
+               for p in sorted((Path(__file__).parent / "weights").glob("mediapipe_*.json"))}
+    return dumps({"enabled": True, "mesh": options.mesh, "weights_sha256": weights, "crop": MESH_CROP})
+
+
 def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, options: ExtractOptions, merges: bool,
          report: ExtractReport) -> None:
     """Extract `sources` into `store` (this rank's share)."""
@@ -234,8 +264,9 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
         raise RuntimeError(f"the weights file {options.weights} changed while the run started; run again")
     workers = options.workers or default_workers()
     spec = WorkerSpec(options.fps, options.batch_size, options.detector, _detector_options(options),
-                      float(options.detect_interval), str(device), _cpu_threads(workers))
+                      float(options.detect_interval), str(device), _cpu_threads(workers), options.movement)
     features = _Features(model, device)
+    movement = _Movement(device, movement_datasets(options)) if options.movement else None
     writers: dict[int, ShardWriter] = {}  # video index -> shard of each video in flight
     threads_before = torch.get_num_threads()
     torch.set_num_threads(_cpu_threads(workers))
@@ -253,7 +284,8 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
                     case FaceChunk():
                         writers[event.index].append(features(event), event.face, event.frame, event.time,
                                                     event.boxes, event.landmarks,
-                                                    np.where(event.face, event.scores, np.nan))
+                                                    np.where(event.face, event.scores, np.nan),
+                                                    **(movement(event) if movement else {}))
                         report.frames += len(event.frame)
                         ui.analysed(event.index, len(event.frame))
                     case Finished():
@@ -301,6 +333,27 @@ class _Features:
                 out[faces.face] = self.model.features(x).float().cpu().numpy()
         return out
 
+
+class _Movement:
+    """The movement stage on a chunk's face mesh crops: per-frame arrays of `datasets`, NaN where there is no face."""
+
+    def __init__(self, device, datasets: tuple[str, ...]):
+        from affextract.movement import Movement, MovementOptions
+
+        # Batches of 16 fit a CPU's cache; a GPU takes a chunk at once.
+        self.stage = Movement(device, MovementOptions(batch_size=16 if device.type == "cpu" else 256))
+        self.datasets = datasets
+
+    def __call__(self, faces: FaceChunk) -> dict[str, np.ndarray]:
+        import torch
+
+        n = len(faces.face)
+        out = {d: np.full((n, *MOVEMENT_DATASETS[d][1]), np.nan, MOVEMENT_DATASETS[d][0]) for d in self.datasets}
+        if len(faces.mesh_crops):
+            measured = self.stage(torch.from_numpy(faces.mesh_crops), faces.mesh_to_image)
+            for d in self.datasets:
+                out[d][faces.face] = getattr(measured, d)
+        return out
 
 
 def _detector_options(options: ExtractOptions) -> dict:

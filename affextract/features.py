@@ -5,7 +5,8 @@
         for video in ff:                      # one video in memory at a time
             video.features                    # (K, 26) float32, NaN rows where no face
             video["happiness"]                # (K,) one named feature
-        df = ff.dataframe()                   # every video: video, frame, time, face + 26 columns
+            video.blendshapes, video.pose     # (K, 52), (K, 3) measured movement (None in files without it)
+        df = ff.dataframe()                   # every video: video, frame, time, face + 26 columns (+ movement)
 
 Arrays are frame-major, (K, 26), the transpose of the file's `features` dataset (26, K), so that rows line up with
 `frame`, `time` and `face` and with the rows of the DataFrame. This is the one reader of the format: seqhead and the
@@ -14,6 +15,7 @@ examples read through it, and `affextract.store.FeatureWriter` writes what it re
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,8 +23,9 @@ from typing import Iterable, Iterator
 import h5py
 import numpy as np
 
-from affextract.schema import AU, EXPR, FEATURE_NAMES, VA
-from affextract.store import DATASETS, FormatError, Provenance, _str, check_format, escape_key, unescape_key
+from affextract.schema import AU, BLENDSHAPE_NAMES, EXPR, FEATURE_NAMES, GAZE_NAMES, POSE_NAMES, VA
+from affextract.store import (DATASETS, NAME_MAJOR, FormatError, Provenance, _str, check_format, escape_key,
+                              unescape_key)
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class VideoFeatures:
     score: np.ndarray  # (K,) float32 detector confidence (NaN if none)
     # source, path, size_bytes, mtime, fps, frames_total, width, height, status, error
     attrs: dict = field(default_factory=dict)
-    # Per-frame datasets beyond format v1's (e.g. measured movement), name -> (K, ...) array as stored.
+    # Per-frame datasets beyond format v1's, name -> (K, ...) array, frame-major: the measured movement (see the
+    # properties blendshapes, pose, gaze, presence, mesh) and any others a writer added.
     extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -61,11 +65,16 @@ class VideoFeatures:
                        **{n: None if getattr(self, n) is None else getattr(self, n)[rows] for n in DATASETS})
 
     def __getitem__(self, name: str) -> np.ndarray:
-        """One feature over time by name, e.g. video["AU12"] -> (K,)."""
-        try:
-            return self.features[:, FEATURE_NAMES.index(name)]
-        except ValueError:
-            raise KeyError(f"no feature named {name!r}; the features are {', '.join(FEATURE_NAMES)}") from None
+        """One value over time by name, e.g. video["AU12"], video["jawOpen"], video["yaw"] -> (K,)."""
+        for values, names in ((self.features, FEATURE_NAMES), (self.blendshapes, BLENDSHAPE_NAMES),
+                              (self.pose, POSE_NAMES), (self.gaze, GAZE_NAMES)):
+            if name in names:
+                if values is None:
+                    raise KeyError(f"{name!r} is measured movement, which this video does not have (made with "
+                                   "--no-movement, or by an affextract without it)")
+                return values[:, names.index(name)]
+        raise KeyError(f"no feature named {name!r}; the features are {', '.join(FEATURE_NAMES)}; measured movement: "
+                       f"{', '.join(POSE_NAMES + GAZE_NAMES)} and the blendshapes (schema.BLENDSHAPE_NAMES)")
 
     @property
     def va(self) -> np.ndarray:
@@ -83,17 +92,49 @@ class VideoFeatures:
         return self.features[:, AU]
 
     @property
+    def blendshapes(self) -> np.ndarray | None:
+        """(K, 52) float32 MediaPipe blendshapes in [0, 1] (schema.BLENDSHAPE_NAMES; index 0, `_neutral`, carries no
+        movement); NaN rows where no face; None when the file has no measured movement (--no-movement)."""
+        return self.extra.get("blendshapes")
+
+    @property
+    def pose(self) -> np.ndarray | None:
+        """(K, 3) float32 head yaw, pitch, roll in degrees (schema.POSE_NAMES for the signs); None without movement."""
+        return self.extra.get("pose")
+
+    @property
+    def gaze(self) -> np.ndarray | None:
+        """(K, 2) float32 gaze yaw, pitch in degrees, relative to the camera; None without movement."""
+        return self.extra.get("gaze")
+
+    @property
+    def presence(self) -> np.ndarray | None:
+        """(K,) float32 the face mesh's face-presence probability; None without movement."""
+        return self.extra.get("presence")
+
+    @property
+    def mesh(self) -> np.ndarray | None:
+        """(K, 478, 3) float16 face mesh in source pixels (z: relative depth, x's scale); None unless run with
+        --mesh."""
+        return self.extra.get("mesh")
+
+    @property
     def status(self) -> str:
         """complete, or partial when the stream broke part-way (the frames before the break are stored)."""
         return self.attrs.get("status", "complete")
 
     def dataframe(self) -> "pd.DataFrame":  # noqa: F821 (pandas is imported lazily)
-        """One row per analysed frame: video, frame, time, face, then the 26 features by name."""
+        """One row per analysed frame: video, frame, time, face, then the 26 features by name, then (when measured)
+        yaw, pitch, roll, gaze_yaw, gaze_pitch, presence and the 52 blendshapes by name."""
         import pandas as pd
 
-        df = pd.DataFrame({"video": self.key, "frame": self.frame, "time": self.time, "face": self.face})
-        feats = pd.DataFrame(self.features, columns=list(FEATURE_NAMES))
-        return pd.concat([df, feats], axis=1)
+        parts = [pd.DataFrame({"video": self.key, "frame": self.frame, "time": self.time, "face": self.face}),
+                 pd.DataFrame(self.features, columns=list(FEATURE_NAMES))]
+        for values, names in ((self.pose, POSE_NAMES), (self.gaze, GAZE_NAMES), (self.presence, ("presence",)),
+                              (self.blendshapes, BLENDSHAPE_NAMES)):
+            if values is not None:
+                parts.append(pd.DataFrame(values.reshape(len(values), -1), columns=list(names)))
+        return pd.concat(parts, axis=1)
 
 
 @dataclass(frozen=True)
@@ -133,6 +174,12 @@ class FeatureFile:
         # carry it on (FeatureWriter(path, ff.provenance)).
         self.provenance: Provenance = Provenance.read(self._f.attrs)
         self.feature_names: tuple[str, ...] = tuple(self.attrs["feature_names"])
+        # The measured movement (affextract run without --no-movement): {"enabled": false} for files without it;
+        # else whether the mesh is stored, the MediaPipe weights' SHA-256s and the crop rule.
+        self.movement: dict = json.loads(self.provenance.movement)
+        self.blendshape_names: tuple[str, ...] = tuple(self.attrs.get("blendshape_names", BLENDSHAPE_NAMES))
+        self.pose_names: tuple[str, ...] = tuple(self.attrs.get("pose_names", POSE_NAMES))
+        self.gaze_names: tuple[str, ...] = tuple(self.attrs.get("gaze_names", GAZE_NAMES))
         videos = self._f.get("videos", {})
         self.keys: list[str] = sorted(unescape_key(n) for n in videos)  # videos stored with features
         failed = self._f.get("failed", {})
@@ -178,8 +225,9 @@ class FeatureFile:
         if missing:
             raise KeyError(f"video {key!r} of {self.path} has no dataset {', '.join(missing)}")
         d = {n: g[n][()] for n in names}
-        if d.get("features") is not None:
-            d["features"] = np.ascontiguousarray(d["features"].T)
+        for n in NAME_MAJOR:  # (C, K) in the file, (K, C) here
+            if n in d:
+                d[n] = np.ascontiguousarray(d[n].T)
         attrs = {k: _str(v) for k, v in g.attrs.items()}
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in attrs.items()}
         return VideoFeatures(key=key, source=str(attrs.get("source", key)), attrs=attrs,

@@ -27,6 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from affextract.align import warp_affine
+# Names of the outputs, shared with the file format and seqhead (see there for their conventions).
+from affextract.schema import BLENDSHAPE_NAMES, GAZE_NAMES, MESH_POINTS, POSE_NAMES  # noqa: F401
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 MESH_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_mesh_v2.safetensors"
 BLENDSHAPE_WEIGHTS = WEIGHTS_DIR / "mediapipe_blendshapes.safetensors"
@@ -34,30 +38,8 @@ GEOMETRY_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_geometry.safetensors"
 WEIGHTS_FORMAT = "affextract-mediapipe"
 
 CROP_SIZE = 192  # side of the face mesh input
-N_LANDMARKS = 478  # 468 face points + 2 x 5 iris points
+N_LANDMARKS = MESH_POINTS  # 468 face points + 2 x 5 iris points
 N_FACE = 468  # face points (the canonical model's vertices); 468..472 right iris, 473..477 left iris (subject's)
-
-# The 52 outputs of the blendshapes model, in its order (MediaPipe face_landmarker_graph.cc). All 52 are kept so that
-# indices match MediaPipe's; ``_neutral`` (index 0) carries no movement and is to be ignored by readers. Left/Right
-# are the subject's (ARKit convention): mouthSmileLeft is the corner on the image's right in an unmirrored video.
-BLENDSHAPE_NAMES = (
-    "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight", "cheekPuff",
-    "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight", "eyeLookDownLeft", "eyeLookDownRight",
-    "eyeLookInLeft", "eyeLookInRight", "eyeLookOutLeft", "eyeLookOutRight", "eyeLookUpLeft", "eyeLookUpRight",
-    "eyeSquintLeft", "eyeSquintRight", "eyeWideLeft", "eyeWideRight", "jawForward", "jawLeft", "jawOpen", "jawRight",
-    "mouthClose", "mouthDimpleLeft", "mouthDimpleRight", "mouthFrownLeft", "mouthFrownRight", "mouthFunnel",
-    "mouthLeft", "mouthLowerDownLeft", "mouthLowerDownRight", "mouthPressLeft", "mouthPressRight", "mouthPucker",
-    "mouthRight", "mouthRollLower", "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper", "mouthSmileLeft",
-    "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight", "mouthUpperUpLeft", "mouthUpperUpRight",
-    "noseSneerLeft", "noseSneerRight",
-)
-# Head pose in degrees. yaw > 0: the subject turns to their left (the nose moves to the image's right in an
-# unmirrored video); pitch > 0: chin up (the nose points above the camera); roll > 0: the head tilts towards the
-# subject's left shoulder (the face turns counter-clockwise on screen). A frontal upright face is (0, 0, 0).
-POSE_NAMES = ("yaw", "pitch", "roll")
-# Gaze direction of both eyes together, in degrees, relative to the camera (head pose included): yaw > 0 towards the
-# subject's left (the image's right), pitch > 0 upwards. Looking straight into the camera is (0, 0).
-GAZE_NAMES = ("gaze_yaw", "gaze_pitch")
 
 # The 146 of the 478 mesh points fed to the blendshapes model, in order (MediaPipe face_blendshapes_graph.cc).
 BLENDSHAPE_LANDMARKS = (
@@ -128,9 +110,24 @@ class FaceMesh(nn.Module):
             out += [self.neck, self.neck_act] if b is None else [b.dw, b.act_dw, b.pw, b.act]
         return out + [self.presence, self.landmarks]
 
+    # The stem and the first blocks (96x96x16 and 48x48x32 maps, 0.6 MB per face in fp32) run a few faces at a time
+    # so that each layer's output is still in the core's cache when the next layer reads it; the cost per face then
+    # no longer grows with the batch (on the CPU, batch 64 ran twice as fast as without; benchmarks/bench_movement.py).
+    # The later blocks' smaller maps run on the whole batch, where larger matrices make the convolutions efficient.
+    cache_blocks = 5  # blocks run per chunk: up to the last 48x48 one
+    cache_faces = 4  # faces per chunk
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.stem_act(self.stem(_same_pad(x)))
-        h = self.neck_block(self.neck_act(self.neck(self.blocks(h))))
+        parts = []
+        for chunk in x.split(self.cache_faces) or (x,):  # (x,): an empty batch still gives empty outputs
+            h = self.stem_act(self.stem(_same_pad(chunk)))
+            for block in self.blocks[:self.cache_blocks]:
+                h = block(h)
+            parts.append(h)
+        h = torch.cat(parts) if len(parts) != 1 else parts[0]  # keeps channels-last
+        for block in self.blocks[self.cache_blocks:]:
+            h = block(h)
+        h = self.neck_block(self.neck_act(self.neck(h)))
         return self.landmarks(h).reshape(-1, N_LANDMARKS, 3), self.presence(h).reshape(-1)
 
 
@@ -144,10 +141,15 @@ class _MixerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(channels, bias=False)
         self.channel1, self.channel2 = nn.Linear(channels, channel_hidden), nn.Linear(channel_hidden, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
-        y = self.norm1(x).transpose(1, 2)
-        x = x + self.token2(F.relu(self.token1(y))).transpose(1, 2)
-        return x + self.channel2(F.relu(self.channel1(self.norm2(x))))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, B, C), tokens first
+        # Tokens first makes both mixings one plain matrix product over the whole batch, without transposes: token
+        # mixing is (hidden, T) @ (T, B * C), channel mixing (T * B, C) @ (C, hidden).
+        t, b, c = x.shape
+        y = self.norm1(x).view(t, b * c)
+        h = torch.addmm(self.token1.bias[:, None], self.token1.weight, y).relu_()
+        x = torch.addmm(self.token2.bias[:, None], self.token2.weight, h).view(t, b, c).add_(x)
+        h = F.linear(self.norm2(x).view(t * b, c), self.channel1.weight, self.channel1.bias).relu_()
+        return F.linear(h, self.channel2.weight, self.channel2.bias).view(t, b, c).add_(x)
 
 
 class Blendshapes(nn.Module):
@@ -167,12 +169,15 @@ class Blendshapes(nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         x = points - points.mean(1, keepdim=True)
-        x = x / x.norm(dim=2).mean(1)[:, None, None] * self.input_scale
-        x = self.embed(self.points_to_tokens(x.transpose(1, 2)).transpose(1, 2))  # (B, 96, 64)
-        x = torch.cat([self.extra_token.expand(len(x), -1, -1), x], 1)  # (B, 97, 64)
+        x = x / x.norm(dim=2).mean(1)[:, None, None] * self.input_scale  # (B, 146, 2)
+        b, p, _ = x.shape
+        tokens = torch.addmm(self.points_to_tokens.bias[:, None], self.points_to_tokens.weight,
+                             x.transpose(0, 1).reshape(p, b * 2))  # (96, B * 2)
+        x = self.embed(tokens.view(len(tokens), b, 2))  # (96, B, 64)
+        x = torch.cat([self.extra_token.view(1, 1, -1).expand(1, b, -1), x])  # (97, B, 64)
         for block in self.blocks:
             x = block(x)
-        return torch.sigmoid(self.out(x[:, 0]))
+        return torch.sigmoid(self.out(x[0]))
 
     def set_eps(self, eps: float) -> None:
         for block in self.blocks:
@@ -319,42 +324,9 @@ def roi_from_points(points: np.ndarray) -> np.ndarray:
 def crop_faces(frames, image_to_crop: np.ndarray, device: str | torch.device = "cpu", method: str = "auto"
                ) -> torch.Tensor:
     """Frames (N, H, W, 3) uint8 RGB (numpy or torch) and (N, 2, 3) image -> crop affines -> (N, 3, 192, 192) uint8
-    on ``device``; rows with non-finite affines are black.
-
-    ``method="cv2"`` (the default on the CPU): cv2.warpAffine per face, bilinear, black outside the frame, as
-    MediaPipe's CPU ImageToTensor. ``"grid"`` (the default on GPUs): one batched grid_sample on the device, within
-    a grey level of cv2."""
-    if method not in ("auto", "cv2", "grid"):
-        raise ValueError(f"unknown warp method {method!r}; known: auto, cv2, grid")
-    device = torch.device(device)
-    images = torch.as_tensor(frames)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"frames must be (N, H, W, 3) RGB, got shape {tuple(images.shape)}")
-    m = np.asarray(image_to_crop, np.float64).reshape(-1, 2, 3)
-    n, h, w, _ = images.shape
-    if len(m) != n:
-        raise ValueError(f"crop_faces needs one affine per frame: {n} frames, {len(m)} affines")
-    ok = np.isfinite(m).all((1, 2))
-    size = CROP_SIZE
-    if method == "cv2" or (method == "auto" and device.type == "cpu"):
-        import cv2
-
-        images = images.cpu().numpy()
-        out = np.zeros((n, size, size, 3), np.uint8)
-        for i in np.flatnonzero(ok):
-            out[i] = cv2.warpAffine(images[i], m[i], (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
-        return torch.from_numpy(out).permute(0, 3, 1, 2).to(device)
-    inverse = invert_affine(np.where(ok[:, None, None], m, [[1.0, 0, 0], [0, 1.0, 0]]))
-    # grid_sample with align_corners=True: normalised -1..1 spans pixel centres 0..size-1 (crop) and 0..W-1 (frame).
-    from_crop = np.array([[(size - 1) / 2, 0, (size - 1) / 2], [0, (size - 1) / 2, (size - 1) / 2], [0, 0, 1]])
-    to_frame = np.array([[2 / (w - 1), 0, -1], [0, 2 / (h - 1), -1]])
-    full = np.concatenate([inverse, np.tile([[[0.0, 0, 1]]], (n, 1, 1))], 1)
-    theta = torch.as_tensor(to_frame @ full @ from_crop, dtype=torch.float32, device=device)
-    grid = F.affine_grid(theta, [n, 3, size, size], align_corners=True)
-    source = images.to(device).permute(0, 3, 1, 2).float()
-    crops = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    crops[torch.as_tensor(~ok, device=device)] = 0.0
-    return crops.round_().clamp_(0, 255).to(torch.uint8)
+    on ``device``; rows with non-finite affines are black. ``align.warp_affine``, the warp of the MMA's faces too:
+    bilinear, black outside the frame, as MediaPipe's CPU ImageToTensor (``method`` as there)."""
+    return warp_affine(frames, image_to_crop, CROP_SIZE, device, method)
 
 
 def mesh_to_image(mesh: torch.Tensor, crop_to_image: torch.Tensor) -> torch.Tensor:
@@ -424,9 +396,8 @@ def gaze_degrees(mesh: torch.Tensor, rot: torch.Tensor, scale: torch.Tensor, t: 
 
 @dataclass(frozen=True)
 class MovementOptions:
-    # Faces per forward pass of the mesh and blendshapes. 16 keeps the mesh's largest activations (96x96x16 floats
-    # per face) in a CPU's cache and measured fastest per face on the CPU (benchmarks/bench_movement.py); raise it
-    # on a GPU.
+    # Faces per forward pass of the mesh and blendshapes (the mesh splits its first layers further, see FaceMesh);
+    # 16 and 64 cost about the same per face on the CPU (benchmarks/bench_movement.py); raise it on a GPU.
     batch_size: int = 16
     # Run the mesh channels-last (NHWC), which oneDNN's CPU depthwise convolutions prefer.
     channels_last: bool = True

@@ -1,10 +1,11 @@
 """`affextract plot`: one video's features over time as a PNG, optionally with a contact sheet of its aligned faces.
 
 Panels share one time axis in seconds: valence and arousal (lines), the 7 expression probabilities (stacked area),
-the 17 AU probabilities (heat map). Spans without a face are shaded grey on every panel. The contact sheet re-decodes
-frames sampled along the video and shows each frame with the tracked box and landmarks above the aligned 112×112 crop
-the model saw (the stored landmarks through the same alignment `affextract run` uses), so one glance tells whether the
-right face was tracked and aligned.
+the 17 AU probabilities (heat map) and, with measured movement, head yaw, pitch and roll (lines, degrees) and the 51
+MediaPipe blendshapes (heat map; `_neutral` left out). Spans without a face are shaded grey on every panel. The
+contact sheet re-decodes frames sampled along the video and shows each frame with the tracked box and landmarks above
+the aligned 112×112 crop the model saw (the stored landmarks through the same alignment `affextract run` uses), so one
+glance tells whether the right face was tracked and aligned.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from affextract.features import VideoFeatures, open_features
-from affextract.schema import AU_NAMES, EXPRESSIONS
+from affextract.schema import AU_NAMES, BLENDSHAPE_NAMES, EXPRESSIONS, POSE_NAMES
 
 # Colours chosen to read as the expression (happiness warm, sadness blue, ...); neutral grey.
 EXPRESSION_COLOURS = {"neutral": "#b0b0b0", "anger": "#d62728", "disgust": "#8c564b", "fear": "#9467bd",
                       "happiness": "#ffbf00", "sadness": "#1f77b4", "surprise": "#17becf"}
 NO_FACE_COLOUR = "#7f7f7f"
+POSE_COLOURS = {"yaw": "#1f77b4", "pitch": "#d62728", "roll": "#2ca02c"}
 
 
 @dataclass(frozen=True)
@@ -147,18 +149,22 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
     t, edges = v.time, _edges(v.time, fps)
     gaps = _spans(~v.face, edges)
     n_crops = 0 if crops is None else len(crops[0])
-    heights = [2.0, 2.2, 3.6]
+    movement = v.blendshapes is not None and v.pose is not None
+    heights = [2.0, 2.2, 3.6] + ([2.0, 7.0] if movement else [])
     if crops is not None:  # frame row + crop row, each as tall as its images are at the column width
         col = options.width * 0.9 / max(n_crops, 6)
         aspect = crops[1][0].shape[1] / crops[1][0].shape[2] if n_crops else 0.5
         # a thin spacer row keeps "time (s)" clear of the frame captions
         heights += [0.2, col * (aspect + 1) + 0.5 if n_crops else 0.8]
     fig = plt.figure(figsize=(options.width, sum(heights) + 1.0), dpi=options.dpi)
+    # (the blendshapes' names need a wider left margin)
     gs = fig.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[1, 0.13], hspace=0.28, wspace=0.02,
-                          left=0.07, right=0.97, top=1 - 0.55 / (sum(heights) + 1), bottom=0.5 / (sum(heights) + 1))
+                          left=0.1 if movement else 0.07, right=0.97, top=1 - 0.55 / (sum(heights) + 1),
+                          bottom=0.5 / (sum(heights) + 1))
     ax_va = fig.add_subplot(gs[0, 0])
     ax_ex = fig.add_subplot(gs[1, 0], sharex=ax_va)
     ax_au = fig.add_subplot(gs[2, 0], sharex=ax_va)
+    panels = [ax_va, ax_ex, ax_au]
     shade = [Patch(facecolor=NO_FACE_COLOUR, alpha=0.35, label="no face")] if len(gaps[0]) else []
 
     # valence / arousal
@@ -187,17 +193,38 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
     ax_au.set_yticks(np.arange(len(AU_NAMES)) + 0.5, AU_NAMES, fontsize=7.5)
     ax_au.set_ylim(len(AU_NAMES), 0)  # AU1 at the top
     ax_au.set_ylabel("action unit")
-    ax_au.set_xlabel("time (s)")
     cax = fig.add_subplot(gs[2, 1])
     cax.set_position(_colorbar_box(cax.get_position()))
     fig.colorbar(mesh, cax=cax, label="AU probability")
+    heat_maps = [ax_au]
 
-    for ax in (ax_va, ax_ex, ax_au):
+    if movement:
+        # head pose: yaw, pitch, roll in degrees (schema.POSE_NAMES for the signs)
+        ax_pose = fig.add_subplot(gs[3, 0], sharex=ax_va)
+        ax_pose.axhline(0, color="black", lw=0.6, alpha=0.5)
+        for i, name in enumerate(POSE_NAMES):
+            ax_pose.plot(t, v.pose[:, i], color=POSE_COLOURS[name], lw=1.4, label=name, **dots)
+        ax_pose.set_ylabel("head pose (°)")
+        _legend(fig.add_subplot(gs[3, 1]), ax_pose.get_legend_handles_labels()[0] + shade)
+        # blendshapes: heat map like the AUs; `_neutral` (index 0) carries no movement
+        ax_bs = fig.add_subplot(gs[4, 0], sharex=ax_va)
+        bs = ax_bs.pcolormesh(edges, np.arange(len(BLENDSHAPE_NAMES)), np.ma.masked_invalid(v.blendshapes[:, 1:].T),
+                              cmap="magma", vmin=0, vmax=1, shading="flat")
+        ax_bs.set_yticks(np.arange(len(BLENDSHAPE_NAMES) - 1) + 0.5, BLENDSHAPE_NAMES[1:], fontsize=6.5)
+        ax_bs.set_ylim(len(BLENDSHAPE_NAMES) - 1, 0)
+        cax = fig.add_subplot(gs[4, 1])
+        cax.set_position(_colorbar_box(cax.get_position()))
+        fig.colorbar(bs, cax=cax, label="MediaPipe blendshape")  # (the names leave no room for a y label)
+        panels += [ax_pose, ax_bs]
+        heat_maps.append(ax_bs)
+    panels[-1].set_xlabel("time (s)")
+
+    for ax in panels:
         _fill(ax, *gaps, 0.0, 1.0, transform=ax.get_xaxis_transform(), facecolor=NO_FACE_COLOUR, alpha=0.35, lw=0,
-              zorder=3 if ax is ax_au else 0)
+              zorder=3 if ax in heat_maps else 0)
         ax.set_xlim(edges[0], edges[-1])
         ax.grid(axis="x", alpha=0.25)
-    for ax in (ax_va, ax_ex):
+    for ax in panels[:-1]:
         ax.tick_params(labelbottom=False)
     if crops is not None:
         for r in crops[0]:  # where the sampled faces sit on the time axis
@@ -210,7 +237,7 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
                  fontsize=11, y=1 - 0.18 / (sum(heights) + 1), va="top")
 
     if crops is not None:
-        _contact_sheet(fig, gs[4, :], v, *crops)
+        _contact_sheet(fig, gs[len(heights) - 1, :], v, *crops)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=options.dpi)

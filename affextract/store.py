@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +26,8 @@ import h5py
 import numpy as np
 
 from affextract import __version__
-from affextract.schema import FEATURE_NAMES, FORMAT, FORMAT_VERSION
+from affextract.schema import (BLENDSHAPE_NAMES, FEATURE_NAMES, FORMAT, FORMAT_VERSION, GAZE_NAMES, MESH_POINTS,
+                               POSE_NAMES)
 
 if TYPE_CHECKING:
     from affextract.features import VideoFeatures
@@ -43,6 +44,9 @@ def unescape_key(name: str) -> str:
     return name.replace("%2F", "/").replace("%25", "%")
 
 
+MOVEMENT_OFF = '{"enabled": false}'
+
+
 @dataclass(frozen=True)
 class Provenance:
     """What produced the features; a file only ever holds features of one provenance."""
@@ -52,13 +56,16 @@ class Provenance:
     detector: str  # JSON of the detector's name and settings
     alignment: str  # how faces were aligned before the model
     sampling: str  # JSON of the frame sampling ({"fps": null} = every frame)
+    # JSON of the movement stage: {"enabled": false}, or enabled, whether the mesh is stored, the MediaPipe weights'
+    # SHA-256s and the crop rule. Files written before the stage existed read as {"enabled": false}.
+    movement: str = MOVEMENT_OFF
 
     def mismatch(self, other: "Provenance") -> list[str]:
         return [f for f in self.__dataclass_fields__ if getattr(self, f) != getattr(other, f)]
 
     @classmethod
     def read(cls, attrs) -> "Provenance":
-        return cls(**{f: _str(attrs.get(f, "")) for f in cls.__dataclass_fields__})
+        return cls(**{f.name: _str(attrs.get(f.name, "" if f.default is MISSING else f.default)) for f in fields(cls)})
 
     def write(self, attrs) -> None:
         for f in self.__dataclass_fields__:
@@ -99,6 +106,18 @@ DATASETS: dict[str, tuple[type, tuple[int, ...]]] = {
     "landmarks": (np.float32, (5, 2)),
     "score": (np.float32, ()),
 }
+# name -> (dtype, shape of one frame's value) of the per-frame datasets of measured movement (`affextract run`
+# without --no-movement; `mesh` with --mesh only). Readers of format v1 that do not know them ignore them, so they
+# came without a format_version bump.
+MOVEMENT_DATASETS: dict[str, tuple[type, tuple[int, ...]]] = {
+    "blendshapes": (np.float32, (len(BLENDSHAPE_NAMES),)),
+    "pose": (np.float32, (len(POSE_NAMES),)),
+    "gaze": (np.float32, (len(GAZE_NAMES),)),
+    "presence": (np.float32, ()),
+    "mesh": (np.float16, (MESH_POINTS, 3)),
+}
+# Datasets stored name-major, (C, K): one row per named value, as the 26 features. The others are frame-major.
+NAME_MAJOR = ("features", "blendshapes", "pose", "gaze")
 _CHUNK = 1024  # frames per HDF5 chunk, at most: HDF5 allocates whole chunks, so short videos get shorter ones
 
 
@@ -107,21 +126,28 @@ class VideoWriter:
     grow with the video's length.
 
     Besides the datasets of format v1, a video may carry extra per-frame datasets (named arrays whose first axis is
-    the frame, stored frame-major as given); the first `append` fixes which, and every later one brings the same.
+    the frame): those of MOVEMENT_DATASETS are stored as the format says, others frame-major as given. `datasets`
+    names the extra ones every chunk brings (a video without frames still gets them, empty); without it, the first
+    `append` fixes which, and every later one brings the same.
     """
 
-    def __init__(self, f: h5py.File, key: str, attrs: dict, frames: int | None = None):
+    def __init__(self, f: h5py.File, key: str, attrs: dict, frames: int | None = None, datasets: tuple[str, ...] = ()):
         """`frames`: how many frames the video will have, when known (sizes the HDF5 chunks)."""
         self.group = f.require_group("videos").create_group(escape_key(key))
         for k, v in attrs.items():
             self.group.attrs[k] = v
         self.chunk = min(_CHUNK, max(1, frames)) if frames is not None else _CHUNK
+        unknown = [d for d in datasets if d not in MOVEMENT_DATASETS]
+        if unknown:
+            raise ValueError(f"no layout known for datasets {unknown}; known: {', '.join(MOVEMENT_DATASETS)}")
+        self.expected = tuple(datasets)
         self.ds: dict[str, h5py.Dataset] = {}
         self.k = 0  # frames written
 
     def _create(self, name: str, dtype, row: tuple[int, ...]) -> h5py.Dataset:
-        if name == "features":
-            return self.group.create_dataset(name, (N, 0), dtype, maxshape=(N, None), chunks=(N, self.chunk))
+        if name in NAME_MAJOR:
+            (c,) = row
+            return self.group.create_dataset(name, (c, 0), dtype, maxshape=(c, None), chunks=(c, self.chunk))
         return self.group.create_dataset(name, (0, *row), dtype, maxshape=(None, *row), chunks=(self.chunk, *row))
 
     def append(self, features, face, frame, time, box, landmarks, score, **extra) -> None:
@@ -134,9 +160,12 @@ class VideoWriter:
         bad = [k for k, v in arrays.items() if len(v) != n]
         if bad:
             raise ValueError(f"{', '.join(bad)}: one row per frame needed ({n} frames)")
+        if self.expected and not self.ds and set(extra) != set(self.expected):
+            raise ValueError(f"this video's chunks bring the datasets {sorted(self.expected)}, this one "
+                             f"{sorted(extra)}")
         if not self.ds:
             for name, value in arrays.items():
-                dtype, row = DATASETS.get(name, (value.dtype, value.shape[1:]))
+                dtype, row = (DATASETS | MOVEMENT_DATASETS).get(name, (value.dtype, value.shape[1:]))
                 self.ds[name] = self._create(name, dtype, row)
         elif arrays.keys() != self.ds.keys():
             raise ValueError(f"every chunk of a video brings the same datasets: {sorted(self.ds)}, "
@@ -144,9 +173,9 @@ class VideoWriter:
         k0, self.k = self.k, self.k + n
         for name, value in arrays.items():
             d = self.ds[name]
-            if name == "features":
-                d.resize((N, self.k))
-                d[:, k0:] = np.asarray(value, np.float32).T
+            if name in NAME_MAJOR:
+                d.resize((d.shape[0], self.k))
+                d[:, k0:] = np.asarray(value, d.dtype).T
             else:
                 d.resize((self.k, *d.shape[1:]))
                 d[k0:] = value
@@ -154,8 +183,8 @@ class VideoWriter:
     def finish(self, status: str = "complete", error: str = "") -> None:
         """status: complete, or partial (the stream broke; `error` says how)."""
         if not self.ds:  # a video with no analysed frame still has every dataset, empty
-            for name, (dtype, row) in DATASETS.items():
-                self._create(name, dtype, row)
+            for name in (*DATASETS, *self.expected):
+                self._create(name, *(DATASETS | MOVEMENT_DATASETS)[name])
         self.group.attrs["status"] = status
         self.group.attrs["error"] = error
 
@@ -169,11 +198,11 @@ class VideoWriter:
 class ShardWriter(VideoWriter):
     """A VideoWriter into its own shard file: the file appears (renamed from *.tmp) only when the video is finished."""
 
-    def __init__(self, path: Path, key: str, attrs: dict, frames: int | None = None):
+    def __init__(self, path: Path, key: str, attrs: dict, frames: int | None = None, datasets: tuple[str, ...] = ()):
         self.final = path
         self.tmp = path.with_suffix(".tmp")
         self.f = h5py.File(self.tmp, "w")
-        super().__init__(self.f, key, attrs, frames)
+        super().__init__(self.f, key, attrs, frames, datasets)
 
     def finish(self, status: str = "complete", error: str = "") -> None:
         super().finish(status, error)
@@ -186,12 +215,17 @@ class ShardWriter(VideoWriter):
 
 
 def write_root(f: h5py.File, provenance: Provenance, attrs: dict | None = None) -> None:
-    """The file attributes of format v1 (format, version, feature names, provenance, created) plus `attrs`."""
+    """The file attributes of format v1 (format, version, feature names, provenance, created; the names of the
+    movement values when the provenance has measured movement) plus `attrs`."""
     f.attrs["format"] = FORMAT
     f.attrs["format_version"] = FORMAT_VERSION
     f.attrs["feature_names"] = np.array(FEATURE_NAMES, dtype=h5py.string_dtype())
     f.attrs["affextract_version"] = __version__
     provenance.write(f.attrs)
+    if json.loads(provenance.movement or MOVEMENT_OFF).get("enabled"):
+        for name, names in (("blendshape_names", BLENDSHAPE_NAMES), ("pose_names", POSE_NAMES),
+                            ("gaze_names", GAZE_NAMES)):
+            f.attrs[name] = np.array(names, dtype=h5py.string_dtype())
     for k, v in (attrs or {}).items():
         f.attrs[k] = v
     f.attrs["created"] = f.attrs["updated"] = _now()
@@ -205,8 +239,11 @@ class FeatureWriter:
             out.add(video)                          # a VideoFeatures, e.g. from open_features(...)
     """
 
-    def __init__(self, path: str | Path, provenance: Provenance, attrs: dict | None = None, overwrite: bool = False):
+    def __init__(self, path: str | Path, provenance: Provenance, attrs: dict | None = None, overwrite: bool = False,
+                 datasets: tuple[str, ...] = ()):
+        """`datasets`: extra per-frame datasets (of MOVEMENT_DATASETS) that every video of `video()` carries."""
         self.path = Path(path)
+        self.datasets = tuple(datasets)
         if self.path.exists() and not overwrite:
             raise FileExistsError(f"{self.path} exists; remove it or write to another file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +253,7 @@ class FeatureWriter:
 
     def video(self, key: str, attrs: dict, frames: int | None = None) -> VideoWriter:
         """A writer for one video stored under `key`, to fill chunk by chunk (append, then finish)."""
-        return VideoWriter(self.f, key, attrs, frames)
+        return VideoWriter(self.f, key, attrs, frames, self.datasets)
 
     def add(self, video: VideoFeatures) -> None:
         """One whole video under video.key, with its attrs."""
@@ -250,10 +287,13 @@ class FeatureStore:
         store.close()                                        # the final merge, then the lock is released
     """
 
-    def __init__(self, path: Path | str, provenance: Provenance, merge: bool = True, attrs: dict | None = None):
+    def __init__(self, path: Path | str, provenance: Provenance, merge: bool = True, attrs: dict | None = None,
+                 datasets: tuple[str, ...] = ()):
         """`merge=False`: only write shards (the other ranks of a torchrun job); the merging process owns the lock.
-        `attrs`: file attributes beyond format v1's, written when the file is created."""
+        `attrs`: file attributes beyond format v1's, written when the file is created. `datasets`: the extra
+        per-frame datasets (of MOVEMENT_DATASETS) every video carries."""
         self.path = Path(path)
+        self.datasets = tuple(datasets)
         self.merge = merge
         self.provenance = provenance
         self.attrs = dict(attrs or {})
@@ -333,12 +373,11 @@ class FeatureStore:
     def _check_compatible(self, theirs: Provenance, where: str) -> None:
         diff = self.provenance.mismatch(theirs)
         if diff:
-            detail = "; ".join(f"{d}: file has {getattr(theirs, d)!r}, this run {getattr(self.provenance, d)!r}"
-                               for d in diff)
+            detail = "; ".join(_describe_difference(d, getattr(theirs, d), getattr(self.provenance, d)) for d in diff)
             raise IncompatibleError(
-                f"{where} holds features made with other settings ({detail}). Features of different models or "
-                "detector settings must not be mixed in one file: write to a new output file, or rerun with the "
-                "options the file was made with."
+                f"{where} holds features made with other settings ({detail}). Features of different models, "
+                "detector or movement settings must not be mixed in one file: write to a new output file, or rerun "
+                "with the options the file was made with."
             )
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -359,7 +398,7 @@ class FeatureStore:
 
     def begin_video(self, key: str, attrs: dict, frames: int | None = None) -> ShardWriter:
         """A writer for one video (`frames`: how many it will have, when known)."""
-        return ShardWriter(self._shard_path(), key, attrs, frames)
+        return ShardWriter(self._shard_path(), key, attrs, frames, self.datasets)
 
     def record_failure(self, key: str, attrs: dict, error: str) -> None:
         path = self._shard_path()
@@ -402,6 +441,23 @@ class FeatureStore:
             shard.unlink()
         self.last_commit_s = time.perf_counter() - t0
         return len(shards)
+
+
+def describe_movement(text: str) -> str:
+    """A `movement` provenance attribute in words, with the options that make it."""
+    m = json.loads(text or MOVEMENT_OFF)
+    if not m.get("enabled"):
+        return "without measured movement (--no-movement)"
+    return "with measured movement" + (" and the mesh (--mesh)" if m.get("mesh") else " (without --mesh)")
+
+
+def _describe_difference(field: str, theirs: str, ours: str) -> str:
+    if field == "movement":
+        a, b = describe_movement(theirs), describe_movement(ours)
+        if a == b:  # the same options, other MediaPipe weights or crop rule
+            a, b = f"{a}, {theirs}", f"{b}, {ours}"
+        return f"movement: the file was made {a}, this run is {b}"
+    return f"{field}: file has {theirs!r}, this run {ours!r}"
 
 
 def _now() -> str:

@@ -1,7 +1,8 @@
 """Worker processes of `affextract run`: decode, detect and track the subject's face, align it.
 
-Each worker takes its own videos and sends the main process only the aligned 112x112 crops and the face geometry
-(about 40 KB a frame instead of a raw frame), as typed events; the main process runs the MMA and writes.
+Each worker takes its own videos and sends the main process only the aligned 112x112 crops, the face mesh's 192x192
+crops (with measured movement) and the face geometry (about 40 KB a frame, 150 KB with the mesh crop, instead of a raw
+frame), as typed events; the main process runs the MMA and the movement stage and writes.
 
 Workers are plain subprocesses running `serve` (`python -c`), not multiprocessing children: a multiprocessing
 "spawn" child re-runs the parent's main script, so `affextract.extract` called from a script without an
@@ -40,6 +41,7 @@ class WorkerSpec:
     detect_interval: float  # seconds between full detections
     device: str  # where detection and alignment run
     threads: int  # torch threads of each worker
+    movement: bool = False  # also cut the face mesh's crops (MediaPipe's, from the tracked face's 5 points)
 
 
 # -- events: worker -> main process -------------------------------------------------------------------------------
@@ -67,6 +69,10 @@ class FaceChunk(VideoEvent):
     scores: np.ndarray  # (n,) float32
     landmarks: np.ndarray  # (n, 5, 2) float32
     crops: np.ndarray  # (m, 3, 112, 112) uint8 RGB, m = face.sum(): aligned faces (uint8 as insightface's norm_crop)
+    # With movement: (m, 3, 192, 192) uint8 RGB face mesh crops (uint8 keeps the pipe small) and their (m, 2, 3)
+    # float32 crop -> image affines; None without.
+    mesh_crops: np.ndarray | None = None
+    mesh_to_image: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -206,6 +212,7 @@ def serve(events_fd: int) -> None:
 
         from affextract.align import warp_faces
         from affextract.detectors import get_detector
+        from affextract.movement import crop_faces, invert_affine, roi_from_points
         from affextract.tracking import PrimaryFaceStream
 
         torch.set_num_threads(spec.threads)
@@ -233,9 +240,16 @@ def serve(events_fd: int) -> None:
         try:
             for chunk in chunks:
                 p = stream(chunk.frames, chunk.time)
+                frames, marks = chunk.frames[p.face], p.landmarks[p.face]
+                mesh_crops = mesh_to_image = None
                 with torch.inference_mode():
-                    crops = warp_faces(chunk.frames[p.face], p.landmarks[p.face], device=spec.device).cpu().numpy()
-                out.send(FaceChunk(i, chunk.frame, chunk.time, p.face, p.boxes, p.scores, p.landmarks, crops))
+                    crops = warp_faces(frames, marks, device=spec.device).cpu().numpy()
+                    if spec.movement:
+                        roi = roi_from_points(marks)
+                        mesh_crops = crop_faces(frames, roi, device=spec.device).cpu().numpy()
+                        mesh_to_image = invert_affine(roi).astype(np.float32)
+                out.send(FaceChunk(i, chunk.frame, chunk.time, p.face, p.boxes, p.scores, p.landmarks, crops,
+                                   mesh_crops, mesh_to_image))
             out.send(Finished(i))
         except StreamBroken as e:
             out.send(Broken(i, str(e)))

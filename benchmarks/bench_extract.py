@@ -3,9 +3,11 @@
     python benchmarks/bench_extract.py CLIP_OR_FOLDER... [--device cuda --copies 40 --workers 8 --batch-size 256]
 
 Prints frames/s of: decoding alone; a naive loop (decode one frame -> detect -> align -> MMA at batch 1); the full
-pipeline with --detect-interval 0 / 0.2 / 0.4 s; per-stage cost on one batch; the landmark error and face rate
-that key-frame detection costs against detecting every frame; and peak memory of a short and a 5x longer video (the long-video
-check: memory must not grow with length). With --json FILE the figures are also written as JSON.
+pipeline with --detect-interval 0 / 0.2 / 0.4 s, and at the default interval with and without measured movement
+(--no-movement); per-stage cost on one batch (decode, detection + tracking, alignment, the face mesh's crop, MMA, face
+mesh, blendshapes + pose + gaze); the landmark error and face rate that key-frame detection costs against detecting
+every frame; and peak memory of a short and a 5x longer video (the long-video check: memory must not grow with
+length). With --json FILE the figures are also written as JSON.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import torch
 
 from affextract.align import align_faces
 from affextract.detectors import get_detector
-from affextract.extract import ExtractOptions, extract
+from affextract.extract import ExtractOptions, _cpu_threads, extract
 from affextract.features import open_features
 from affextract.model import load_weights
+from affextract.movement import Movement, MovementOptions, crop_faces, invert_affine, roi_from_points
 from affextract.runtime import resolve_device
 from affextract.tracking import PrimaryFaceStream
 from affextract.video import find_sources, import_decord, open_video
@@ -65,8 +68,19 @@ def naive_loop(sources, model, detector, device, max_frames: int) -> tuple[int, 
 
 
 @torch.inference_mode()
-def stage_costs(source, model, detector, device, interval: float, batch: int) -> dict[str, float]:
-    """Milliseconds per frame of each stage on one batch of real frames (after a warm-up batch)."""
+def stage_costs(source, model, detector, movement, device, interval: float, batch: int, threads: int
+                ) -> dict[str, float]:
+    """Milliseconds per frame of each stage on one batch of real frames (after a warm-up batch), with the torch
+    threads each process of the pipeline gets (one on a 2-core machine with one worker)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _stage_costs(source, model, detector, movement, device, interval, batch)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _stage_costs(source, model, detector, movement, device, interval: float, batch: int) -> dict[str, float]:
     _, chunks = open_video(source, None, batch)
     t = time.perf_counter()
     chunk = next(chunks)
@@ -89,8 +103,39 @@ def stage_costs(source, model, detector, device, interval: float, batch: int) ->
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         model.features(crops).float().cpu()
     mma = time.perf_counter() - t
+    # The movement stage: the face mesh's crop (in the workers), then in the main process the mesh alone and the
+    # whole stage (mesh, blendshapes, pose, gaze), so that the rest is their difference.
+    t = time.perf_counter()
+    roi = roi_from_points(prim.landmarks[prim.face])
+    mesh_crops = crop_faces(chunk.frames[prim.face], roi, device=device)
+    sync()
+    mesh_crop = time.perf_counter() - t
+    to_image = invert_affine(roi)
+    movement(mesh_crops, to_image)  # warm-up
+    sync()
+    t = time.perf_counter()
+    size = movement.options.batch_size
+    for s in range(0, len(mesh_crops), size):
+        x = mesh_crops[s:s + size].to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
+        movement.mesh(x)
+    sync()
+    mesh = time.perf_counter() - t
+    t = time.perf_counter()
+    movement(mesh_crops, to_image)
+    sync()
+    whole = time.perf_counter() - t
     n = len(chunk.frame)
-    return {k: 1000 * v / n for k, v in (("decode", decode), ("detect+track", detect), ("align", align), ("mma", mma))}
+    return {k: 1000 * v / n for k, v in (("decode", decode), ("detect+track", detect), ("align", align),
+                                          ("mesh crop", mesh_crop), ("mma", mma), ("face mesh", mesh),
+                                          ("blendshapes+pose+gaze", whole - mesh))}
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by this process and by its ended child processes (the workers of
+    finished runs). Per frame, they say where the time goes even when other programs load the machine: each process
+    of the pipeline runs on one core, so on an otherwise idle machine the busier one sets the frames/s."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def landmark_cost(h5_every: Path, h5_ref: Path) -> dict[str, float]:
@@ -171,6 +216,8 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=1, help="link each clip this many times (many videos in flight)")
     ap.add_argument("--naive-frames", type=int, default=200, help="frames timed in the naive loop")
     ap.add_argument("--intervals", default="0,0.2,0.4", help="--detect-interval values (seconds) to compare")
+    ap.add_argument("--movement", default="off,on", help="the pipeline at the default interval with measured movement "
+                    "off and/or on (the interval runs above are without)")
     ap.add_argument("--fps", type=float, default=None, help="analysed frames per second (default: every frame)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-baselines", action="store_true", help="only the pipeline runs (no decode-only/naive/stages)")
@@ -190,6 +237,7 @@ def main() -> None:
     sources = find_sources([clips])[0]
     model, winfo = load_weights(a.weights, device=device)
     detector = get_detector("mtcnn", device=str(device))
+    movement = Movement(device, MovementOptions(batch_size=16 if device.type == "cpu" else 256))
     res: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                  "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "weights": winfo.name,
                  "videos": len(sources), "batch_size": a.batch_size, "workers": a.workers}
@@ -203,11 +251,32 @@ def main() -> None:
         res["naive_fps"] = n / t
         print(f"naive per-frame loop {n / t:8.1f} frames/s  ({n} frames)")
 
+    default_interval = ExtractOptions().detect_interval
+    for i, m in enumerate(a.movement.split(",")):  # repeat them (off,on,off,on) to see the machine's noise
+        out = work / f"movement_{m}_{i}.h5"
+        opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, workers=a.workers,
+                              fps=a.fps, progress=False, movement=m == "on")
+        before = cpu_seconds()
+        with GpuSampler(device) as gpu:
+            rep = extract([clips], out, opts)
+        main_cpu, worker_cpu = (1000 * (b - a) / rep.frames for a, b in zip(before, cpu_seconds()))
+        fps = rep.frames / rep.seconds
+        res[f"pipeline_movement_{m}_fps"] = fps
+        res[f"pipeline_movement_{m}_gpu_util"] = gpu.mean
+        res[f"pipeline_movement_{m}_cpu_ms_per_frame"] = {"main": main_cpu, "workers": worker_cpu}
+        util = f", GPU busy {gpu.mean:.0f}%" if gpu.mean is not None else ""
+        print(f"pipeline, interval {default_interval:g} s, movement {m:<3} {fps:8.1f} frames/s ({rep.frames} frames, "
+              f"{rep.seconds:.1f} s{util}); CPU ms/frame: main process {main_cpu:.2f}, workers {worker_cpu:.2f}")
+    if "pipeline_movement_on_fps" in res and "pipeline_movement_off_fps" in res:
+        ratio = res["pipeline_movement_on_fps"] / res["pipeline_movement_off_fps"]
+        res["movement_on_vs_off"] = ratio
+        print(f"movement on / off: {ratio:.2f}x the frames/s")
+
     runs = {}
     for k in every:
         out = work / f"every{k}.h5"
         opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, detect_interval=k,
-                              workers=a.workers, fps=a.fps, progress=False)
+                              workers=a.workers, fps=a.fps, progress=False, movement=False)
         with GpuSampler(device) as gpu:
             rep = extract([clips], out, opts)
         fps = rep.frames / rep.seconds
@@ -225,7 +294,7 @@ def main() -> None:
             print(f"detect interval {k:<4g} s vs every frame: landmark error {c['landmark_err_px_mean']:.2f} px mean, "
                   f"{c['landmark_err_px_p95']:.2f} px p95; face rate {c['face_rate']:.3f} vs {c['face_rate_every_frame']:.3f}")
     for k in runs if not a.skip_baselines else ():
-        st = stage_costs(sources[0], model, detector, device, k, a.batch_size)
+        st = stage_costs(sources[0], model, detector, movement, device, k, a.batch_size, _cpu_threads(a.workers))
         res[f"stages_interval{k}_ms_per_frame"] = st
         print(f"stages (interval {k:g} s, ms/frame): " + ", ".join(f"{s} {v:.2f}" for s, v in st.items()))
 

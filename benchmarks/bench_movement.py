@@ -1,11 +1,13 @@
 """Cost per face of the movement stage's models against LiteRT (XNNPACK) in the same process.
 
-    python benchmarks/bench_movement.py [--threads 1] [--tflite ../shared/models/mediapipe] [--device cuda]
+    python benchmarks/bench_movement.py [--threads 1] [--repeats 3] [--tflite ../shared/models/mediapipe]
+        [--device cuda]
 
 Prints ms per face of the face mesh and the blendshapes model at batch 1, 16 and 64: torch (channels-first and
 channels-last) and LiteRT (one face per call: the .tflite has a fixed batch of 1), with the torch/LiteRT ratio;
-then the whole ``Movement`` call (mesh, blendshapes, pose, gaze) and the crop warp. Real faces (the astronaut) are
-used so the numbers include nothing a blank input would skip.
+then the whole ``Movement`` call on 64 faces (mesh, blendshapes, pose, gaze; against LiteRT's mesh plus
+blendshapes) and the crop warp. Real faces (the astronaut) are used so the numbers include nothing a blank input
+would skip. Every ratio is a median over ``--repeats`` rounds, each torch case timed right after LiteRT.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds over all cases; medians are printed")
     ap.add_argument("--tflite", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared" / "models" / "mediapipe")
     args = ap.parse_args()
@@ -52,19 +55,19 @@ def main() -> None:
     mesh_cf = mv.load_face_mesh().to(device)
     mesh_cl = mv.load_face_mesh().to(device).to(memory_format=torch.channels_last)
     blend = mv.load_blendshapes().to(device)
-    rows = {}
+    cases = {}  # (model, runtime, batch) -> (function, faces per call)
     with torch.inference_mode():
         x1 = crop.float().div(255).to(device)
         lm, _ = mesh_cf(x1)
         image_mesh = mv.mesh_to_image(lm, torch.from_numpy(mv.invert_affine(m)).float().to(device))
         pts1 = image_mesh[:, list(mv.BLENDSHAPE_LANDMARKS), :2]
-        for batch in (1, 16, 64):
-            x = x1.repeat(batch, 1, 1, 1)
-            xl = x.contiguous(memory_format=torch.channels_last)
-            p = pts1.repeat(batch, 1, 1)
-            rows[("mesh", "torch NCHW", batch)] = per_face_ms(lambda: (mesh_cf(x), sync()), batch)
-            rows[("mesh", "torch channels-last", batch)] = per_face_ms(lambda: (mesh_cl(xl), sync()), batch)
-            rows[("blendshapes", "torch", batch)] = per_face_ms(lambda: (blend(p), sync()), batch)
+    for batch in (1, 16, 64):
+        x = x1.repeat(batch, 1, 1, 1)
+        xl = x.contiguous(memory_format=torch.channels_last)
+        p = pts1.repeat(batch, 1, 1)
+        cases[("mesh", "torch NCHW", batch)] = (lambda x=x: (mesh_cf(x), sync()), batch)
+        cases[("mesh", "torch channels-last", batch)] = (lambda x=xl: (mesh_cl(x), sync()), batch)
+        cases[("blendshapes", "torch", batch)] = (lambda p=p: (blend(p), sync()), batch)
     try:
         from ai_edge_litert.interpreter import Interpreter
 
@@ -78,24 +81,36 @@ def main() -> None:
                 it.set_tensor(index, inp)
                 it.invoke()
 
-            rows[(key, "LiteRT", 1)] = per_face_ms(run, 1)
+            cases[(key, "LiteRT", 1)] = (run, 1)
     except (ImportError, ValueError) as e:
         print(f"LiteRT not measured: {e}")
-    print(f"\n{'model':12s} {'runtime':22s} {'batch':>5s} {'ms/face':>8s} {'vs LiteRT':>9s}")
-    for (model, runtime, batch), ms in rows.items():
-        ref = rows.get((model, "LiteRT", 1))
-        ratio = f"{ms / ref:8.2f}x" if ref else ""
-        print(f"{model:12s} {runtime:22s} {batch:5d} {ms:8.3f} {ratio:>9s}")
+    frames, ms = np.repeat(image[None], 64, 0), np.repeat(m, 64, 0)
+    crops, inv = mv.crop_faces(frames, ms, device), mv.invert_affine(ms)
+    for size in (16, 64):
+        stage = mv.Movement(device, mv.MovementOptions(batch_size=size))
+        cases[("Movement", f"torch, batch_size {size}", 64)] = (lambda stage=stage: stage(crops, inv), 64)
+    # LiteRT's cost of the same work: the whole stage is compared with LiteRT's mesh plus blendshapes.
+    references = {"mesh": ["mesh"], "blendshapes": ["blendshapes"], "Movement": ["mesh", "blendshapes"]}
+    # Each torch case is timed right after its model's LiteRT run, so that a load change on a shared machine hits
+    # both alike; ratios are taken within such a pair, and medians over the rounds are printed.
+    times: dict[tuple, list[float]] = {k: [] for k in cases}
+    ratios: dict[tuple, list[float]] = {k: [] for k in cases}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for key, (fn, n) in cases.items():
+                refs = [cases.get((model, "LiteRT", 1)) for model in references[key[0]]]
+                ref_ms = sum(per_face_ms(r[0], 1, 0.5) for r in refs) if all(refs) else float("nan")
+                times[key].append(per_face_ms(fn, n, 0.5))
+                ratios[key].append(times[key][-1] / ref_ms)
+    print(f"\nmedians of {args.repeats} rounds\n"
+          f"{'model':12s} {'runtime':22s} {'batch':>5s} {'ms/face':>8s} {'vs LiteRT':>9s}")
+    for (model, runtime, batch), t in times.items():
+        ratio = np.median(ratios[(model, runtime, batch)])
+        shown = "" if np.isnan(ratio) else f"{ratio:8.2f}x"
+        print(f"{model:12s} {runtime:22s} {batch:5d} {np.median(t):8.3f} {shown:>9s}")
 
-    stage = mv.Movement(device)
-    frames = np.repeat(image[None], 64, 0)
-    ms = np.repeat(m, 64, 0)
-    crops = mv.crop_faces(frames, ms, device)
-    inv = mv.invert_affine(ms)
-    whole = per_face_ms(lambda: stage(crops, inv), 64)
     warp = per_face_ms(lambda: mv.crop_faces(frames, ms, device), 64)
-    print(f"\nMovement (mesh + blendshapes + pose + gaze), 64 faces: {whole:.3f} ms/face")
-    print(f"crop_faces (512x512 frames), 64 faces: {warp:.3f} ms/face")
+    print(f"\ncrop_faces (512x512 frames), 64 faces: {warp:.3f} ms/face")
 
 
 if __name__ == "__main__":

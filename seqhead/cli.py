@@ -28,7 +28,7 @@ SplitColumn = Annotated[Optional[str], typer.Option(help="Split column with Trai
 GroupColumn = Annotated[Optional[str], typer.Option(help="Subject column: a random split keeps subjects apart.")]
 ValFraction = Annotated[float, typer.Option(help="Validation share when there is no split column.")]
 AllowUnmatched = Annotated[bool, typer.Option(help="Use the matched ids when some exist on one side only.")]
-Features = Annotated[str, typer.Option(help="Feature groups: any of va,expr,au.")]
+Features = Annotated[str, typer.Option(help="Feature groups: any of va,expr,au (the 26 values) and bs,pose,gaze (measured movement).")]
 NoFace = Annotated[str, typer.Option(help="Frames without a face: drop (l = frames kept) | fill (repeat last face).")]
 T = Annotated[Optional[int], typer.Option("--t", help="Padded length t (default: longest training video; paper: 480).")]
 Epochs = Annotated[int, typer.Option(help="Maximum epochs (early stopping on validation mean Pearson).")]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from affextract.features import FeatureFile, open_features
-from affextract.schema import FEATURE_NAMES, GROUPS
+from affextract.schema import FEATURE_NAMES, GROUPS, MOVEMENT_GROUPS
 from affextract.store import FormatError, escape_key, unescape_key  # noqa: F401 (unescape_key re-exported: Video.key is escaped)
 
 # The Hume-Reaction layout (ABAW 2023 / MuSe 2022 Emotional Reactions).
@@ -34,12 +34,21 @@ class DataError(ValueError):
     """Bad input file (features or labels); the message names the file, the rows and what to do."""
 
 
-def feature_indices(features: str, names: tuple[str, ...] = FEATURE_NAMES) -> list[int]:
-    """Column indices (in file order) for a subset like 'va,expr,au' or 'au,va' (order of the groups is irrelevant)."""
+def feature_groups(features: str) -> list[str]:
+    """The groups of a subset like 'va,expr,au,bs,pose' (va, expr, au: rows of the 26 features; bs, pose, gaze: the
+    measured movement), checked."""
     parts = [p.strip().lower() for p in features.split(",") if p.strip()]
-    unknown = [p for p in parts if p not in GROUPS]
+    unknown = [p for p in parts if p not in GROUPS and p not in MOVEMENT_GROUPS]
     if not parts or unknown:
-        raise DataError(f"--features {features!r}: use a comma-separated subset of {', '.join(GROUPS)}")
+        raise DataError(f"--features {features!r}: use a comma-separated subset of "
+                        f"{', '.join([*GROUPS, *MOVEMENT_GROUPS])}")
+    return parts
+
+
+def feature_indices(features: str, names: tuple[str, ...] = FEATURE_NAMES) -> list[int]:
+    """Column indices (in file order) of the 26 features for a subset like 'va,expr,au' or 'au,va' (order of the groups
+    is irrelevant; movement groups take no column of the 26)."""
+    parts = [p for p in feature_groups(features) if p in GROUPS]
     wanted = {FEATURE_NAMES[i] for p in parts for i in range(*GROUPS[p].indices(len(FEATURE_NAMES)))}
     missing = wanted - set(names)
     if missing:
@@ -75,6 +84,8 @@ def read_features(path: Path, features: str = "va,expr,au", no_face: str = "drop
     a gap marker, and the Mask/pooling work on real faces only). no_face='fill': each faceless frame repeats the
     last frame with a face (the first face for a leading gap), so l = K and timing is kept.
     A video without any face keeps zero frames; the heads see it as one all-zero frame (see `pad_batch`).
+    Movement groups (bs: the 51 blendshapes without `_neutral`, pose, gaze) follow the 26 features' columns, in that
+    order.
     """
     if no_face not in NO_FACE_POLICIES:
         raise DataError(f"no-face policy {no_face!r}: use one of {NO_FACE_POLICIES}")
@@ -82,15 +93,24 @@ def read_features(path: Path, features: str = "va,expr,au", no_face: str = "drop
     if not path.exists():
         raise DataError(f"{path}: no such features file")
     out = []
+    groups = feature_groups(features)
+    movement = [MOVEMENT_GROUPS[g] for g in MOVEMENT_GROUPS if g in groups]  # (dataset, columns kept)
     with open_checked(path) as ff:
         names = ff.feature_names
         cols = feature_indices(features, names)
+        if movement and not ff.movement.get("enabled"):
+            raise DataError(f"{path} has no measured movement (made by `affextract run --no-movement` or an affextract "
+                            f"without it), so --features {features!r} cannot be read: re-extract without "
+                            f"--no-movement, or use only {', '.join(GROUPS)}")
+        value_names = {"blendshapes": ff.blendshape_names, "pose": ff.pose_names, "gaze": ff.gaze_names}
+        kept = tuple(names[i] for i in cols) + tuple(n for d, c in movement for n in value_names[d][c])
         for key in sorted(ff.keys, key=escape_key):  # Video.key is the group name, in the file's order
             if keys is not None and escape_key(key) not in keys:
                 continue
-            v = ff.read(key, ("features", "face"))
+            v = ff.read(key, ("features", "face", *(d for d, _ in movement)))
             face = v.face.astype(bool)  # (K,)
-            x = np.ascontiguousarray(v.features[:, cols], dtype=np.float32)  # (K, F)
+            x = np.concatenate([v.features[:, cols], *(v.extra[d][:, c] for d, c in movement)], axis=1)
+            x = np.ascontiguousarray(x, dtype=np.float32)  # (K, F)
             face &= np.isfinite(x).all(axis=1)
             if no_face == "drop":
                 x = x[face]
@@ -104,7 +124,7 @@ def read_features(path: Path, features: str = "va,expr,au", no_face: str = "drop
             out.append(Video(escape_key(key), v.source, x, int(face.shape[0]), int(face.sum())))
     if not out:
         raise DataError(f"{path}: no videos in the file")
-    return out, tuple(names[i] for i in cols)
+    return out, kept
 
 
 # ---------------------------------------------------------------------------------------------------------- labels

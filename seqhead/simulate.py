@@ -13,11 +13,16 @@ checked on another: 2–3 labelled episodes per video with intensities y·u (u i
 so the labels are the episodes' peak, not their sum; each episode moves the logits through a saturating
 non-linearity (tanh) of different mixing weights; the frame noise is autocorrelated (AR(1), 0.8); videos are
 shorter on average and vary more in length.
+
+The measured movement (52 blendshapes, head pose, gaze, presence) is simulated the same way through a law of its own:
+the labelled episode moves the blendshapes (sigmoid) and the head (degrees), on top of subject baselines, drift,
+noise and one label-free episode; gaze follows the head with the eyes' own noise. It is drawn from random generators
+of its own, so a seed gives the same 26 values with or without it. In the peak setting every labelled episode moves
+them.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +30,8 @@ import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
 
-from affextract.store import FeatureWriter, Provenance
+from affextract.schema import BLENDSHAPE_NAMES
+from affextract.store import MOVEMENT_OFF, FeatureWriter, Provenance, dumps
 
 from . import __version__
 from .data import HUME_ID, HUME_TARGETS
@@ -48,6 +54,7 @@ class SimulateOptions:
     nuisance: float = 0.4  # scale of the label-free slow parts: subject and video baselines, drift
     frame_noise: float = 1.2  # frame-to-frame white noise (logit units); pooled maxima pick it up, a GRU averages it
     seed: int = 0  # everything random derives from it
+    movement: bool = True  # also simulate the measured movement (blendshapes, pose, gaze, presence)
     setting: str = "episode"  # how labels arise: episode (one labelled bump) | peak (labels = peak of 2–3 bumps)
 
     def __post_init__(self):
@@ -66,6 +73,48 @@ class SimulateResult:
 def _bump(n: int) -> np.ndarray:
     """Onset–apex–offset envelope of n frames, peak 1."""
     return np.sin(np.linspace(0, np.pi, n + 2)[1:-1]) ** 2
+
+
+class _MovementLaw:
+    """The measured movement of one video: blendshapes (K, 52), pose (K, 3) and gaze (K, 2) in degrees, presence
+    (K,); NaN where no face."""
+
+    def __init__(self, opts: SimulateOptions, subjects: int):
+        law = np.random.default_rng(20240615)  # fixed, as the 26 values' law
+        n_bs = len(BLENDSHAPE_NAMES) - 1  # `_neutral` carries no movement
+        self.bs_mixing = law.normal(0, 1, (7, n_bs)).astype(np.float32) * 1.6  # intensities -> blendshape logits
+        self.pose_mixing = law.normal(0, 1, (7, 3)).astype(np.float32) * 6.0  # intensities -> degrees of yaw/pitch/roll
+        self.rng = np.random.default_rng([opts.seed, 1])
+        self.opts = opts
+        self.subj_bs = self.rng.normal(-2.0, 0.6 * opts.nuisance, (subjects, n_bs)).astype(np.float32)
+        self.subj_pose = self.rng.normal(0, 6.0, (subjects, 3)).astype(np.float32)
+
+    def __call__(self, subject: int, episodes: list, face: np.ndarray) -> dict[str, np.ndarray]:
+        """`episodes`: (start, frames, intensities (7,)) of the video's labelled episodes."""
+        rng, o, K = self.rng, self.opts, len(face)
+        drive = np.zeros((K, 7), np.float32)  # per frame, the labelled episodes' intensities - 0.3, times their bump
+        for p, E, y in episodes:
+            drive[p:p + E] += o.signal * _bump(E)[:, None] * (y - 0.3)
+        fake = np.zeros((K, 1), np.float32)
+        E2 = max(4, int(K * rng.uniform(0.1, 0.3)))
+        p2 = int(rng.integers(0, K - E2 + 1))
+        fake[p2:p2 + E2, 0] = _bump(E2)
+        noise = rng.uniform(0, 1, 7) - 0.3  # the label-free episode's intensities
+        logits = (self.subj_bs[subject] + rng.normal(0, 0.4 * o.nuisance, self.subj_bs.shape[1])
+                  + np.cumsum(rng.normal(0, 0.06 * o.nuisance, (K, self.subj_bs.shape[1])), axis=0)
+                  + rng.normal(0, o.frame_noise, (K, self.subj_bs.shape[1]))
+                  + drive @ self.bs_mixing + fake * (noise @ self.bs_mixing))
+        neutral = rng.normal(-4.0, 0.5, (K, 1))
+        blendshapes = 1 / (1 + np.exp(-np.concatenate([neutral, logits], axis=1)))
+        pose = (self.subj_pose[subject] + np.cumsum(rng.normal(0, 0.5 * o.nuisance, (K, 3)), axis=0)
+                + rng.normal(0, 1.0, (K, 3)) + drive @ self.pose_mixing
+                + fake * (noise @ self.pose_mixing))
+        gaze = 0.6 * pose[:, :2] + rng.normal(0, 3.0, (K, 2))  # the eyes follow the head, with the iris's noise
+        presence = np.clip(rng.normal(0.98, 0.01, K), 0, 1)
+        out = {"blendshapes": blendshapes, "pose": pose, "gaze": gaze, "presence": presence}
+        for v in out.values():
+            v[~face] = np.nan
+        return {k: v.astype(np.float32) for k, v in out.items()}
 
 
 def simulate(opts: SimulateOptions) -> SimulateResult:
@@ -102,10 +151,13 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
     out.parent.mkdir(parents=True, exist_ok=True)
     labels_path.parent.mkdir(parents=True, exist_ok=True)
     total_frames = 0
-    provenance = Provenance(model="simulated", model_sha256="", alignment="arcface-112", sampling=json.dumps({"fps": None}),
-                            detector=json.dumps({"name": "simulated", "seed": opts.seed, "setting": opts.setting}))
+    provenance = Provenance(model="simulated", model_sha256="", alignment="arcface-112", sampling=dumps({"fps": None}),
+                            detector=dumps({"name": "simulated", "seed": opts.seed, "setting": opts.setting}),
+                            movement=dumps({"enabled": True, "simulated": True}) if opts.movement else MOVEMENT_OFF)
     written_by = {"affextract_version": f"seqhead-simulate {__version__}"}
-    with FeatureWriter(out, provenance, written_by, overwrite=True) as h5:
+    movement = _MovementLaw(opts, first) if opts.movement else None
+    datasets = ("blendshapes", "pose", "gaze", "presence") if opts.movement else ()
+    with FeatureWriter(out, provenance, written_by, overwrite=True, datasets=datasets) as h5:
         for i in range(n):
             K = int(lengths[i])
             total_frames += K
@@ -115,6 +167,7 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
             if peak:  # AR(1) noise with the same variance: slow wobbles that look like small episodes
                 noise = lfilter([np.sqrt(1 - 0.8 ** 2)], [1, -0.8], noise, axis=0)
             logits = logits[None] + drift + noise.astype(np.float32)
+            episodes = []  # (start, frames, intensities) of each labelled episode, for the movement too
             if peak:
                 # Labelled episodes at intensities y·u; the labels are their peak (one episode has u = 1).
                 n_ep = int(rng.integers(2, 4))
@@ -125,11 +178,13 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
                     p = int(rng.integers(0, K - E + 1))
                     drive = 2.0 * np.tanh(0.8 * ((y[i] * u[k] - 0.3) @ mixing_peak))
                     logits[p:p + E] += opts.signal * _bump(E)[:, None] * drive[None].astype(np.float32)
+                    episodes.append((p, E, y[i] * u[k]))
             else:
                 # The labelled episode: intensity-weighted directions, one bump at a random position.
                 E = max(4, int(K * rng.uniform(0.1, 0.3)))
                 p = int(rng.integers(0, K - E + 1))
                 logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i] - 0.3) @ mixing)[None]
+                episodes.append((p, E, y[i]))
             # Label-free episodes: the same kind of movement with random intensities, but split into two halves of
             # the 26 values shown at different times, so each value's own statistics look like the labelled
             # episode's while the co-occurrence (what a sequence model can see) does not.
@@ -162,7 +217,8 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
             video = h5.video(source, dict(source=source, size_bytes=K * 900, mtime=0.0, fps=30.0, frames_total=K,
                                           width=640, height=360), frames=K)
             video.append(feats, face, np.arange(K, dtype=np.int32), np.arange(K, dtype=np.float64) / 30.0, box, lm,
-                         np.where(face, 0.99, np.nan).astype(np.float32))
+                         np.where(face, 0.99, np.nan).astype(np.float32),
+                         **(movement(subj[i], episodes, face) if movement else {}))
             video.finish()
     df = pd.DataFrame(y, columns=list(HUME_TARGETS)).round(4)
     df.insert(0, HUME_ID, ids)

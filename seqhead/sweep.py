@@ -72,9 +72,10 @@ PRESETS: dict[str, tuple[Variant, ...]] = {
         Variant("MRNN w/o Mask & Routing", _paper(("mask", False))),
         Variant("MRNN with MSE", _paper(("loss", "mse"))),
     ),
-    # The paper's Table 3: feature groups.
+    # The paper's Table 3: feature groups, then the measured movement alone and added to the 26 values.
     "table3": tuple(Variant(" & ".join(g.upper() for g in combo), (("features", ",".join(combo)),))
-                    for k in (1, 2, 3) for combo in itertools.combinations(("va", "expr", "au"), k)),
+                    for combo in [c for k in (1, 2, 3) for c in itertools.combinations(("va", "expr", "au"), k)]
+                    + [("bs",), ("pose", "gaze"), ("bs", "pose", "gaze"), ("va", "expr", "au", "bs", "pose", "gaze")]),
     # Every head and both baselines (the paper's head and the MuSe style on their own GRU encoders).
     "heads": (
         Variant("mrnn (paper head, GRU(128))", _paper()),

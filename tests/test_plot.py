@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from affextract.cli import app
 from affextract.features import open_features
 from affextract.plot import PlotOptions, SourceNotFound, find_source, plot_timeline, read_frames, sample_crops
+from affextract.store import MOVEMENT_OFF, FeatureWriter
 from conftest import astronaut_frames, noface_frames, write_video
 
 
@@ -48,8 +50,15 @@ def test_timeline_png(extracted, tmp_path):
     assert v.face[:12].all() and not v.face[12:18].any()  # the gap the plot must shade
     out = plot_timeline(h5, "clip.mp4", tmp_path / "t.png")
     w, h = png_size(out)
-    assert out == tmp_path / "t.png" and 1200 <= w <= 1600 and 800 <= h <= 1200
-    assert 20_000 < out.stat().st_size < 2_000_000
+    # five panels: valence/arousal, expressions, AUs, head pose, blendshapes
+    assert out == tmp_path / "t.png" and 1200 <= w <= 1600 and 1700 <= h <= 2300
+    assert 20_000 < out.stat().st_size < 3_000_000
+    # A file without measured movement (--no-movement, or written before it existed) gets the first three only.
+    with open_features(h5) as ff:
+        with FeatureWriter(tmp_path / "plain.h5", replace(ff.provenance, movement=MOVEMENT_OFF)) as plain:
+            plain.add(replace(ff["sub/clip.mp4"], extra={}))
+    w, h = png_size(plot_timeline(tmp_path / "plain.h5", "clip.mp4", tmp_path / "plain.png"))
+    assert 1200 <= w <= 1600 and 800 <= h <= 1200
 
 
 def test_contact_sheet_found_beside_the_h5_file(extracted, tmp_path, monkeypatch):

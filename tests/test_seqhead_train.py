@@ -118,7 +118,7 @@ def test_sweep_is_resumable_and_ranked(sim, tmp_path):
                                seeds=(0, 1)))
     assert again.n_run == 2 and again.n_reused == 4
     assert (tmp_path / "s" / "ranked.csv").exists() and len(pd.read_csv(tmp_path / "s" / "results.csv")) == 6
-    assert len(PRESETS["table4"]) == 10 and len(PRESETS["table3"]) == 7
+    assert len(PRESETS["table4"]) == 10 and len(PRESETS["table3"]) == 11  # 7 of the paper + 4 with movement
 
 
 def test_pearson_metric():
