@@ -260,8 +260,10 @@ def find_labels(h5_path: Path, labels: Path | None) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------- matching
 
-# Most specific first: a row takes the first form that names exactly one video.
-ID_FORMS = ("key", "source", "path", "name", "stem", "number")
+# Most specific first: a row takes the first form that names exactly one video. The relative path comes before the
+# HDF5 key: the two agree for a video at the top of the input folder, and predictions written in the majority form
+# must name nested videos by their path, not by the escaped key ('sub%2Fb.mp4').
+ID_FORMS = ("source", "key", "path", "name", "stem", "number")
 
 
 def id_forms(source: str, key: str) -> dict[str, str | None]:
