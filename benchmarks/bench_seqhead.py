@@ -7,8 +7,9 @@ torch.compile — on a simulated set (scale 0.19 ≈ 3,000 / 885 / 875 videos, �
 
     python benchmarks/bench_seqhead.py --suite levers --scale 0.19 --batches 40
 
---suite busy: one epoch (capped at `--batches` steps, plus validation) with 1 thread and with torch's default
-threads, each on a quiet machine and beside a second, CPU-bound torch process; prints busy/quiet ratios.
+--suite busy: one epoch (capped at `--batches` steps, 0 = a full epoch, plus validation) for each of
+`--busy-threads` (default 1 and torch's default threads), each on a quiet machine and beside a second, CPU-bound
+torch process; prints busy/quiet ratios.
 
 --suite padding: what skipping padding buys for the paper's configuration, below.
 
@@ -107,11 +108,11 @@ HOG = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = torch.tanh(
 
 
 def busy(args, h5: Path) -> None:
-    base = TrainOptions(h5=h5, out=args.workdir / "busy", epochs=1, max_batches=args.batches)
+    base = TrainOptions(h5=h5, out=args.workdir / "busy", epochs=1, max_batches=args.batches or None)
     data = prepare(base)
-    print(f"one epoch = {args.batches} steps of the default head + validation ({len(data.val_seqs)} videos); "
+    print(f"one epoch = {args.batches or 'all'} steps of the default head + validation ({len(data.val_seqs)} videos); "
           f"second process: a CPU-bound torch loop with torch's default threads")
-    for threads in (1, 0):
+    for threads in (int(t) for t in args.busy_threads.split(",")):
         quiet = train(replace(base, threads=threads), data).history[0]["seconds"]
         hog = subprocess.Popen([sys.executable, "-c", HOG])
         try:
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=480)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--busy-threads", default="1,0", help="busy suite: ','-separated --threads values to compare")
     ap.add_argument("--modes", default="none,truncate,pack,truncate+bucket,pack+bucket")
     args = ap.parse_args()
     device = resolve_device(args.device)
