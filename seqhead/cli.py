@@ -127,8 +127,6 @@ def train(
     clip: Annotated[float, typer.Option(help="Maximum gradient norm (0 = none).")] = 1.0,
     epochs: Epochs = 30,
     patience: Patience = 6,
-    smooth: Annotated[int, typer.Option(help="Early stopping on the mean validation Pearson of the last n epochs "
-                                             "(1 = each epoch's own).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed for weights, batches and a random split.")] = 0,
     skip_padding: Annotated[str, typer.Option(help="truncate | pack | none.")] = "truncate",
     bucket: Annotated[bool, typer.Option(help="Length-sorted batches (less padding).")] = True,
@@ -149,7 +147,7 @@ def train(
                             group_column=group_column, val_fraction=val_fraction, allow_unmatched=allow_unmatched,
                             features=features, no_face=no_face, stride=stride, t=t, head=head, mask=mask, rnn=rnn,
                             layers=layers, conv_blocks=conv_blocks, hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
-                            weight_decay=weight_decay, clip=clip, epochs=epochs, patience=patience, smooth=smooth, seed=seed,
+                            weight_decay=weight_decay, clip=clip, epochs=epochs, patience=patience, seed=seed,
                             skip_padding=skip_padding, bucket=bucket, device=device, threads=threads,
                             max_batches=max_batches)
         res = run_train(opts, progress=_TrainProgress())

@@ -68,8 +68,6 @@ class TrainOptions:
     clip: float = 1.0  # maximum gradient norm per step (0 = no clipping); recurrent nets spike without it
     epochs: int = 30  # upper bound on epochs
     patience: int = 6  # stop after this many epochs without a better validation mean Pearson
-    smooth: int = 1  # early stopping compares the mean validation Pearson of the last `smooth` epochs (the best
-    # window's last epoch is kept); 1 = each epoch's own, which rewards a lucky spike on a small validation set
     seed: int = 0  # weights, batch order and the random validation split
     skip_padding: str = "truncate"  # encoder work on padding: truncate (batch's longest l) | pack | none
     bucket: bool = True  # length-sorted batches (less padding per batch: ~2× faster, same validation)
@@ -87,8 +85,6 @@ class TrainOptions:
             raise ValueError("batch_size must be ≥ 2 (the Pearson loss is computed over the batch)")
         if self.stride < 1:
             raise ValueError(f"stride {self.stride}: keep every n-th frame with n ≥ 1")
-        if self.smooth < 1:
-            raise ValueError(f"smooth {self.smooth}: average the validation Pearson over n ≥ 1 epochs")
 
 
 @dataclass(frozen=True)
@@ -480,7 +476,6 @@ def _train(opts: TrainOptions, prepared: Prepared | None, progress: Callable[[Pr
         y_train = torch.from_numpy(data.y_train)
         calib = np.sort(rng.permutation(len(train_seqs))[:CALIBRATION_VIDEOS])
         best, best_epoch, stale, epochs_run = -np.inf, 0, 0, 0
-        curve: list[float] = []  # validation mean Pearson per epoch
         saved = None  # what the run directory holds: (weights, slope, intercept, raw validation predictions)
 
         def save(status: str) -> np.ndarray:
@@ -503,10 +498,8 @@ def _train(opts: TrainOptions, prepared: Prepared | None, progress: Callable[[Pr
                 raw_val = predict_raw(model, val_seqs, device)
                 r = float(pearson(raw_val, data.y_val).mean())
                 epochs_run = epoch
-                curve.append(r)
-                score = float(np.mean(curve[-opts.smooth:]))  # the criterion: trailing mean of the curve
-                if score > best:
-                    best, best_epoch, stale = score, epoch, 0
+                if r > best:
+                    best, best_epoch, stale = r, epoch, 0
                     state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
                     slope, intercept = fit_calibration(predict_raw(model, [train_seqs[i] for i in calib], device),
                                                        data.y_train[calib])

@@ -223,17 +223,6 @@ def test_ctrl_c_keeps_the_best_epoch_and_progress_is_plain_text(sim, tmp_path):
     assert np.isclose(ev.mean_pearson, metrics["val"]["mean_pearson"], atol=1e-4)
 
 
-def test_smoothed_early_stopping_keeps_the_best_windows_last_epoch(sim, tmp_path):
-    res = train(TrainOptions(h5=sim.h5, out=tmp_path / "run", **{**TINY, "epochs": 6}, patience=100, smooth=3))
-    hist = pd.read_csv(res.run_dir / "history.csv")["val_mean_pearson"].to_numpy()
-    trailing = [hist[max(0, e - 2):e + 1].mean() for e in range(len(hist))]  # epochs 1 and 2: what exists so far
-    assert len(hist) == 6 and res.best_epoch == int(np.argmax(trailing)) + 1
-    # The kept weights are that epoch's: its own validation Pearson, not the window's mean.
-    assert np.isclose(res.val_mean_pearson, hist[res.best_epoch - 1], atol=1e-4)
-    with pytest.raises(ValueError, match="smooth 0"):
-        TrainOptions(h5=sim.h5, out=tmp_path, smooth=0)
-
-
 def test_cli_defaults_are_the_libraries():
     """`seqhead train`/`sweep` without options train what TrainOptions() trains."""
     import typer
