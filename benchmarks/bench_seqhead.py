@@ -7,8 +7,9 @@ torch.compile — on a simulated set (scale 0.19 ≈ 3,000 / 885 / 875 videos, �
 
     python benchmarks/bench_seqhead.py --suite levers --scale 0.19 --batches 40
 
---suite busy: one epoch (capped at `--batches` steps, plus validation) with 1 thread and with torch's default
-threads, each on a quiet machine and beside a second, CPU-bound torch process; prints busy/quiet ratios.
+--suite busy: one epoch (capped at `--batches` steps, 0 = a full epoch, plus validation) for each of
+`--busy-threads` (default 1 and torch's default threads), each on a quiet machine and beside a second, CPU-bound
+torch process of `--hog-threads` threads (default torch's); prints busy/quiet ratios.
 
 --suite padding: what skipping padding buys for the paper's configuration, below.
 
@@ -103,17 +104,24 @@ def levers(args, h5: Path, device: torch.device) -> None:
         print(f"{name:34s} {epoch:8.1f}   {base_epoch / epoch:5.2f}×")
 
 
-HOG = "import torch\na = torch.randn(512, 512)\nwhile True:\n    a = torch.tanh(a @ a / 512)\n"
+# The second process: a CPU-bound torch loop; argv[1] = its threads (0 = torch's default).
+HOG = """import sys, torch
+if int(sys.argv[1]):
+    torch.set_num_threads(int(sys.argv[1]))
+a = torch.randn(512, 512)
+while True:
+    a = torch.tanh(a @ a / 512)
+"""
 
 
 def busy(args, h5: Path) -> None:
-    base = TrainOptions(h5=h5, out=args.workdir / "busy", epochs=1, max_batches=args.batches)
+    base = TrainOptions(h5=h5, out=args.workdir / "busy", epochs=1, max_batches=args.batches or None)
     data = prepare(base)
-    print(f"one epoch = {args.batches} steps of the default head + validation ({len(data.val_seqs)} videos); "
-          f"second process: a CPU-bound torch loop with torch's default threads")
-    for threads in (1, 0):
+    print(f"one epoch = {args.batches or 'all'} steps of the default head + validation ({len(data.val_seqs)} videos); "
+          f"second process: a CPU-bound torch loop with {args.hog_threads or 'torch default'} thread(s)")
+    for threads in (int(t) for t in args.busy_threads.split(",")):
         quiet = train(replace(base, threads=threads), data).history[0]["seconds"]
-        hog = subprocess.Popen([sys.executable, "-c", HOG])
+        hog = subprocess.Popen([sys.executable, "-c", HOG, str(args.hog_threads)])
         try:
             time.sleep(2)
             loaded = train(replace(base, threads=threads), data).history[0]["seconds"]
@@ -134,6 +142,9 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=480)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--busy-threads", default="1,0", help="busy suite: ','-separated --threads values to compare")
+    ap.add_argument("--hog-threads", type=int, default=0, help="busy suite: the second process's threads (0 = torch's "
+                    "default)")
     ap.add_argument("--modes", default="none,truncate,pack,truncate+bucket,pack+bucket")
     args = ap.parse_args()
     device = resolve_device(args.device)

@@ -221,3 +221,16 @@ def test_ctrl_c_keeps_the_best_epoch_and_progress_is_plain_text(sim, tmp_path):
     assert len(pred.table) == sum(sim.n_videos)
     ev = evaluate(EvaluateOptions(tmp_path / "p.csv", sim.labels, split="val"))
     assert np.isclose(ev.mean_pearson, metrics["val"]["mean_pearson"], atol=1e-4)
+
+
+def test_cli_defaults_are_the_libraries():
+    """`seqhead train`/`sweep` without options train what TrainOptions() trains."""
+    import typer
+    from dataclasses import fields
+
+    defaults = {f.name: f.default for f in fields(TrainOptions)}
+    click_app = typer.main.get_command(app)
+    for cmd in ("train", "sweep"):
+        for p in click_app.commands[cmd].params:
+            if p.name in defaults and p.name not in ("h5", "out", "targets"):
+                assert p.default == defaults[p.name], (cmd, p.name, p.default, defaults[p.name])
