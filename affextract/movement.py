@@ -114,12 +114,14 @@ class FaceMesh(nn.Module):
     # so that each layer's output is still in the core's cache when the next layer reads it; the cost per face then
     # no longer grows with the batch (on the CPU, batch 64 ran twice as fast as without; benchmarks/bench_movement.py).
     # The later blocks' smaller maps run on the whole batch, where larger matrices make the convolutions efficient.
+    # A GPU has no such cache limit and wants the whole batch in every kernel.
     cache_blocks = 5  # blocks run per chunk: up to the last 48x48 one
-    cache_faces = 4  # faces per chunk
+    cache_faces = 4  # faces per chunk (CPU only)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, 3, 192, 192) -> (B, 478, 3), (B,)
         parts = []
-        for chunk in x.split(self.cache_faces) or (x,):  # (x,): an empty batch still gives empty outputs
+        chunks = x.split(self.cache_faces) if x.device.type == "cpu" else ()
+        for chunk in chunks or (x,):  # (x,): an empty batch still gives empty outputs
             h = self.stem_act(self.stem(_same_pad(chunk)))
             for block in self.blocks[:self.cache_blocks]:
                 h = block(h)
