@@ -11,7 +11,6 @@ without loading torch, the model or a worker.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -21,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from affextract.store import (MOVEMENT_DATASETS, MOVEMENT_OFF, FeatureStore, Provenance, ShardWriter, StoredVideo,
-                              dumps)
+from affextract.schema import DEFAULT_WEIGHTS
+from affextract.store import (MOVEMENT_DATASETS, MOVEMENT_OFF, FeatureStore, Provenance, ShardWriter, StoredVideo, dumps,
+                              file_sha256)
 from affextract.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, VideoInfo, find_sources
 from affextract.workers import Broken, FaceChunk, Failed, Finished, Opened, WorkerSpec, analyse
 
@@ -220,16 +220,12 @@ def _plan(sources: list[Source], stored: dict[str, StoredVideo], report: Extract
 def _weights_identity(weights: Path | str | None) -> tuple[str, str]:
     """Name and SHA-256 of the MMA weights for the file's provenance, found without importing torch, so a rerun with
     nothing to do does not load the model. load_weights checks the file again (against its recorded checksum)."""
-    path = Path(weights) if weights is not None else Path(__file__).parent / "weights" / "mma_ferplus_small.safetensors"
+    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: MMA weights must be a .safetensors file (pickled checkpoints are not loaded)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return path.stem, h.hexdigest()
+    return path.stem, file_sha256(path)
 
 
 def movement_datasets(options: ExtractOptions) -> tuple[str, ...]:

@@ -8,7 +8,6 @@ preprocessing that the weights were trained with travels inside their config.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from affextract.schema import AU, AUS, EXPR, EXPRESSIONS, FEATURE_NAMES, VA
+from affextract.schema import AU, AUS, DEFAULT_WEIGHTS, EXPR, EXPRESSIONS, FEATURE_NAMES, VA, WEIGHTS_DIR
+from affextract.store import file_sha256
 
 ALIGNED_SIZE = 112  # side of the ArcFace-aligned crop that forward() takes
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "mma_ferplus_small.safetensors"
 WEIGHTS_FORMAT = "affextract-mma"
 
 
@@ -246,14 +244,6 @@ class WeightsInfo:
     metadata: dict = field(default_factory=dict)  # training data, version, feature names, preprocessing, scores
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_weights(model: MMA, path: str | Path, metadata: dict, half: bool = True) -> str:
     """Write `path` (.safetensors) and its .json (config, metadata, sha256); return the sha256.
 
@@ -268,7 +258,7 @@ def save_weights(model: MMA, path: str | Path, metadata: dict, half: bool = True
         v = v.detach().cpu().contiguous()
         state[k] = v.half() if half and v.is_floating_point() else v
     save_file(state, str(path), metadata={"format": WEIGHTS_FORMAT})
-    digest = _sha256(path)
+    digest = file_sha256(path)
     meta = {"feature_names": list(FEATURE_NAMES), **metadata}
     doc = {"format": WEIGHTS_FORMAT, "sha256": digest, "config": model.config.to_json(), "metadata": meta}
     path.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
@@ -300,7 +290,7 @@ def load_weights(path: str | Path | None = None, device: str | torch.device = "c
     doc = json.loads(meta_path.read_text())
     if doc.get("format") != WEIGHTS_FORMAT or "sha256" not in doc or "config" not in doc:
         raise ValueError(f"{meta_path}: not an affextract MMA weights description")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != doc["sha256"]:
         raise ValueError(
             f"{path}: SHA-256 {digest} does not match {doc['sha256']} recorded in {meta_path.name}; "

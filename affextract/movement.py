@@ -17,7 +17,6 @@ same pixel scale as x.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ from torch import nn
 
 from affextract.align import warp_affine
 # Names of the outputs, shared with the file format and seqhead (see there for their conventions).
-from affextract.schema import BLENDSHAPE_NAMES, GAZE_NAMES, MESH_POINTS, POSE_NAMES  # noqa: F401
+from affextract.schema import BLENDSHAPE_NAMES, GAZE_NAMES, MESH_POINTS, POSE_NAMES, WEIGHTS_DIR  # noqa: F401
+from affextract.store import file_sha256
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 MESH_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_mesh_v2.safetensors"
 BLENDSHAPE_WEIGHTS = WEIGHTS_DIR / "mediapipe_blendshapes.safetensors"
 GEOMETRY_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_geometry.safetensors"
@@ -189,14 +188,6 @@ class Blendshapes(nn.Module):
 # ------------------------------------------------------------------------------------------------------ weights
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_weights(state: dict[str, torch.Tensor], path: Path, doc: dict, half: bool) -> str:
     """Write ``path`` (.safetensors, fp16 when ``half``) and its .json (``doc`` plus the file's SHA-256)."""
     from safetensors.torch import save_file
@@ -205,7 +196,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, doc: dict, half: bo
     tensors = {k: (v.half() if half else v.float()).contiguous() for k, v in state.items()}
     save_file(tensors, str(path), metadata={"format": WEIGHTS_FORMAT})
     path.chmod(0o644)  # package data, readable by all
-    digest = _sha256(path)
+    digest = file_sha256(path)
     path.with_suffix(".json").write_text(json.dumps({"format": WEIGHTS_FORMAT, "sha256": digest, **doc}, indent=2)
                                          + "\n")
     return digest
@@ -223,7 +214,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     doc = json.loads(meta.read_text())
     if doc.get("format") != WEIGHTS_FORMAT or "sha256" not in doc:
         raise ValueError(f"{meta}: not a description of converted MediaPipe weights")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != doc["sha256"]:
         raise ValueError(f"{path}: SHA-256 {digest} does not match {doc['sha256']} recorded in {meta.name}; the file "
                          "is corrupt or was replaced. Reinstall affextract or rerun tools/convert_mediapipe.py.")

@@ -1,5 +1,7 @@
 """Names and orders shared by the model, the HDF5 format and seqhead (see README, "HDF5 format")."""
 
+from pathlib import Path
+
 import numpy as np
 
 FORMAT = "affextract-features"
@@ -61,3 +63,8 @@ MESH_POINTS = 478  # points of MediaPipe's face mesh: 468 face points + 2 x 5 ir
 # of blendshapes) carries no movement and is left out.
 MOVEMENT_GROUPS = {"bs": ("blendshapes", slice(1, len(BLENDSHAPE_NAMES))), "pose": ("pose", slice(0, 3)),
                    "gaze": ("gaze", slice(0, 2))}
+
+
+# -- files shipped in the package --------------------------------------------------------------------------------
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "mma_ferplus_small.safetensors"  # the MMA every command uses without --weights

@@ -13,6 +13,7 @@ that the next run merges first, so no video is lost or stored twice.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,15 @@ if TYPE_CHECKING:
     from affextract.features import VideoFeatures
 
 N = len(FEATURE_NAMES)
+
+
+def file_sha256(path: Path | str) -> str:
+    """SHA-256 of a file, read in 1 MiB pieces (weights files are checked against it before they are loaded)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def escape_key(key: str) -> str:

@@ -18,10 +18,11 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file as load_torch
 
 from affextract.runtime import resolve_device
+from affextract.store import file_sha256
 
 from .data import DataError, read_features, video_id
 from .model import ModelConfig, SeqHead
-from .train import cpu_threads, file_sha256, pooled_stats, predict_raw, standardize
+from .train import cpu_threads, pooled_stats, predict_raw, standardize
 
 LONG_VIDEO_POLICIES = ("windows", "truncate")
 

@@ -11,7 +11,6 @@ epoch that improves validation), so Ctrl-C or a kill leaves a run directory that
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from safetensors.torch import save_file as save_torch
 
 from affextract.runtime import resolve_device
 from affextract.schema import FEATURE_NAMES, FORMAT_VERSION
+from affextract.store import file_sha256
 
 from . import __version__
 from .data import Labels, Video, find_labels, match, pad_batch, read_features, read_labels, split_indices
@@ -348,10 +348,6 @@ def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     write(tmp)
     os.replace(tmp, path)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class _RunWriter:
