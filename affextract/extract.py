@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from affextract.schema import DEFAULT_WEIGHTS
+from affextract.schema import DEFAULT_WEIGHTS, WEIGHTS_DIR
 from affextract.store import (MOVEMENT_DATASETS, MOVEMENT_OFF, FeatureStore, Provenance, ShardWriter, StoredVideo, dumps,
                               file_sha256)
 from affextract.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, VideoInfo, find_sources
@@ -242,7 +242,7 @@ def _movement_identity(options: ExtractOptions) -> str:
     if not options.movement:
         return MOVEMENT_OFF
     weights = {p.stem: json.loads(p.read_text())["sha256"]
-               for p in sorted((Path(__file__).parent / "weights").glob("mediapipe_*.json"))}
+               for p in sorted(WEIGHTS_DIR.glob("mediapipe_*.json"))}
     return dumps({"enabled": True, "mesh": options.mesh, "weights_sha256": weights, "crop": MESH_CROP})
 
 
