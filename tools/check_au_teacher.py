@@ -5,7 +5,8 @@
 
 (a) obvious faces: on FER+ valid (majority label) and posed photos (full pipeline), the share of surprise faces
     with AU1/2/5/26 >= 0.5 and of happy faces with AU6/12 >= 0.5, and the mean probability;
-(b) agreement with the teacher on FER+ test (faces the mesh finds): Pearson r and F1 at 0.5 per AU;
+(b) agreement with the teacher on FER+ test (faces the mesh finds): Pearson r and F1 at 0.5 per AU; for the AUs
+    whose teacher is distrusted (TeacherOptions.distrust), Pearson r with the raw blendshape coefficient;
 (c) clips: per frame, the AU25/AU26 rows against the mesh's inner-lip gap (affextract.teacher.lip_gap): Pearson r,
     and partial r once the 7 expression probabilities are regressed out (movement the expression does not
     explain); and how constant the expression head is (share of frames with the most common top expression).
@@ -87,7 +88,8 @@ def main() -> None:
                 print(f"| {set_name} | {expr} (n={sel.sum()}) | AU{au} | " + " | ".join(cells) + " |")
 
     print("\n## (b) agreement with the teacher on FER+ test: Pearson r / F1 at 0.5")
-    test = load_cached(load_ferplus(args.ferplus, "test"), args.cache, TeacherOptions())
+    distrusted = TeacherOptions().distrust
+    test = load_cached(load_ferplus(args.ferplus, "test"), args.cache, TeacherOptions(distrust=()))
     feats = {k: predict_inputs(m, prepare_inputs(test, m)) for k, m in models.items()}
     for j, au in enumerate(AUS):
         t = test.teacher_au[:, j]
@@ -100,8 +102,10 @@ def main() -> None:
             p = feats[k][has, AU.start + j]
             tp = ((p >= 0.5) & (t[has] >= 0.5)).sum()
             f1 = 2 * tp / max(1, (p >= 0.5).sum() + (t[has] >= 0.5).sum())
-            cells.append(f"{np.corrcoef(p, t[has])[0, 1]:.3f} / {f1:.3f}")
-        print(f"| AU{au} | {has.sum()} faces, {(t[has] >= 0.5).mean():.3f} teacher >= 0.5 | " + " | ".join(cells) + " |")
+            r = np.corrcoef(p, t[has])[0, 1]
+            cells.append(f"{r:.3f} (raw coefficient)" if au in distrusted else f"{r:.3f} / {f1:.3f}")
+        share = "distrusted" if au in distrusted else f"{(t[has] >= 0.5).mean():.3f} teacher >= 0.5"
+        print(f"| AU{au} | {has.sum()} faces, {share} | " + " | ".join(cells) + " |")
 
     print("\n## (c) clips: r(AU, lip gap), partial r given the expressions; expression constancy")
     for clip in args.clip:
