@@ -1,5 +1,5 @@
 """What each inference-time lever of the MMA gives on FER+ valid and on a folder of posed faces (the model card's
-lever table): prior correction tau, test-time flip, crop of the aligned face.
+lever table): prior correction tau, test-time flip (alone and with each tau), crop of the aligned face.
 
     python benchmarks/mma_levers.py --ferplus ferplus.h5 --posed posed_faces/ [--weights W.safetensors ...]
 
@@ -73,6 +73,8 @@ def main() -> None:
         for tau in args.taus:
             scores(variant(expr_prior=prior, prior_tau=tau), f"prior correction tau={tau}")
         scores(variant(flip_tta=True), "test-time flip")
+        for tau in args.taus:
+            scores(variant(flip_tta=True, expr_prior=prior, prior_tau=tau), f"flip + prior correction tau={tau}")
         for name, crop in CROPS.items():
             scores(variant(crop=crop), f"crop {name}")
 
