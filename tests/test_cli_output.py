@@ -105,3 +105,16 @@ def test_evaluate_device_defaults_to_auto_like_every_command():
     cmds = typer.main.get_command(app).commands
     defaults = {name: p.default for name, c in cmds.items() for p in c.params if p.name == "device"}
     assert defaults and set(defaults.values()) == {"auto"}, defaults
+
+
+def test_one_step_and_one_video_are_singular(capsys, tmp_path):
+    from seqhead.cli import _TrainProgress
+    from seqhead.train import Progress
+
+    _TrainProgress()(Progress(epoch=1, epochs=3, step=1, steps=1, seconds=0.5, train_loss=0.9, val_mean_pearson=0.1,
+                              best_epoch=1))
+    err = capsys.readouterr().err
+    assert "epoch 1/3: 1 step in 0.5s" in err and "1 steps" not in err, err
+    write_features(tmp_path / "one.h5", {"a.mp4": synthetic_video(4, 0)})
+    r = runner.invoke(app, ["export", str(tmp_path / "one.h5")])
+    assert r.exit_code == 0 and "4 rows (1 video)," in " ".join(r.output.split()), r.output
