@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from affextract.runtime import gpu_paths
+
 
 def alignment_matrices(landmarks: np.ndarray, size: int = 112) -> np.ndarray:
     """(N, 5, 2) landmarks -> (N, 2, 3) float64 similarity transforms image -> crop onto the ArcFace template
@@ -50,7 +52,7 @@ def warp_affine(frames, matrices: np.ndarray, size: int, device: str | torch.dev
     size) uint8 crops on ``device``, bilinear, black beyond the frame; rows with non-finite affines are black. The one
     warp of the crops every model sees (the MMA's aligned faces, the face mesh's crops).
 
-    ``method="cv2"`` (the default on the CPU): one cv2.warpAffine per face, which is what insightface's ``norm_crop``
+    ``method="cv2"`` (the default on the CPU, ``runtime.gpu_paths``): one cv2.warpAffine per face, which is what insightface's ``norm_crop``
     and MediaPipe's CPU ImageToTensor do, and much cheaper there than converting frames to float. ``"grid"`` (the
     default on GPUs): all faces in one batched bilinear warp (affine_grid + grid_sample, zero border) on the device,
     within one grey level of cv2.
@@ -68,7 +70,7 @@ def warp_affine(frames, matrices: np.ndarray, size: int, device: str | torch.dev
     if n == 0:
         return torch.zeros(0, 3, size, size, dtype=torch.uint8, device=device)
     ok = np.isfinite(matrices).all((1, 2))
-    if method == "cv2" or (method == "auto" and device.type == "cpu"):
+    if method == "cv2" or (method == "auto" and not gpu_paths(device)):
         import cv2
 
         images = images.cpu().numpy()
