@@ -52,10 +52,10 @@ def warp_affine(frames, matrices: np.ndarray, size: int, device: str | torch.dev
     size) uint8 crops on ``device``, bilinear, black beyond the frame; rows with non-finite affines are black. The one
     warp of the crops every model sees (the MMA's aligned faces, the face mesh's crops).
 
-    ``method="cv2"`` (the default on the CPU, ``runtime.gpu_paths``): one cv2.warpAffine per face, which is what insightface's ``norm_crop``
+    ``method="cv2"`` (the default on the CPU): one cv2.warpAffine per face, which is what insightface's ``norm_crop``
     and MediaPipe's CPU ImageToTensor do, and much cheaper there than converting frames to float. ``"grid"`` (the
-    default on GPUs): all faces in one batched bilinear warp (affine_grid + grid_sample, zero border) on the device,
-    within one grey level of cv2.
+    default on GPUs, and wherever ``runtime.gpu_paths`` says so): all faces in one batched bilinear warp
+    (affine_grid + grid_sample, zero border) on the device, within one grey level of cv2.
     """
     if method not in ("auto", "cv2", "grid"):
         raise ValueError(f"unknown warp method {method!r}; known: auto, cv2, grid")

@@ -116,7 +116,7 @@ class FaceMesh(nn.Module):
     # The later blocks' smaller maps run on the whole batch, where larger matrices make the convolutions efficient.
     # A GPU has no such cache limit and wants the whole batch in every kernel.
     cache_blocks = 5  # blocks run per chunk: up to the last 48x48 one
-    cache_faces = 4  # faces per chunk (CPU only: not where runtime.gpu_paths)
+    cache_faces = 4  # faces per chunk (the CPU branch, see runtime.gpu_paths)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, 3, 192, 192) -> (B, 478, 3), (B,)
         parts = []
