@@ -181,8 +181,8 @@ def per_face(tflite: Path, onnx_path: Path, model, faces, crops, to_image, threa
     ort_mma = OrtMMA(onnx_path, threads)
     x = torch.from_numpy(crops).float().div_(255).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        points = mv.mesh_to_image(stage.mesh(x)[0], torch.from_numpy(to_image).float())[:, list(mv.BLENDSHAPE_LANDMARKS),
-                                                                                       :2].contiguous()
+        image_mesh = mv.mesh_to_image(stage.mesh(x)[0], torch.from_numpy(to_image).float())
+        points = image_mesh[:, list(mv.BLENDSHAPE_LANDMARKS), :2].contiguous()
     mma_in = torch.from_numpy(faces).float().div_(127.5).sub_(1.0)
     crops_t = torch.from_numpy(crops)
     k16, k64 = min(16, len(crops)), min(64, len(crops))
@@ -313,7 +313,8 @@ def main() -> None:
     import ai_edge_litert
     import onnxruntime
 
-    res["machine"] |= {"ai_edge_litert": getattr(ai_edge_litert, "__version__", "?"), "onnxruntime": onnxruntime.__version__}
+    res["machine"] |= {"ai_edge_litert": getattr(ai_edge_litert, "__version__", "?"),
+                       "onnxruntime": onnxruntime.__version__}
     print(f"{os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}; {a.threads} thread(s) per runtime; clips {res['clips']}", flush=True)
     model = load_weights(None)[0]

@@ -20,12 +20,6 @@ from conftest import group_frames, write_video
 INSIGHTFACE_IMAGES = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images"
 
 
-@pytest.fixture
-def gpu_branches(monkeypatch):
-    """Turns the GPU branches on for one test (and the extraction workers it starts)."""
-    monkeypatch.setenv(GPU_PATHS_ENV, "1")
-
-
 @pytest.fixture(scope="module")
 def detector():
     torch.set_num_threads(2)
@@ -152,7 +146,8 @@ def test_extract_with_gpu_branches_matches_cpu_branches(carphone, tmp_path, monk
     from affextract.extract import ExtractOptions, extract
     from affextract.features import open_features
 
-    clip = write_video(tmp_path / "carphone.avi", decord.VideoReader(str(carphone)).get_batch(list(range(40))).asnumpy())
+    frames = decord.VideoReader(str(carphone)).get_batch(list(range(40))).asnumpy()
+    clip = write_video(tmp_path / "carphone.avi", frames)
     opts = ExtractOptions(device="cpu", workers=1, progress=False)
     out = {}
     for on in ("0", "1"):
