@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from affextract.runtime import gpu_paths
+
 # insightface's `arcface_dst`: where the eyes, nose tip and mouth corners of a 112x112 ArcFace crop lie (x, y). Kept
 # in float32 as insightface keeps it: its mean then rounds as insightface's does, and the crops come out identical to
 # the last grey level (cv2's fixed-point warp turns a 1e-6 pixel shift into a changed pixel now and then).
@@ -94,8 +96,8 @@ def warp_affine(frames, matrices: np.ndarray, size: int, device: str | torch.dev
 
     ``method="cv2"`` (the default on the CPU): one cv2.warpAffine per face, which is what insightface's ``norm_crop``
     and MediaPipe's CPU ImageToTensor do, and much cheaper there than converting frames to float. ``"grid"`` (the
-    default on GPUs): all faces in one batched bilinear warp (affine_grid + grid_sample, zero border) on the device,
-    within one grey level of cv2.
+    default on GPUs, and wherever ``runtime.gpu_paths`` says so): all faces in one batched bilinear warp
+    (affine_grid + grid_sample, zero border) on the device, within one grey level of cv2.
     """
     if method not in ("auto", "cv2", "grid"):
         raise ValueError(f"unknown warp method {method!r}; known: auto, cv2, grid")
@@ -110,7 +112,7 @@ def warp_affine(frames, matrices: np.ndarray, size: int, device: str | torch.dev
     if n == 0:
         return torch.zeros(0, 3, size, size, dtype=torch.uint8, device=device)
     ok = np.isfinite(matrices).all((1, 2))
-    if method == "cv2" or (method == "auto" and device.type == "cpu"):
+    if method == "cv2" or (method == "auto" and not gpu_paths(device)):
         import cv2
 
         images = images.cpu().numpy()
