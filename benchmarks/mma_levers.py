@@ -22,7 +22,7 @@ import torch
 from affextract.datasets import align_raw, load_ferplus, load_folder, prepare_inputs
 from affextract.evaluate import predict_inputs, score
 from affextract.model import MMA, load_weights
-from affextract.train import expression_prior
+from affextract.training.train import expression_prior
 
 CROPS = {"tighter (16, 24, 96, 104)": (16.0, 24.0, 96.0, 104.0), "whole 112": (0.0, 0.0, 112.0, 112.0),
          "looser (2, 8, 110, 116)": (2.0, 8.0, 110.0, 116.0)}

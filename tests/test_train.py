@@ -12,9 +12,9 @@ from affextract.datasets import FaceSet
 from affextract.evaluate import ccc, score
 from affextract.model import MMAConfig, load_weights
 from affextract.schema import AUS, EXPRESSIONS
-from affextract.train import (
-    AUGMENT_PRESETS, Augment, TrainOptions, augment_batch, ccc_loss, dm_loss, expression_prior, mma_losses, train,
-)
+from affextract.training.augment import AUGMENT_PRESETS, Augment, augment_batch
+from affextract.training.losses import ccc_loss, dm_loss, mma_losses
+from affextract.training.train import TrainOptions, expression_prior, train
 from affextract.datasets import DatasetError
 
 NAN = float("nan")
@@ -234,7 +234,7 @@ def test_teacher_values_are_checked_and_the_prior_is_the_label_mean():
 
 
 def test_calibrate_picks_the_best_qualifying_setting_and_train_stores_it(tmp_path):
-    from affextract.train import CalibrateOptions, calibrate
+    from affextract.training.calibrate import CalibrateOptions, calibrate
 
     tr, va = _toy_set(64, 0), _toy_set(32, 1)
     opts = TrainOptions(out_dir=tmp_path, config=TINY, epochs=2, batch_size=8, lr=3e-3, warmup_epochs=0,
@@ -302,7 +302,7 @@ def test_bfloat16_training_on_the_cpu_follows_float32(tmp_path, monkeypatch):
     tr, va = _toy_set(64, 0), _toy_set(32, 1)
     opts = TrainOptions(config=TINY, epochs=1, batch_size=8, lr=3e-3, warmup_epochs=0, augment=Augment(erase=0),
                         seed=1, amp=True)
-    import affextract.train as training
+    import affextract.training.train as training
 
     dtypes = []
 
