@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from affextract.pixels import to_unit
 from affextract.runtime import gpu_paths
 
 # insightface's `arcface_dst`: where the eyes, nose tip and mouth corners of a 112x112 ArcFace crop lie (x, y). Kept
@@ -74,7 +75,7 @@ def align_faces(frames, landmarks, size: int = 112, device: str | torch.device =
     """Frames (N, H, W, 3) uint8 RGB (numpy or torch), landmarks (N, 5, 2) -> (N, 3, size, size) float32 RGB in
     [-1, 1], each face warped onto the ArcFace 5-point template. Rows with non-finite landmarks (no face) come back
     black (all -1)."""
-    return warp_faces(frames, landmarks, size, device).float() / 127.5 - 1.0
+    return to_unit(warp_faces(frames, landmarks, size, device))
 
 
 def warp_faces(frames, landmarks, size: int = 112, device: str | torch.device = "cpu", method: str = "auto"

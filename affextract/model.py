@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from affextract.pixels import LUMA
 from affextract.schema import AU, AUS, DEFAULT_WEIGHTS, EXPR, EXPRESSIONS, FEATURE_NAMES, VA, WEIGHTS_DIR
 from affextract.store import file_sha256
 
@@ -157,7 +158,7 @@ class MMA(nn.Module):
         self.au_head = nn.Linear(c.embed_dim, len(AUS))
         # Fixed resampling of the aligned crop; a buffer so it follows .to(device) and is not trained.
         self.register_buffer("_theta", crop_theta(c.crop), persistent=False)
-        self.register_buffer("_luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
         offset = torch.zeros(len(EXPRESSIONS))
         if c.prior_tau:
             p = torch.tensor(c.expr_prior, dtype=torch.float64)

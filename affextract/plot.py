@@ -286,6 +286,7 @@ def _colorbar_box(box):
 def _crops(src: Path, v: VideoFeatures, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(frames (n, H, W, 3), aligned faces (n, 112, 112, 3)) uint8 of the sampled rows."""
     from affextract.align import align_faces
+    from affextract.pixels import to_pixels
 
     if len(rows) == 0:
         return np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0, 112, 112, 3), np.uint8)
@@ -295,7 +296,7 @@ def _crops(src: Path, v: VideoFeatures, rows: np.ndarray) -> tuple[np.ndarray, n
         raise ValueError(f"{src} decodes to {frames.shape[2]}x{frames.shape[1]} frames but the features were made from "
                          f"{w}x{h} ones: is this the same video?")
     aligned = align_faces(frames, v.landmarks[rows])  # (n, 3, 112, 112) in [-1, 1]; black where no face
-    faces = ((aligned.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+    faces = to_pixels(aligned).permute(0, 2, 3, 1).numpy().clip(0, 255).astype(np.uint8)
     return frames, faces
 
 

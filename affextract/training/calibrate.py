@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from affextract.model import MMA, MMAConfig, activate, save_weights
+from affextract.pixels import to_unit
 from affextract.schema import EXPR
 from affextract.training.validate import merge_metrics
 
@@ -40,7 +41,7 @@ def calibrate(model: MMA, val_sets, prior: np.ndarray, opts: CalibrateOptions = 
     if not val_sets:
         raise ValueError("calibration needs validation data with expression labels")
     model = model.to(device).eval()
-    inputs = [prepare_inputs(s, model).to(device).float() / 127.5 - 1.0 for s in val_sets]
+    inputs = [to_unit(prepare_inputs(s, model).to(device)) for s in val_sets]
     offset = -np.log(prior / prior.sum())  # (7,) per unit of tau
     rows = []
     with torch.no_grad():

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from affextract.model import MMA, VARIANTS, MMAConfig, save_weights
+from affextract.pixels import to_unit
 from affextract.runtime import gpu_paths, ranks, resolve_device
 from affextract.schema import AUS
 from affextract.training.augment import Augment, augment_batch
@@ -313,7 +314,7 @@ def _train_epoch(run: _Run, opts: TrainOptions, epoch: int, epochs: int, gen: to
     sums = {"loss": 0.0, "ccc": 0.0, "cce": 0.0, "bce": 0.0, "dm": 0.0, "teacher": 0.0}
     for step in range(spe):
         idx = perm[step * run.per_step + rank * opts.batch_size : step * run.per_step + (rank + 1) * opts.batch_size]
-        z = run.x[idx] if frozen else augment_batch(run.x[idx].float() / 127.5 - 1.0, opts.augment, gen)
+        z = run.x[idx] if frozen else augment_batch(to_unit(run.x[idx]), opts.augment, gen)
         if gpu_paths(device) and not frozen:
             z = z.contiguous(memory_format=torch.channels_last)
         for g in run.optim.param_groups:
@@ -385,7 +386,7 @@ def expression_prior(sets) -> np.ndarray:
 def _embeddings(model: MMA, x: torch.Tensor, mirror: bool = False) -> torch.Tensor:
     """uint8 (N, C, S, S) network inputs -> (N, embed_dim) shared embeddings in eval mode (of the mirror images)."""
     model.eval()
-    z = [x[s:s + 512].float() / 127.5 - 1.0 for s in range(0, len(x), 512)]
+    z = [to_unit(x[s:s + 512]) for s in range(0, len(x), 512)]
     return torch.cat([model.embedding(b.flip(-1) if mirror else b) for b in z])
 
 
