@@ -6,15 +6,16 @@
         df = ff.dataframe()                                  # video, frame, time, face + the 26 features
 """
 
-__version__ = "0.1.0"
+# First: store.py reads the version from the package while the imports below are still running.
+from affextract.version import __version__
 
 # Imported eagerly (as whisper does): `extract` and `export` are both functions and submodules, and a lazy attribute
 # would be rebound to the submodule as soon as anything imported it.
-from affextract.export import ExportOptions, export  # noqa: E402
-from affextract.extract import ExtractOptions, ExtractReport, extract  # noqa: E402
-from affextract.features import FeatureFile, VideoFeatures, open_features  # noqa: E402
-from affextract.plot import PlotOptions, plot_timeline  # noqa: E402
-from affextract.schema import FEATURE_NAMES  # noqa: E402
+from affextract.export import ExportOptions, export
+from affextract.extract import ExtractOptions, ExtractReport, extract
+from affextract.features import FeatureFile, VideoFeatures, open_features
+from affextract.plot import PlotOptions, plot_timeline
+from affextract.schema import FEATURE_NAMES
 
 __all__ = ["__version__", "extract", "ExtractOptions", "ExtractReport", "open_features", "FeatureFile",
            "VideoFeatures", "plot_timeline", "PlotOptions", "export", "ExportOptions", "FEATURE_NAMES"]
