@@ -154,8 +154,6 @@ def timeline_figure(h5: str | Path, video: str, options: PlotOptions = PlotOptio
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     h5 = Path(h5)
@@ -168,13 +166,41 @@ def timeline_figure(h5: str | Path, video: str, options: PlotOptions = PlotOptio
         rows = sample_crops(v, options.crops)
         crops = (rows, _crops(src, v, rows))
 
-    fps = float(v.attrs.get("fps", 0) or 0)
-    t, edges = v.time, _edges(v.time, fps)
+    edges = _edges(v.time, float(v.attrs.get("fps", 0) or 0))
     gaps = _spans(~v.face, edges)
-    n_crops = 0 if crops is None else len(crops[0])
     movement = v.blendshapes is not None and v.pose is not None
+    fig, gs, height = _grid(options, movement, crops)
+    ax_va = fig.add_subplot(gs[0, 0])
+    panels = [ax_va, fig.add_subplot(gs[1, 0], sharex=ax_va), fig.add_subplot(gs[2, 0], sharex=ax_va)]
+    heat_maps = [panels[2]]
+    shade = [Patch(facecolor=NO_FACE_COLOUR, alpha=0.35, label="no face")] if len(gaps[0]) else []
+    dots = {"marker": "o", "ms": 3} if len(v) <= 50 else {}  # a few frames (or a still image) would not show as lines
+    _draw_valence_arousal(ax_va, v, dots)
+    _legend(fig.add_subplot(gs[0, 1]), ax_va.get_legend_handles_labels()[0] + shade + _sample_keys(v, crops))
+    _draw_expressions(panels[1], v, edges)
+    _legend(fig.add_subplot(gs[1, 1]), [Patch(facecolor=EXPRESSION_COLOURS[e], label=e)
+                                        for e in reversed(EXPRESSIONS)] + shade)  # top band first
+    _draw_aus(fig, panels[2], gs[2, 1], v, edges)
+    if movement:
+        panels += _draw_movement(fig, gs, ax_va, v, edges, dots, shade)
+        heat_maps.append(panels[-1])
+    _shade_gaps(panels, heat_maps, gaps, edges)
+    if crops is not None:
+        _mark_samples(ax_va, v, crops[0])
+    _title(fig, v, model, height)
+    if crops is not None:
+        _contact_sheet(fig, gs[-1, :], v, *crops)
+    return fig
+
+
+def _grid(options: PlotOptions, movement: bool, crops) -> tuple:
+    """(figure, its (rows, 2) grid spec, its height in inches less the title's): panels on the left, their legends
+    on the right, then the contact sheet's rows where there is one."""
+    import matplotlib.pyplot as plt
+
     heights = [2.0, 2.2, 3.6] + ([2.0, 7.0] if movement else [])
     if crops is not None:  # frame row + crop row, each as tall as its images are at the column width
+        n_crops = len(crops[0])
         col = options.width * 0.9 / max(n_crops, 6)
         aspect = crops[1][0].shape[1] / crops[1][0].shape[2] if n_crops else 0.5
         # a thin spacer row keeps "time (s)" clear of the frame captions
@@ -184,69 +210,77 @@ def timeline_figure(h5: str | Path, video: str, options: PlotOptions = PlotOptio
     gs = fig.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[1, 0.13], hspace=0.28, wspace=0.02,
                           left=0.1 if movement else 0.07, right=0.97, top=1 - 0.55 / (sum(heights) + 1),
                           bottom=0.5 / (sum(heights) + 1))
-    ax_va = fig.add_subplot(gs[0, 0])
-    ax_ex = fig.add_subplot(gs[1, 0], sharex=ax_va)
-    ax_au = fig.add_subplot(gs[2, 0], sharex=ax_va)
-    panels = [ax_va, ax_ex, ax_au]
-    shade = [Patch(facecolor=NO_FACE_COLOUR, alpha=0.35, label="no face")] if len(gaps[0]) else []
+    return fig, gs, sum(heights)
 
-    # valence / arousal
-    ax_va.axhline(0, color="black", lw=0.6, alpha=0.5)
-    dots = {"marker": "o", "ms": 3} if len(v) <= 50 else {}  # a few frames (or a still image) would not show as lines
-    ax_va.plot(t, v["valence"], color="#2ca02c", lw=1.4, label="valence", **dots)
-    ax_va.plot(t, v["arousal"], color="#d62728", lw=1.4, label="arousal", **dots)
-    ax_va.set_ylim(-1.05, 1.05)
-    ax_va.set_ylabel("valence / arousal")
-    marks = []
-    if crops is not None:  # the sampled frames' times: what the dotted lines are
-        marks.append(Line2D([], [], color="black", lw=0.8, ls=":", label="frames shown below"))
-        if not v.face[crops[0]].all():
-            marks.append(Line2D([], [], color=MISSED_COLOUR, lw=1.0, ls=":", label="shown, no face found"))
-    _legend(fig.add_subplot(gs[0, 1]), ax_va.get_legend_handles_labels()[0] + shade + marks)
 
-    # expressions: stacked probabilities, drawn on frames with a face only (the gaps are shaded instead)
+def _draw_valence_arousal(ax, v: VideoFeatures, dots: dict) -> None:
+    ax.axhline(0, color="black", lw=0.6, alpha=0.5)
+    ax.plot(v.time, v["valence"], color="#2ca02c", lw=1.4, label="valence", **dots)
+    ax.plot(v.time, v["arousal"], color="#d62728", lw=1.4, label="arousal", **dots)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_ylabel("valence / arousal")
+
+
+def _sample_keys(v: VideoFeatures, crops) -> list:
+    """Legend entries for the dotted lines that mark the contact sheet's frames (none without a sheet)."""
+    from matplotlib.lines import Line2D
+
+    if crops is None:
+        return []
+    keys = [Line2D([], [], color="black", lw=0.8, ls=":", label="frames shown below")]
+    if not v.face[crops[0]].all():
+        keys.append(Line2D([], [], color=MISSED_COLOUR, lw=1.0, ls=":", label="shown, no face found"))
+    return keys
+
+
+def _draw_expressions(ax, v: VideoFeatures, edges: np.ndarray) -> None:
+    """Stacked probabilities, drawn on frames with a face only (the gaps are shaded instead)."""
     top = np.cumsum(np.nan_to_num(v.expressions, nan=0.0), axis=1)  # (K, 7) upper edge of each band
     bottom = np.concatenate([np.zeros((len(v), 1)), top[:, :-1]], axis=1)
     faces = _spans(v.face, edges)
     for i, e in enumerate(EXPRESSIONS):
-        _fill(ax_ex, *faces, bottom[:, i], top[:, i], color=EXPRESSION_COLOURS[e], lw=0)
-    ax_ex.set_ylim(0, 1)
-    ax_ex.set_ylabel("expression\nprobability")
-    bands = [Patch(facecolor=EXPRESSION_COLOURS[e], label=e) for e in reversed(EXPRESSIONS)]  # top band first
-    _legend(fig.add_subplot(gs[1, 1]), bands + shade)
+        _fill(ax, *faces, bottom[:, i], top[:, i], color=EXPRESSION_COLOURS[e], lw=0)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("expression\nprobability")
 
-    # AUs: heat map, one row per AU, columns span each frame's time
-    mesh = ax_au.pcolormesh(edges, np.arange(len(AU_NAMES) + 1), np.ma.masked_invalid(v.aus.T), cmap="viridis",
-                            vmin=0, vmax=1, shading="flat")
-    ax_au.set_yticks(np.arange(len(AU_NAMES)) + 0.5, AU_NAMES, fontsize=7.5)
-    ax_au.set_ylim(len(AU_NAMES), 0)  # AU1 at the top
-    ax_au.set_ylabel("action unit")
-    cax = fig.add_subplot(gs[2, 1])
+
+def _draw_aus(fig, ax, cell, v: VideoFeatures, edges: np.ndarray) -> None:
+    """Heat map, one row per AU, columns span each frame's time; its colour bar goes in `cell`."""
+    mesh = ax.pcolormesh(edges, np.arange(len(AU_NAMES) + 1), np.ma.masked_invalid(v.aus.T), cmap="viridis",
+                         vmin=0, vmax=1, shading="flat")
+    ax.set_yticks(np.arange(len(AU_NAMES)) + 0.5, AU_NAMES, fontsize=7.5)
+    ax.set_ylim(len(AU_NAMES), 0)  # AU1 at the top
+    ax.set_ylabel("action unit")
+    cax = fig.add_subplot(cell)
     cax.set_position(_colorbar_box(cax.get_position()))
     fig.colorbar(mesh, cax=cax, label="AU probability")
-    heat_maps = [ax_au]
 
-    if movement:
-        # head pose: yaw, pitch, roll in degrees (schema.POSE_NAMES for the signs)
-        ax_pose = fig.add_subplot(gs[3, 0], sharex=ax_va)
-        ax_pose.axhline(0, color="black", lw=0.6, alpha=0.5)
-        for i, name in enumerate(POSE_NAMES):
-            ax_pose.plot(t, v.pose[:, i], color=POSE_COLOURS[name], lw=1.4, label=name, **dots)
-        ax_pose.set_ylabel("head pose (°)")
-        _legend(fig.add_subplot(gs[3, 1]), ax_pose.get_legend_handles_labels()[0] + shade)
-        # blendshapes: heat map like the AUs; `_neutral` (index 0) carries no movement
-        ax_bs = fig.add_subplot(gs[4, 0], sharex=ax_va)
-        bs = ax_bs.pcolormesh(edges, np.arange(len(BLENDSHAPE_NAMES)), np.ma.masked_invalid(v.blendshapes[:, 1:].T),
-                              cmap="magma", vmin=0, vmax=1, shading="flat")
-        ax_bs.set_yticks(np.arange(len(BLENDSHAPE_NAMES) - 1) + 0.5, BLENDSHAPE_NAMES[1:], fontsize=6.5)
-        ax_bs.set_ylim(len(BLENDSHAPE_NAMES) - 1, 0)
-        cax = fig.add_subplot(gs[4, 1])
-        cax.set_position(_colorbar_box(cax.get_position()))
-        fig.colorbar(bs, cax=cax, label="MediaPipe blendshape")  # (the names leave no room for a y label)
-        panels += [ax_pose, ax_bs]
-        heat_maps.append(ax_bs)
+
+def _draw_movement(fig, gs, ax_va, v: VideoFeatures, edges: np.ndarray, dots: dict, shade: list) -> list:
+    """Head pose and blendshape panels in grid rows 3 and 4; returns the two axes."""
+    # head pose: yaw, pitch, roll in degrees (schema.POSE_NAMES for the signs)
+    ax_pose = fig.add_subplot(gs[3, 0], sharex=ax_va)
+    ax_pose.axhline(0, color="black", lw=0.6, alpha=0.5)
+    for i, name in enumerate(POSE_NAMES):
+        ax_pose.plot(v.time, v.pose[:, i], color=POSE_COLOURS[name], lw=1.4, label=name, **dots)
+    ax_pose.set_ylabel("head pose (°)")
+    _legend(fig.add_subplot(gs[3, 1]), ax_pose.get_legend_handles_labels()[0] + shade)
+    # blendshapes: heat map like the AUs; `_neutral` (index 0) carries no movement
+    ax_bs = fig.add_subplot(gs[4, 0], sharex=ax_va)
+    bs = ax_bs.pcolormesh(edges, np.arange(len(BLENDSHAPE_NAMES)), np.ma.masked_invalid(v.blendshapes[:, 1:].T),
+                          cmap="magma", vmin=0, vmax=1, shading="flat")
+    ax_bs.set_yticks(np.arange(len(BLENDSHAPE_NAMES) - 1) + 0.5, BLENDSHAPE_NAMES[1:], fontsize=6.5)
+    ax_bs.set_ylim(len(BLENDSHAPE_NAMES) - 1, 0)
+    cax = fig.add_subplot(gs[4, 1])
+    cax.set_position(_colorbar_box(cax.get_position()))
+    fig.colorbar(bs, cax=cax, label="MediaPipe blendshape")  # (the names leave no room for a y label)
+    return [ax_pose, ax_bs]
+
+
+def _shade_gaps(panels: list, heat_maps: list, gaps: tuple[np.ndarray, np.ndarray], edges: np.ndarray) -> None:
+    """The shared time axis: spans without a face shaded on every panel (over the heat maps, under the lines),
+    one x label at the bottom."""
     panels[-1].set_xlabel("time (s)")
-
     for ax in panels:
         _fill(ax, *gaps, 0.0, 1.0, transform=ax.get_xaxis_transform(), facecolor=NO_FACE_COLOUR, alpha=0.35, lw=0,
               zorder=3 if ax in heat_maps else 0)
@@ -254,21 +288,22 @@ def timeline_figure(h5: str | Path, video: str, options: PlotOptions = PlotOptio
         ax.grid(axis="x", alpha=0.25)
     for ax in panels[:-1]:
         ax.tick_params(labelbottom=False)
-    if crops is not None:
-        for r in crops[0]:  # where the sampled frames sit on the time axis
-            face = bool(v.face[r])
-            ax_va.axvline(t[r], color="black" if face else MISSED_COLOUR, lw=0.8 if face else 1.0, ls=":",
-                          alpha=0.6 if face else 0.9, gid="sampled-face" if face else "sampled-no-face")
 
+
+def _mark_samples(ax, v: VideoFeatures, rows: np.ndarray) -> None:
+    """Dotted lines where the contact sheet's frames sit on the time axis (red: no face)."""
+    for r in rows:
+        face = bool(v.face[r])
+        ax.axvline(v.time[r], color="black" if face else MISSED_COLOUR, lw=0.8 if face else 1.0, ls=":",
+                   alpha=0.6 if face else 0.9, gid="sampled-face" if face else "sampled-no-face")
+
+
+def _title(fig, v: VideoFeatures, model: str, height: float) -> None:
     face_rate = float(v.face.mean()) if len(v) else 0.0
     status = "" if v.status == "complete" else f", {v.status}: {v.attrs.get('error', '')}"
     frames = f"{len(v):,} frame{'s' if len(v) != 1 else ''}"
     fig.suptitle(f"{v.key}  —  {frames} analysed, face on {face_rate:.0%}, model {model}{status}",
-                 fontsize=11, y=1 - 0.18 / (sum(heights) + 1), va="top")
-
-    if crops is not None:
-        _contact_sheet(fig, gs[len(heights) - 1, :], v, *crops)
-    return fig
+                 fontsize=11, y=1 - 0.18 / (height + 1), va="top")
 
 
 def _legend(ax, handles) -> None:
