@@ -37,7 +37,7 @@ class MMAConfig:
     # Region (x0, y0, x1, y1) of the 112x112 aligned crop, in its pixels, resized to input_size.
     # It may reach outside the crop; the outside is filled with 0 (mid-grey in [-1, 1]). The default
     # frames the face like FER+ images: it maps the ArcFace template's 5 points onto the median of
-    # the points MTCNN finds on FER+ faces (see README, "Model card", "Crop").
+    # the points MTCNN finds on FER+ faces (see the model card, weights/mma_ferplus_small.md, "Crop").
     crop: tuple[float, float, float, float] = (6.5, 14.0, 105.5, 113.0)
     # Resolution (pixels) the crop is first reduced to, with area averaging, before it is resized to
     # input_size: the native resolution of the training images (FER+: 48), so a sharp video crop

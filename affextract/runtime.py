@@ -1,4 +1,5 @@
-"""Where a process runs: its rank under torchrun and its torch device (one rule for extraction, training, seqhead)."""
+"""Where a process runs: its rank under torchrun (`ranks`) and its torch device (`resolve_device`), as extraction,
+training and seqhead resolve them; `gpu_paths` says which branch device-dependent code takes."""
 
 from __future__ import annotations
 

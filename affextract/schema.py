@@ -1,4 +1,4 @@
-"""Names and orders shared by the model, the HDF5 format and seqhead (see README, "HDF5 format")."""
+"""Names and orders shared by the model, the HDF5 format and seqhead (see docs/format.md)."""
 
 from pathlib import Path
 
