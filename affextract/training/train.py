@@ -26,7 +26,7 @@ from affextract.schema import AUS
 from affextract.training.augment import Augment, augment_batch
 from affextract.training.calibrate import CalibrateOptions, calibrate_weights
 from affextract.training.losses import DM_FORMS, mma_losses
-from affextract.training.validate import SELECT_METRICS, merge_metrics, select_value, teacher_metrics, validate
+from affextract.training.validate import SELECT_METRICS, merge_metrics, select_value, validate
 
 HEADS = ("va", "expr", "au")
 
