@@ -44,6 +44,8 @@ def run(
     progress_every: float = typer.Option(30.0, min=0, help="Seconds between progress lines when stderr is not a terminal (a log file)."),
     movement: bool = typer.Option(True, "--movement/--no-movement", help="Measure facial movement per frame (MediaPipe face mesh: 52 blendshapes, head pose, gaze). --no-movement stores the 26 values only."),
     mesh: bool = typer.Option(False, "--mesh", help="Also store the 478 face mesh points per frame (float16, about 2.9 KB a frame)."),
+    au_fusion: bool = typer.Option(True, "--au-fusion/--cnn-aus", help="With movement, fuse the AU rows with the frame's blendshapes (default); --cnn-aus keeps the CNN's AU rows, as --no-movement does."),
+    fusion_weights: Optional[Path] = typer.Option(None, help="AU fusion parameters (.safetensors, from `affextract train --fusion`). Default: the shipped au_fusion."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Extract per-frame affect features (26 values per frame) and measured facial movement of videos into an HDF5 file."""
@@ -62,7 +64,7 @@ def run(
         opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
                               detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
                               fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every,
-                              movement=movement, mesh=mesh)
+                              movement=movement, mesh=mesh, au_fusion=au_fusion, fusion_weights=fusion_weights)
         report = extract(inputs, output, opts)
     except (OSError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
