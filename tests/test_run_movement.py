@@ -234,3 +234,33 @@ def test_derived_file_carries_the_movement(extracted, tmp_path):
     with pytest.raises(ValueError, match="layout"):
         with FeatureWriter(tmp_path / "e.h5", replace(ff.provenance, movement=MOVEMENT_OFF), datasets=("jaw",)) as e:
             e.video("a", {})
+
+
+def test_au_rows_are_fused_with_movement_and_the_au_source_must_match_to_resume(extracted, clips, weights, tmp_path):
+    """With movement on, a run's AU rows are the shipped AU fusion of the CNN's rows (what --cnn-aus stores) and the
+    same frames' blendshapes; VA, expressions and no-face frames are untouched. The file records the AU source, and
+    a file of the other source (or one made before the fusion, which has no au_source) is refused on resume."""
+    from affextract.fusion import CNN_SOURCE, load_fusion
+    from affextract.schema import AU
+
+    out = tmp_path / "cnn.h5"
+    r = run_cli("run", clips / "leaves.mp4", out, "--weights", weights, "--mesh", "--cnn-aus", "-q")
+    assert r.exit_code == 0, r.output
+    fusion = load_fusion()
+    with open_features(out) as ff, open_features(extracted) as fused:
+        assert ff.attrs["au_source"] == CNN_SOURCE and fused.attrs["au_source"] == fusion.source
+        cnn, got = ff["leaves.mp4"], fused["leaves.mp4"]
+    np.testing.assert_array_equal(got.features[:, :AU.start], cnn.features[:, :AU.start])
+    want = fusion(cnn.features, cnn.blendshapes, cnn.presence)
+    np.testing.assert_allclose(got.features, want, atol=1e-6)  # NaN rows (no face) compare equal
+    assert np.abs(got.features[cnn.face][:, AU] - cnn.features[cnn.face][:, AU]).max() > 0.05
+    before = out.read_bytes()
+    r = run_cli("run", clips / "astronaut.png", out, "--weights", weights, "--mesh", "-q")
+    assert r.exit_code == 2 and "AU rows: the file's are the CNN's alone" in r.text, r.text
+    assert out.read_bytes() == before
+    with h5py.File(out, "a") as f:  # as written before the fusion existed
+        del f.attrs["au_source"]
+    with open_features(out) as ff:
+        assert len(ff["leaves.mp4"]) == len(cnn)
+    r = run_cli("run", clips / "astronaut.png", out, "--weights", weights, "--mesh", "-q")
+    assert r.exit_code == 2 and "made with other settings" in r.text and fusion.source in r.text, r.text
