@@ -125,10 +125,33 @@ def info(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An 
     out.print(f"{len(rows)} videos, {frames:,} frames, face found on {faces / max(frames, 1):.1%}")
     p = Table(show_header=False, box=None)
     for k in ("format", "format_version", "affextract_version", "model", "model_sha256", "detector", "alignment",
-              "sampling", "movement", "created", "updated"):
+              "sampling", "movement", "au_source", "created", "updated"):
         if k in attrs:
             p.add_row(f"[bold]{k}[/bold]", str(attrs[k]))
     out.print(p)
+    _print_what_rows_are(out, attrs.get("au_source", "cnn"))
+
+
+def _print_what_rows_are(out: Console, au_source: str) -> None:
+    from affextract.fusion import describe_features
+
+    out.print("[bold]What the 26 values are[/bold]")
+    for line in describe_features(au_source):
+        out.print(f"  {escape(line)}", highlight=False)
+
+
+def _train_fusion(data: list[str], cache: Path, out: Path, init: Optional[Path], rule: str) -> None:
+    from affextract.datasets import DatasetError, load_spec
+    from affextract.fusion import FusionOptions, train_fusion
+
+    try:
+        fusion, sha = train_fusion([load_spec(s) for s in data],
+                                   FusionOptions(cache=cache, out=out / "au_fusion.safetensors", weights=init, rule=rule))
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2)
+    console.print(f"wrote {out / 'au_fusion.safetensors'} (sha256 {sha}); fused "
+                  + " ".join(f"AU{a}" for a in fusion.fused))
 
 
 @app.command(epilog="""Datasets are named kind:path[:arg]:
@@ -168,8 +191,13 @@ def train(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
     no_amp: bool = typer.Option(False, "--no-amp", help="Train in fp32 on CUDA (default: bf16 autocast)."),
+    fusion: Optional[Path] = typer.Option(None, help="Instead of training the MMA: refit the AU fusion of the --init weights (default: shipped) on the FER+ --data sets from this blendshape cache (tools/ferplus_teacher.py); writes OUT/au_fusion.safetensors for `run --fusion-weights`."),
+    fusion_rule: str = typer.Option("mixed", help="With --fusion: the fitting rule (mixed, teacher, labels, evidence; see the AU fusion card)."),
 ) -> None:
     """Train the MMA on labelled face datasets with the paper's loss L_CCC + L_CCE + L_BCE + L_DM."""
+    if fusion is not None:
+        _train_fusion(data, fusion, out, init, fusion_rule)
+        return
     import json as _json
     import os
     import sys
@@ -255,19 +283,24 @@ def evaluate(
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(512, min=1),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout."),
+    au_fusion: bool = typer.Option(True, "--au-fusion/--cnn-aus", help="Also score the AU rows fused with each face's measured movement (as `run` writes them); --cnn-aus scores the CNN's rows only."),
+    fusion_weights: Optional[Path] = typer.Option(None, help="AU fusion parameters (.safetensors). Default: the shipped au_fusion."),
 ) -> None:
     """Score MMA weights on a labelled dataset: CCC-VA, macro F1 (expressions, AUs), accuracy, confusion matrix,
-    F1 per expression, and the same per source when the data has several."""
+    F1 per expression, AU rows against neutral faces, and the same per source when the data has several; the AU
+    scores for both the CNN's rows and the rows fused with the measured movement."""
     import json as _json
 
     from affextract.datasets import DatasetError, load_spec
     from affextract.evaluate import evaluate as run_evaluation
+    from affextract.fusion import load_fusion
     from affextract.model import load_weights
 
     try:
         fs = load_spec(data, derive_va)
         model, info = load_weights(weights, device)
-        report = run_evaluation(model, fs, batch_size, device)
+        fusion = load_fusion(fusion_weights) if au_fusion else None
+        report = run_evaluation(model, fs, batch_size, device, fusion)
     except (DatasetError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
@@ -278,6 +311,14 @@ def evaluate(
     _render_scores(out, report, f"{info.name} on {report.dataset} ({report.n:,} samples)")
     for group, r in report.per_group.items():
         _render_scores(out, r, f"source {group} ({r.n:,} samples)")
+    if report.fused is not None:
+        out.print(f"[bold]AU rows fused with the measured movement[/bold] ({report.fused.au_source}):")
+        for group, r in {"all": report.fused, **report.fused.per_group}.items():
+            cnn = report if group == "all" else report.per_group[group]
+            for label, a, b in (("F1-AU", r.f1_au, cnn.f1_au),
+                                ("AUROC Table-1 AUs vs neutral", r.auroc_prototype_mean, cnn.auroc_prototype_mean)):
+                if a is not None:
+                    out.print(f"  {group}: {label} {a:.4f} (CNN rows {b:.4f})")
 
 
 def _render_scores(out: Console, report, title: str) -> None:
@@ -310,6 +351,9 @@ def _render_scores(out: Console, report, title: str) -> None:
         out.print(c)
     if report.f1_per_au:
         out.print("F1 per AU: " + ", ".join(f"{k} {v:.3f}" for k, v in report.f1_per_au.items()))
+    if report.auroc_prototype:
+        out.print(f"AU rows, AUROC of Table-1 expressions against neutral: mean {report.auroc_prototype_mean:.3f}; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in report.auroc_prototype.items()))
 
 
 @app.command(epilog="""Examples:
@@ -362,6 +406,7 @@ def export(
         console.print(f"[red]error:[/red] {e.args[0] if isinstance(e, KeyError) else e}")
         raise typer.Exit(2)
     console.print(f"wrote {report.output}: {report.rows:,} rows ({report.videos} videos), {len(report.columns)} columns")
+    _print_what_rows_are(console, report.au_source)
 
 
 if __name__ == "__main__":

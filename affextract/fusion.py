@@ -144,6 +144,91 @@ def fit_fusion(cnn_au: np.ndarray, evidence: np.ndarray, teacher: np.ndarray, ex
     return AUFusion(coef=coef.astype(np.float32), fused=tuple(sorted(fused)))
 
 
+@dataclass(frozen=True)
+class FusionOptions:
+    """How `affextract train --fusion` refits the AU fusion."""
+
+    cache: Path  # FER+ blendshape cache (tools/ferplus_teacher.py), one row per row of the FER+ .h5
+    out: Path  # the .safetensors to write (its .json beside it)
+    weights: Path | None = None  # MMA weights whose AU rows are fused; None = the shipped weights
+    rule: str = "mixed"  # one of RULES (the card's rule 2 chose "mixed")
+    fused: tuple[int, ...] | None = None  # AUs to fuse; None = those of the shipped fusion (chosen on posed faces)
+
+
+def train_fusion(sets: list, options: FusionOptions) -> tuple[AUFusion, str]:
+    """Fit the AU fusion on FER+ FaceSets `sets` (faces whose mesh presence >= MIN_PRESENCE) and write it; return it
+    and its SHA-256. The CNN's AU rows of the faces are computed once per weights file and kept beside the output
+    (cnn_au_<sha>_<set>.npy), so a refit with other options takes seconds."""
+    from affextract.datasets import prepare_inputs
+    from affextract.evaluate import predict_inputs
+    from affextract.model import load_weights
+    from affextract.teacher import TeacherOptions, au_evidence, cached_measures, teacher_aus
+
+    if options.rule not in RULES:
+        raise ValueError(f"unknown fusion rule {options.rule!r}; one of {sorted(RULES)}")
+    fused = options.fused if options.fused is not None else tuple(
+        json.loads(FUSION_WEIGHTS.with_suffix(".json").read_text())["fused"])
+    model, info = load_weights(options.weights)
+    out = Path(options.out).with_suffix(".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for fs in sets:
+        blend, presence, names = cached_measures(fs, options.cache)
+        cached = out.parent / f"cnn_au_{info.sha256[:12]}_{fs.name.replace(':', '_')}_{len(fs)}.npy"
+        if cached.is_file():
+            cnn = np.load(cached)
+        else:
+            cnn = predict_inputs(model, prepare_inputs(fs, model))[:, AU]
+            np.save(cached, cnn)
+        ok = presence >= MIN_PRESENCE
+        parts.append((cnn[ok], au_evidence(blend[ok], names),
+                      teacher_aus(blend[ok], names, TeacherOptions(distrust=())), fs.expr[ok]))
+    fusion = fit_fusion(*(np.concatenate(x) for x in zip(*parts)), fused=tuple(fused), rule=options.rule)
+    sha = save_fusion(fusion, out, {
+        "rule": options.rule, "rule_text": RULES[options.rule],
+        "training_data": ", ".join(f"{fs.name} ({len(fs)} faces)" for fs in sets) + f"; faces whose mesh presence "
+                         f">= {MIN_PRESENCE}; blendshapes from {Path(options.cache).name}",
+        "mma_weights": {"name": info.name, "sha256": info.sha256},
+        "teacher": {"calibration": {str(k): v for k, v in TeacherOptions().calibration.items()}}})
+    return load_fusion(out), sha
+
+
+def measure_set(fs, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 52) blendshapes and (N,) mesh presence of every face of FaceSet `fs`, measured as `affextract run` does:
+    the mesh crop placed from the face's 5 points (raw photos: the dataset's points or MTCNN's, as for the MMA;
+    aligned crops: the ArcFace template's; FER+-framed images: upscaled x4 with FER+'s points,
+    teacher.measure_native)."""
+    import torch
+
+    from affextract.datasets import raw_points, read_image
+    from affextract.movement import Movement, crop_faces, invert_affine, roi_from_points
+    from affextract.teacher import measure_native
+
+    if fs.framing == "native":
+        m = measure_native(np.stack([read_image(fs, i) for i in range(len(fs))]))
+        return m.blendshapes, m.presence
+    from insightface.utils.face_align import arcface_dst
+
+    mv, detector = Movement("cpu"), None
+    blend, presence, crops, maps = [], [], [], []
+    for i in range(len(fs)):
+        img = read_image(fs, i)
+        img = np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img
+        if fs.framing == "raw":
+            pts, detector = raw_points(fs, i, img, detector)
+        else:
+            pts = np.asarray(arcface_dst, np.float32)
+        m = roi_from_points(pts[None])
+        crops.append(crop_faces(np.ascontiguousarray(img)[None], m))
+        maps.append(invert_affine(m))
+        if len(crops) == batch_size or i == len(fs) - 1:
+            out = mv(torch.cat(crops), np.concatenate(maps))
+            blend.append(out.blendshapes)
+            presence.append(out.presence)
+            crops, maps = [], []
+    return np.concatenate(blend), np.concatenate(presence)
+
+
 def save_fusion(fusion: AUFusion, path: Path | str, metadata: dict) -> str:
     """Write `path` (.safetensors) and its .json record (version, inputs, fused AUs, `metadata`: training data, rule,
     scores); return the SHA-256."""
@@ -186,24 +271,21 @@ def au_source(fused: bool, path: Path | str | None = None) -> str:
     return f"fused:{doc['version']}:{doc['sha256']}"
 
 
-def describe_features(source: str, fused: tuple[int, ...] | None = None) -> tuple[str, ...]:
-    """What the 26 rows of a file whose au_source is `source` are, in a few lines (for `info` and `export`).
-    `fused`: the AUs the fusion fuses (None = read from the shipped record when `source` is fused)."""
-    if source != CNN_SOURCE and fused is None:
-        meta = FUSION_WEIGHTS.with_suffix(".json")
-        fused = tuple(json.loads(meta.read_text())["fused"]) if meta.is_file() else ()
-    au_names = lambda aus: " ".join(f"AU{a}" for a in aus)  # noqa: E731
-    lines = ["valence, arousal: derived from the expression probabilities through per-expression word centroids "
+def describe_features(source: str) -> tuple[str, ...]:
+    """What the 26 rows of a file whose au_source is `source` are, one line per group (for `info` and `export`)."""
+    lines = ("valence, arousal: derived from the expression probabilities through per-expression word centroids "
              "(not measured)",
-             "neutral..surprise: expression probabilities of a CNN trained only on FER+ (48x48 grey web faces)"]
+             "neutral..surprise: probabilities of a CNN trained only on FER+ (48x48 grey web faces)")
     if source == CNN_SOURCE:
-        lines.append("AU1..AU26: the CNN's AU head for every AU (fitted to blendshape teacher AUs on FER+ and the "
-                     "expressions' Table-1 prior); not fused with the measured movement")
-    else:
-        rest = [a for a in AUS if a not in fused]
-        lines.append(f"{au_names(fused)}: fused with the frame's measured movement (blendshapes) where the mesh "
-                     f"found the face (presence >= {MIN_PRESENCE}), else the CNN's row ({source.split(':')[0]} "
-                     f"version {source.split(':')[1] if ':' in source else '?'})")
-        lines.append(f"{au_names(rest)}: the CNN's rows only (the expressions' Table-1 prior as learnt by the CNN; "
-                     "AU11 and AU23 have no blendshape counterpart)")
-    return tuple(lines)
+        return lines + ("AU1..AU26: the CNN's AU head alone (not fused with the measured movement)",)
+    meta = FUSION_WEIGHTS.with_suffix(".json")
+    doc = json.loads(meta.read_text()) if meta.is_file() else {}
+    if not source.endswith(":" + doc.get("sha256", "-")):
+        return lines + (f"AU rows: fused with the measured movement by the fusion file {source} (its .json lists "
+                        "which AUs)",)
+    fused = doc["fused"]
+    return lines + (
+        " ".join(f"AU{a}" for a in fused) + ": fused with the frame's measured movement (blendshapes) where the "
+        f"mesh found the face (presence >= {MIN_PRESENCE}), else the CNN's",
+        " ".join(f"AU{a}" for a in AUS if a not in fused) + ": the CNN's alone (AU11, AU23: no blendshape "
+        "counterpart, the expressions' Table-1 prior; the others' evidence failed the check)")

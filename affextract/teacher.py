@@ -156,10 +156,9 @@ def measure_native(images: np.ndarray, points: np.ndarray = FERPLUS_POINTS, upsc
     return NativeMeasure(np.concatenate(blend), np.concatenate(presence), np.concatenate(gap))
 
 
-def load_cached(fs, path, opts: TeacherOptions = TeacherOptions(), min_presence: float = 0.5):
-    """FaceSet `fs` of FER+ rows (origin "file.h5:row") with teacher AUs from the blendshape cache `path` (written by
-    tools/ferplus_teacher.py, one row per row of the .h5). Faces whose mesh presence is below `min_presence` (where
-    MediaPipe would report no face) get no teacher, so L_DM covers them."""
+def cached_measures(fs, path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Blendshapes (N, 52), mesh presence (N,) and blendshape names of the FER+ rows of FaceSet `fs` (origin
+    "file.h5:row") from the cache `path` written by tools/ferplus_teacher.py (one row per row of the .h5)."""
     from affextract.datasets import DatasetError
 
     path = Path(path)
@@ -177,6 +176,13 @@ def load_cached(fs, path, opts: TeacherOptions = TeacherOptions(), min_presence:
     if not len(rows) or rows.max() >= len(blend):
         raise DatasetError(f"{path}: holds {len(blend)} rows but {fs.name} needs row {rows.max()}; "
                            "rebuild it from the same ferplus.h5")
-    teacher = teacher_aus(blend[rows], names, opts)
-    teacher[presence[rows] < min_presence] = np.nan
+    return blend[rows], presence[rows], names
+
+
+def load_cached(fs, path, opts: TeacherOptions = TeacherOptions(), min_presence: float = 0.5):
+    """FaceSet `fs` of FER+ rows with teacher AUs from the blendshape cache `path` (cached_measures). Faces whose mesh
+    presence is below `min_presence` (where MediaPipe would report no face) get no teacher, so L_DM covers them."""
+    blend, presence, names = cached_measures(fs, path)
+    teacher = teacher_aus(blend, names, opts)
+    teacher[presence < min_presence] = np.nan
     return with_teacher(fs, teacher)
