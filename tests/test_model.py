@@ -189,7 +189,7 @@ def test_fused_au_rows_follow_brows_lip_corners_and_mouth_beyond_the_expression(
     corner (70/300 to 33/263), AU12 the mouth's width (61 to 291; the lip gap regressed out too, as speech moves the
     corners), AU25/AU26 the inner-lip gap. The CNN's rows alone (version 3) measure, on these 60 frames: AU1 0.31,
     AU2 0.18, AU12 -0.08, AU25 0.83, AU26 0.77; the fused rows 0.55, 0.71, 0.36, 0.88, 0.93
-    (weights/au_fusion.md)."""
+    (weights/mma_ferplus_small.md, "AU fusion")."""
     from affextract.evaluate import partial_correlation
     from affextract.fusion import load_fusion
     from affextract.schema import AU, AUS, EXPR

@@ -1,4 +1,4 @@
-"""Fit, choose and check the AU fusion (affextract.fusion) by the rule of weights/au_fusion.md.
+"""Fit, choose and check the AU fusion (affextract.fusion) by the rule of the model card (weights/mma_ferplus_small.md, "AU fusion").
 
     affextract run posed_faces/ scratch/posed.h5 --cnn-aus --mesh      # CNN rows + blendshapes of the posed faces
     python tools/fit_au_fusion.py ferplus.h5 scratch/ferplus_blendshapes.npz scratch/posed.h5 \
