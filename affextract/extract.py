@@ -64,6 +64,9 @@ class ExtractOptions:
             raise ValueError(f"ExtractOptions.fps must be > 0 (or None for every frame), got {self.fps}")
         if self.mesh and not self.movement:
             raise ValueError("the mesh is part of the movement stage: --mesh cannot go with --no-movement")
+        if self.fusion_weights is not None and not (self.movement and self.au_fusion):
+            raise ValueError("--fusion-weights fuses the AU rows with the movement: it cannot go with --no-movement "
+                             "or --cnn-aus")
 
 
 @dataclass

@@ -9,8 +9,8 @@ with `evidence` the AU's blendshape coefficient (`teacher.au_evidence`: pairs by
 mouthClose). AU11 and AU23 have no counterpart and AUs whose evidence failed the check (the distrust list) keep the
 CNN's row, and so does every AU of a frame where the mesh did not find the face (presence < 0.5). The parameters
 ship as `weights/au_fusion.safetensors` + `.json` (version, SHA-256, inputs, training data, the rule; model card:
-`weights/mma_ferplus_small.md`, "AU fusion"); `fit_fusion` refits them on FER+ train from the cached blendshapes (`affextract train
---fusion`).
+`weights/mma_ferplus_small.md`, "AU fusion"); `train_fusion` refits them on FER+ train from the cached
+blendshapes (`affextract train --fusion`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ CNN_SOURCE = "cnn"  # the file's au_source when the AU rows are the CNN's alone 
 INPUTS = ("logit_cnn", "logit_evidence", "bias")  # the columns of AUFusion.coef
 CNN_EPS, EVIDENCE_EPS = 1e-4, 1e-6  # probabilities and coefficients are clipped to [eps, 1 - eps] before the logit
 MIN_PRESENCE = 0.5  # MediaPipe reports no face below this mesh presence: the frame keeps the CNN's AU rows
-# Candidate rules of the card (weights/mma_ferplus_small.md, "AU fusion"): what the per-AU logistic is fitted to, and on which inputs.
+# Candidate rules of the model card ("AU fusion"): what the per-AU logistic is fitted to, and on which inputs.
 RULES = {"teacher": "soft-target BCE to the teacher AUs, inputs logit(p_cnn) and logit(evidence)",
          "labels": "class-balanced BCE, obvious-expression faces against neutral ones, same inputs",
          "evidence": "soft-target BCE to the teacher AUs, logit(evidence) only",
@@ -59,7 +59,8 @@ class AUFusion:
 
     def __post_init__(self):
         if np.shape(self.coef) != (len(AUS), len(INPUTS)):
-            raise ValueError(f"fusion coefficients have shape {np.shape(self.coef)}; expected ({len(AUS)}, {len(INPUTS)})")
+            raise ValueError(f"fusion coefficients have shape {np.shape(self.coef)}; "
+                             f"expected ({len(AUS)}, {len(INPUTS)})")
         bad = sorted(set(self.fused) - set(AUS) | set(self.fused) & {11, 23})
         if bad:
             raise ValueError(f"AUs {bad} cannot be fused: they are not among {AUS} or have no blendshape counterpart")

@@ -389,8 +389,8 @@ class FeatureStore:
             detail = "; ".join(_describe_difference(d, getattr(theirs, d), getattr(self.provenance, d)) for d in diff)
             raise IncompatibleError(
                 f"{where} holds features made with other settings ({detail}). Features of different models, "
-                "detector, movement or AU-row settings must not be mixed in one file: write to a new output file, or rerun "
-                "with the options the file was made with."
+                "detector, movement or AU-row settings must not be mixed in one file: write to a new output file, or "
+                "rerun with the options the file was made with."
             )
 
     # -- state ------------------------------------------------------------------------------------------------

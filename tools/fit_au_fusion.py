@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from affextract.fusion import RULES, AUFusion, fit_fusion, save_fusion  # noqa: E402
+from affextract.fusion import RULES, fit_fusion, save_fusion  # noqa: E402
 from affextract.schema import AU, AU_PRIOR, AUS, BLENDSHAPE_NAMES, EXPRESSIONS  # noqa: E402
 from affextract.teacher import NO_TEACHER, TeacherOptions, au_evidence, lip_gap, teacher_aus  # noqa: E402
 
