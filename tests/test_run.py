@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from affextract.cli import app
 from affextract.features import open_features
+from affextract.schema import AU
 from affextract.store import FeatureStore, Provenance, check_format
 from conftest import alive, astronaut_frames, descendants, garble_second_half, noface_frames, write_video
 
@@ -184,7 +185,10 @@ def test_kill_9_then_rerun_completes_without_loss_or_duplicates(weights, tmp_pat
     subprocess.run(_cli("run", d, ref, "--weights", weights, "-q"), check=True, capture_output=True, timeout=300)
     r = videos(ref)
     for k in r:
-        np.testing.assert_allclose(v[k]["features"], r[k]["features"], atol=1e-5)
+        np.testing.assert_allclose(v[k]["features"][:AU.start], r[k]["features"][:AU.start], atol=1e-5)
+        # The fused AU rows take the logit of blendshape coefficients as small as 1e-5, which turns the float noise
+        # of another batch size (--batch-size 8 here, 64 in the reference) into about 1e-4.
+        np.testing.assert_allclose(v[k]["features"][AU], r[k]["features"][AU], atol=1e-3)
 
 
 def test_real_clip_carphone(carphone, weights, tmp_path):
