@@ -10,7 +10,8 @@ The rule that picks the default, fixed before any score was seen: rank the candi
 mean test score over repeats (1 = best); the default is the candidate with the lowest mean rank over all settings;
 a tie goes to the better worst rank, then to the cheaper candidate.
 
-    nice python benchmarks/seqhead_defaults.py --workdir scratch/defaults --workers 2
+    nice python benchmarks/seqhead_defaults.py --workdir scratch/defaults --workers 2   # --scale 0.02 --max-len 240
+                                                                    # --epochs 20 --patience 5 (the defaults)
     python benchmarks/seqhead_defaults.py --workdir scratch/defaults --table   # the tables from results.json
 """
 
@@ -66,7 +67,7 @@ def _job(args: tuple) -> list[dict]:
     """Train one candidate repeat; score it (and, for an ensemble, each member as a single run) on test."""
     from seqhead.train import TrainOptions, train
 
-    workdir, setting, cand, seed, scale, epochs, patience = args
+    workdir, setting, cand, seed, epochs, patience = args
     h5 = _h5(workdir, setting)
     changes, _ = CANDIDATES[cand]
     out = workdir / "runs" / h5.stem / f"{cand}-{seed}"
@@ -84,12 +85,13 @@ def _job(args: tuple) -> list[dict]:
     return rows
 
 
-def _simulate(workdir: Path, setting: str, scale: float) -> None:
+def _simulate(workdir: Path, setting: str, scale: float, max_len: int) -> None:
     from seqhead.simulate import SimulateOptions, simulate
 
     h5 = _h5(workdir, setting)
     if not h5.exists():
-        simulate(SimulateOptions(h5, h5.with_name(h5.stem + ".csv"), scale=scale, seed=1, **SETTINGS[setting]))
+        simulate(SimulateOptions(h5, h5.with_name(h5.stem + ".csv"), scale=scale, max_len=max_len, seed=1,
+                                 **SETTINGS[setting]))
 
 
 def tables(results: list[dict]) -> str:
@@ -129,8 +131,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("scratch/defaults"))
     ap.add_argument("--scale", type=float, default=0.02, help="simulated size (0.02: 316 / 93 / 92 videos)")
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--patience", type=int, default=6)
+    ap.add_argument("--max-len", type=int, default=240, help="longest video (frames; the subject setting has its own)")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--settings", default=";".join(SETTINGS), help="';'-separated names from SETTINGS")
     ap.add_argument("--table", action="store_true", help="only print the tables of results.json")
@@ -143,8 +146,8 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else []
     done = {(r["setting"], r["candidate"], r["seed"]) for r in results}
     for s in settings:
-        _simulate(args.workdir, s, args.scale)
-    jobs = [(args.workdir, s, c, seed, args.scale, args.epochs, args.patience)
+        _simulate(args.workdir, s, args.scale, args.max_len)
+    jobs = [(args.workdir, s, c, seed, args.epochs, args.patience)
             for c, spec in CANDIDATES.items() if spec for seed in spec[1] for s in settings
             if (s, c, seed) not in done]
     # Setting by setting (a stopped run leaves whole settings), the long ones first within each.
