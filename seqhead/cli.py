@@ -171,6 +171,10 @@ def train(
     what = f"{head}, ensemble of {len(res.members)}" if res.members else head
     out_console.print(_pearson_table(f"{what}: validation ({res.n_val} videos, {res.n_train} for training)",
                                      res.val_pearson, res.val_mean_pearson))
+    if res.interrupted and res.members:
+        console.print(f"interrupted: {res.run_dir} holds an ensemble of the {len(res.members)} member(s) trained so "
+                      f"far; `seqhead predict {res.run_dir} FEATURES.h5` uses it", soft_wrap=True, highlight=False)
+        raise typer.Exit(130)
     if res.interrupted:
         console.print(f"interrupted after epoch {res.epochs_run}: {res.run_dir} holds the best epoch so far "
                       f"({res.best_epoch}); `seqhead predict {res.run_dir} FEATURES.h5` uses it", soft_wrap=True,

@@ -1,8 +1,11 @@
-"""Training: data preparation, routed Adam, Pearson loss, early stopping, calibration and the run directory.
+"""Training: options, data preparation, calibration, ensembles and the run directory (the torch side is in .fit,
+loaded once the inputs have been read and checked).
 
 A run directory describes itself: model.safetensors (weights), config.json (every option, the model
-configuration, the feature schema and standardisation, t, label names, id column/forms, calibration, the weights'
-SHA-256), metrics.json (per-target and mean Pearson on validation, status), history.csv and learning_curve.png.
+configuration, the feature schema and standardisation, t, label names, id column/forms, calibration, the features
+file's provenance, the weights' SHA-256), metrics.json (per-target and mean Pearson on validation, sizes, how the
+epoch was chosen, status), history.csv and learning_curve.png. An ensemble's directory holds one such run per
+member (seed<N>/) and a config.json naming them.
 
 The best epoch so far is on disk while training runs (weights, config and metrics replaced atomically after every
 epoch that improves validation), so Ctrl-C or a kill leaves a run directory that `predict` accepts.
