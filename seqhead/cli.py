@@ -136,9 +136,10 @@ def train(
     threads: Threads = 1,
     max_batches: MaxBatches = None,
     paper: Annotated[bool, typer.Option(help="The paper's setting: --head mrnn --rnn gru --hidden 128 --batch-size 4 "
-                                             "--lr 1e-4 --t 480 --no-bucket.")] = False,
-    seeds: Annotated[int, typer.Option("--seeds", help="Ensemble: train seeds seed … seed+N−1 on one split into "
-                                                       "OUT/seed<N>/; predict averages them.")] = 1,
+                                             "--lr 1e-4 --t 480 --no-bucket, one run.")] = False,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Ensemble: train seeds seed … seed+N−1 on one "
+                                                                 "split into OUT/seed<N>/; predict averages them "
+                                                                 "(default 3; 1 = one run; --paper: 1).")] = None,
     ema: Annotated[float, typer.Option(help="Keep an exponential moving average of the weights with this per-step "
                                             "decay, e.g. 0.99 (0 = off).")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Replace the run already in --out (otherwise a non-empty --out is "
@@ -149,6 +150,8 @@ def train(
 
     if paper:
         head, rnn, hidden, batch_size, lr, t, bucket = "mrnn", "gru", 128, 4, 1e-4, t or 480, False
+    if seeds is None:
+        seeds = 1 if paper else TrainOptions.members
     try:
         opts = TrainOptions(h5=h5, out=out, labels=labels, id_column=id_column,
                             targets=tuple(targets.split(",")) if targets else None, split_column=split_column,
@@ -281,7 +284,8 @@ def sweep(
         base = TrainOptions(h5=h5, out=out, labels=labels, id_column=id_column, split_column=split_column,
                             group_column=group_column, val_fraction=val_fraction, allow_unmatched=allow_unmatched,
                             features=features, no_face=no_face, t=t, head=head, epochs=epochs, patience=patience,
-                            batch_size=batch_size, lr=lr, device=device, threads=threads, max_batches=max_batches)
+                            batch_size=batch_size, lr=lr, device=device, threads=threads, max_batches=max_batches,
+                            members=1)  # seeds are the sweep's own axis: each run is one seed
         opts = SweepOptions(base, out, variants, tuple(int(s) for s in seeds.split(",")), workers,
                             tuple(devices.split(",")) if devices else ())
         res = run_sweep(opts, progress=lambda name, seed, row: console.print(
@@ -306,8 +310,8 @@ def sweep(
 def simulate(
     out: Annotated[Path, typer.Argument(help="HDF5 file to write (affextract format v1).")],
     labels: Annotated[Optional[Path], typer.Option(help="Labels CSV (default: labels.csv beside OUT).")] = None,
-    scale: Annotated[float, typer.Option(help="Fraction of Hume-Reaction's 15,806 / 4,657 / 4,604 videos (1 ≈ 4 GB).")]
-    = 0.02,
+    scale: Annotated[float, typer.Option(help="Fraction of Hume-Reaction's 15,806 / 4,657 / 4,604 videos (0.02 ≈ "
+                                              "80 MB; 1 ≈ 4 GB).")] = 0.02,
     max_len: Annotated[int, typer.Option(help="Longest video (frames).")] = 480,
     signal: Annotated[float, typer.Option(help="Strength of the labelled episode (0 = no signal).")] = 1.0,
     nuisance: Annotated[float, typer.Option(help="Scale of subject/video baselines and drift.")] = 0.4,

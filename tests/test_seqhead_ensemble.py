@@ -16,7 +16,7 @@ from seqhead.data import read_features
 from seqhead.model import ModelConfig, SeqHead
 from seqhead.train import WeightAverage
 
-TINY = dict(hidden=8, fc=4, epochs=2, batch_size=8, threads=1)
+TINY = dict(hidden=8, fc=4, epochs=2, batch_size=8, threads=1, members=1)
 
 
 @pytest.fixture(scope="module")

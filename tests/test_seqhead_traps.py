@@ -16,7 +16,7 @@ from seqhead import PredictOptions, SimulateOptions, TrainOptions, predict, simu
 from seqhead.cli import app
 from seqhead.data import DataError
 
-TINY = dict(hidden=8, fc=4, epochs=2, batch_size=8, threads=1)
+TINY = dict(hidden=8, fc=4, epochs=2, batch_size=8, threads=1, members=1)
 ROOT = Path(__file__).parents[1]
 
 
@@ -38,7 +38,7 @@ def test_a_run_is_never_replaced_without_overwrite(sim, tmp_path):
     res = train(TrainOptions(h5=sim.h5, out=run, head="mean", overwrite=True, **TINY))
     assert json.loads((run / "config.json").read_text())["model"]["head"] == "mean" and res.best_epoch >= 1
     # An ensemble replaced by a single run leaves no member behind that predict could mistake for part of it.
-    train(TrainOptions(h5=sim.h5, out=run, members=2, overwrite=True, **TINY))
+    train(TrainOptions(h5=sim.h5, out=run, overwrite=True, **{**TINY, "members": 2}))
     assert (run / "seed1" / "config.json").exists()
     train(TrainOptions(h5=sim.h5, out=run, head="ridge", overwrite=True, **TINY))
     assert not (run / "seed0").exists() and not (run / "seed1").exists()
@@ -88,7 +88,7 @@ def test_a_tiny_validation_set_does_not_pick_the_epoch(sim, tmp_path):
     metrics = json.loads((res.run_dir / "metrics.json").read_text())
     assert metrics["n_val"] == 6 and metrics["n_train"] == res.n_train and metrics["selection"].startswith("last")
     r = CliRunner().invoke(app, ["train", str(sim.h5), "--labels", str(labels), "--out", str(tmp_path / "cli"),
-                                 "--hidden", "8", "--fc", "4", "--epochs", "2", "--batch-size", "8"])
+                                 "--hidden", "8", "--fc", "4", "--epochs", "2", "--batch-size", "8", "--seeds", "1"])
     text = " ".join(r.output.split())  # rich wraps lines at the terminal's width
     assert r.exit_code == 0 and "only 6 videos" in text and f"(6 videos, {res.n_train} for training)" in text, text
     # Enough validation videos: early stopping as before.
