@@ -1,5 +1,5 @@
 """`python -m seqhead …` runs the command line."""
 
-from .cli import app
+from seqhead.cli import app
 
-app()
+app(prog_name="seqhead")
