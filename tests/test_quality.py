@@ -1,6 +1,6 @@
 """Model-quality regression of the shipped MMA against the model card, on ../shared (CI and development only).
 
-The card's figures come from `affextract evaluate` (affextract.evaluate.evaluate: the shipped flip and prior
+The card's figures (affextract/weights/mma_ferplus_small.md) come from `affextract evaluate` (affextract.evaluate.evaluate: the shipped flip and prior
 correction, the images prepared exactly as at inference). Here the same code path runs on fixed subsets sized to keep
 the suite short; each pinned figure is that command's figure restricted to the subset (computed once with the code
 below, shipped weights version 3), and the tolerances are the card's: FER+ majority accuracy within 0.01, posed
@@ -19,7 +19,8 @@ from affextract import model as model_mod
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FERPLUS, POSED = SHARED / "ferplus.h5", SHARED / "posed_faces"
 
-# Card (README, "Model card"): FER+ test majority accuracy 0.8644 (3,083 images); posed_faces macro F1 0.4951 (343).
+# Card (affextract/weights/mma_ferplus_small.md): FER+ test majority accuracy 0.8644 (3,083 images);
+# posed_faces macro F1 0.4951 (343 photos).
 FERPLUS_STEP = 4  # every 4th image of FER+ test (882 images, 766 with a majority label)
 FERPLUS_SUBSET_MAJORITY_ACC = 0.8577  # `affextract evaluate ferplus:ferplus.h5:test --derive-va`, rows [::4]
 POSED_STEP = 4  # every 4th photo of posed_faces, in load_folder's order (86 photos of the 343; MTCNN dominates)
