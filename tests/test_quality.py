@@ -1,10 +1,10 @@
 """Model-quality regression of the shipped MMA against the model card, on ../shared (CI and development only).
 
-The card's figures (affextract/weights/mma_ferplus_small.md) come from `affextract evaluate` (affextract.evaluate.evaluate: the shipped flip and prior
-correction, the images prepared exactly as at inference). Here the same code path runs on fixed subsets sized to keep
-the suite short; each pinned figure is that command's figure restricted to the subset (computed once with the code
-below, shipped weights version 3), and the tolerances are the card's: FER+ majority accuracy within 0.01, posed
-macro F1 within 0.02.
+The card's figures (affextract/weights/mma_ferplus_small.md) come from `affextract evaluate`
+(affextract.evaluate.evaluate: the shipped flip and prior correction, the images prepared exactly as at inference).
+Here the same code path runs on fixed subsets sized to keep the suite short; each pinned figure is that command's
+figure restricted to the subset (computed once with the code below, shipped weights version 3), and the tolerances
+are the card's: FER+ majority accuracy within 0.01, posed macro F1 within 0.02.
 """
 
 from __future__ import annotations
