@@ -118,7 +118,7 @@ def test_predict_refuses_weights_whose_digest_differs_from_config(carried, tmp_p
 def test_ctrl_c_before_the_first_epoch_ends_keeps_nothing(tmp_path):
     """A real `seqhead train` process, SIGINT during its first epoch: one clear line, exit code 130, no traceback,
     and no half-written run directory."""
-    h5, labels = carried_file(tmp_path, 120, 8, 30, noise=0.5)
+    h5, labels = carried_file(tmp_path, 200, 8, 60, noise=0.5)  # 100 steps of 2 videos: time to interrupt
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "seqhead.cli", "train", str(h5), "--labels", str(labels),
@@ -139,7 +139,7 @@ def test_ctrl_c_before_the_first_epoch_ends_keeps_nothing(tmp_path):
         watchdog.cancel()
         proc.kill()
     err = "".join(lines) + err
-    assert not any(s.startswith("epoch 1/5: 60 steps") for s in err.splitlines()), err  # the epoch never ended
+    assert not any(s.startswith("epoch 1/5: 100 steps") for s in err.splitlines()), err  # the epoch never ended
     assert proc.returncode == 130, err
     assert "interrupted before the first epoch ended: nothing kept in" in " ".join(err.split()), err
     assert "Traceback" not in err
