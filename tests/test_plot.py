@@ -73,7 +73,8 @@ def test_timeline_png(extracted, tmp_path):
         (au,) = [c for c in by_label["action unit"].collections if isinstance(c, QuadMesh)]
         np.testing.assert_allclose(np.ma.filled(au.get_array(), np.nan).reshape(17, len(v)), v.aus.T, equal_nan=True)
         assert [t.get_text() for t in by_label["action unit"].get_yticklabels()][:3] == ["AU1", "AU2", "AU4"]
-        blend = next(ax for ax in fig.axes if ax.get_yticklabels() and ax.get_yticklabels()[0].get_text() == "browDownLeft")
+        blend = next(ax for ax in fig.axes
+                     if ax.get_yticklabels() and ax.get_yticklabels()[0].get_text() == "browDownLeft")
         (bs,) = [c for c in blend.collections if isinstance(c, QuadMesh)]
         np.testing.assert_allclose(np.ma.filled(bs.get_array(), np.nan).reshape(51, len(v)), v.blendshapes[:, 1:].T,
                                    equal_nan=True)

@@ -15,7 +15,8 @@ import torch
 from affextract import model as model_mod
 from affextract.schema import BLENDSHAPE_NAMES, EXPRESSIONS, FEATURE_NAMES
 
-# DESIGN.md, "The 26 per-frame values": valence, arousal, the 7 expressions in Aff-Wild2 order, the 17 AUs in ascending order.
+# DESIGN.md, "The 26 per-frame values": valence, arousal, the 7 expressions in Aff-Wild2 order, the 17 AUs in
+# ascending order.
 DESIGN_ROWS = [
     "valence", "arousal",
     "neutral", "anger", "disgust", "fear", "happiness", "sadness", "surprise",

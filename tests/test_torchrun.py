@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from affextract.features import open_features
 from conftest import astronaut_frames, noface_frames, write_video

@@ -34,8 +34,9 @@ def write_toy_ferplus(path, n_train: int, n_valid: int, seed: int = 0):
 def test_two_gloo_ranks_train_one_model(tmp_path):
     data = write_toy_ferplus(tmp_path / "toy.h5", 64, 32)
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29527",
-                        "-m", "affextract", "train", "--data", f"ferplus:{data}:train", "--val", f"ferplus:{data}:valid",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", "29527", "-m", "affextract", "train",
+                        "--data", f"ferplus:{data}:train", "--val", f"ferplus:{data}:valid",
                         "--derive-va", "--epochs", "4", "--batch-size", "8", "--lr", "3e-3", "--warmup", "0",
                         "--select", "acc_expr", "--device", "cpu", "--no-amp", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
