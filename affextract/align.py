@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from affextract.runtime import gpu_paths
+
 
 def alignment_matrices(landmarks: np.ndarray, size: int = 112) -> np.ndarray:
     """(N, 5, 2) landmarks -> (N, 2, 3) float64 similarity transforms image -> crop onto the ArcFace template
@@ -52,8 +54,8 @@ def warp_affine(frames, matrices: np.ndarray, size: int, device: str | torch.dev
 
     ``method="cv2"`` (the default on the CPU): one cv2.warpAffine per face, which is what insightface's ``norm_crop``
     and MediaPipe's CPU ImageToTensor do, and much cheaper there than converting frames to float. ``"grid"`` (the
-    default on GPUs): all faces in one batched bilinear warp (affine_grid + grid_sample, zero border) on the device,
-    within one grey level of cv2.
+    default on GPUs, and wherever ``runtime.gpu_paths`` says so): all faces in one batched bilinear warp
+    (affine_grid + grid_sample, zero border) on the device, within one grey level of cv2.
     """
     if method not in ("auto", "cv2", "grid"):
         raise ValueError(f"unknown warp method {method!r}; known: auto, cv2, grid")
@@ -68,7 +70,7 @@ def warp_affine(frames, matrices: np.ndarray, size: int, device: str | torch.dev
     if n == 0:
         return torch.zeros(0, 3, size, size, dtype=torch.uint8, device=device)
     ok = np.isfinite(matrices).all((1, 2))
-    if method == "cv2" or (method == "auto" and device.type == "cpu"):
+    if method == "cv2" or (method == "auto" and not gpu_paths(device)):
         import cv2
 
         images = images.cpu().numpy()

@@ -314,9 +314,11 @@ class _Features:
     def __init__(self, model, device):
         import torch
 
+        from affextract.runtime import gpu_paths
+
         self.model, self.device = model, device
         # Half precision on GPUs: the model's outputs are probabilities and tanh values, far above bf16 error.
-        self.dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.dtype = torch.bfloat16 if gpu_paths(device) else None
 
     def __call__(self, faces: FaceChunk) -> np.ndarray:
         import torch
@@ -335,9 +337,10 @@ class _Movement:
 
     def __init__(self, device, datasets: tuple[str, ...]):
         from affextract.movement import Movement, MovementOptions
+        from affextract.runtime import gpu_paths
 
         # Batches of 16 fit a CPU's cache; a GPU takes a chunk at once.
-        self.stage = Movement(device, MovementOptions(batch_size=16 if device.type == "cpu" else 256))
+        self.stage = Movement(device, MovementOptions(batch_size=256 if gpu_paths(device) else 16))
         self.datasets = datasets
 
     def __call__(self, faces: FaceChunk) -> dict[str, np.ndarray]:
