@@ -64,7 +64,7 @@ def test_training_learns_a_target_the_features_carry(carried, tmp_path):
     turn back into a positive validation r."""
     h5, labels = carried
     res = train(TrainOptions(h5=h5, out=tmp_path / "run", labels=labels, head="mean", hidden=8, fc=8, epochs=3,
-                             batch_size=8, lr=3e-3, threads=1))
+                             batch_size=8, lr=3e-3, threads=1, members=1))
     assert res.val_mean_pearson > 0.5, res.history
     cfg = json.loads((res.run_dir / "config.json").read_text())
     assert cfg["calibration"]["slope"][0] > 0, cfg["calibration"]
@@ -83,7 +83,7 @@ def test_run_directory_keeps_the_best_epoch_not_the_last(tmp_path):
     run directory's weights must score what history.csv records for the best epoch."""
     h5, labels = carried_file(tmp_path, 24, 32, 10, noise=1.2, seed=3)
     res = train(TrainOptions(h5=h5, out=tmp_path / "run", labels=labels, hidden=16, fc=16, epochs=8, patience=8,
-                             batch_size=4, lr=3e-2, threads=1, seed=1))
+                             batch_size=4, lr=3e-2, threads=1, seed=1, members=1))
     hist = pd.read_csv(res.run_dir / "history.csv")
     assert res.best_epoch < res.epochs_run == len(hist), hist  # the premise: the last epoch is not the best
     assert hist.val_mean_pearson.iloc[-1] < hist.val_mean_pearson.max() - 0.02, hist
@@ -100,9 +100,9 @@ def test_run_directory_keeps_the_best_epoch_not_the_last(tmp_path):
 def test_predict_refuses_weights_whose_digest_differs_from_config(carried, tmp_path):
     h5, labels = carried
     a = train(TrainOptions(h5=h5, out=tmp_path / "a", labels=labels, head="mean", hidden=8, fc=8, epochs=1,
-                           batch_size=8, threads=1)).run_dir
+                           batch_size=8, threads=1, members=1)).run_dir
     b = train(TrainOptions(h5=h5, out=tmp_path / "b", labels=labels, head="mean", hidden=8, fc=8, epochs=1,
-                           batch_size=8, threads=1, seed=1)).run_dir
+                           batch_size=8, threads=1, seed=1, members=1)).run_dir
     (a / "model.safetensors").write_bytes((b / "model.safetensors").read_bytes())  # same shapes, other weights
     with pytest.raises(DataError, match="SHA-256 differs from the one config.json names"):
         predict(PredictOptions(a, h5))
@@ -148,7 +148,8 @@ def test_ctrl_c_before_the_first_epoch_ends_keeps_nothing(tmp_path):
 
 def test_sweep_in_two_processes_gives_what_one_process_gives(carried, tmp_path):
     h5, labels = carried
-    base = TrainOptions(h5=h5, out=tmp_path, labels=labels, hidden=8, fc=8, epochs=2, batch_size=8, threads=1)
+    base = TrainOptions(h5=h5, out=tmp_path, labels=labels, hidden=8, fc=8, epochs=2, batch_size=8, threads=1,
+                        members=1)  # as `seqhead sweep` does: the seeds are the sweep's own axis
     variants = parse_grid(["head=mean,ridge"])
     one = sweep(SweepOptions(base, tmp_path / "one", variants, seeds=(0,), workers=1))
     two = sweep(SweepOptions(base, tmp_path / "two", variants, seeds=(0,), workers=2))
