@@ -478,8 +478,9 @@ def _train(opts: TrainOptions, data: Prepared, progress: Callable[[Progress], No
         xs = pooled_stats(train_seqs)
         scaler = StandardScaler().fit(xs)
         ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(scaler.transform(xs), data.y_train)
-        pred_val = ridge.predict(scaler.transform(pooled_stats(val_seqs))).astype(np.float32)
-        arrays = {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_, "coef": ridge.coef_,
+        # sklearn drops the target axis when there is one target: (N,) predictions, (F,) coefficients.
+        pred_val = ridge.predict(scaler.transform(pooled_stats(val_seqs))).astype(np.float32).reshape(len(val_seqs), -1)
+        arrays = {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_, "coef": np.atleast_2d(ridge.coef_),
                   "intercept": np.atleast_1d(ridge.intercept_)}
         extra = {"ridge_alpha": float(ridge.alpha_)}
         # safetensors writes the raw buffer: sklearn's coef_ can be Fortran-ordered, so make every array C-ordered.

@@ -78,6 +78,16 @@ def test_training_learns_a_target_the_features_carry(carried, tmp_path):
     assert pearson(got[:, None], truth.loc[val, ["Target"]].to_numpy())[0] > 0.5
 
 
+def test_ridge_learns_a_single_target(carried, tmp_path):
+    """One target: sklearn drops the target axis, and (N,) predictions against (N, 1) labels broadcast into a
+    meaningless Pearson. The ridge baseline must learn the carried target like any head, and predict must agree."""
+    h5, labels = carried
+    res = train(TrainOptions(h5=h5, out=tmp_path / "run", labels=labels, head="ridge", threads=1, members=1))
+    assert res.val_mean_pearson > 0.5, res.val_mean_pearson
+    table = predict(PredictOptions(res.run_dir, h5, long_videos="truncate")).table
+    assert table.shape[0] == 96 and table["Target"].notna().all()
+
+
 def test_run_directory_keeps_the_best_epoch_not_the_last(tmp_path):
     """Few noisy training videos and a high learning rate: validation peaks early, then the head overfits. The
     run directory's weights must score what history.csv records for the best epoch."""
