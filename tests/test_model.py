@@ -114,7 +114,8 @@ def test_shipped_weights_see_happiness_on_a_smiling_face():
         f = m.features(crop)[0].numpy()
     expr = f[2:9]
     assert EXPRESSIONS[int(np.argmax(expr))] == "happiness", dict(zip(EXPRESSIONS, expr.round(3)))
-    assert f[0] > 0.2  # positive valence, derived from happiness
+    # valence, not arousal: happiness's centroid is (0.81, 0.51), so a smile puts valence well above arousal
+    assert f[0] > 0.5 and f[0] > f[1] + 0.15, f[:2]
     assert f[9 + list(FEATURE_NAMES[9:]).index("AU12")] > 0.5  # lip corner puller, derived from happiness
 
 

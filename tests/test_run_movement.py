@@ -120,9 +120,27 @@ def test_export_has_openface_pose_gaze_and_blendshape_columns(extracted, tmp_pat
     assert list(table.columns) == head
     with open_features(extracted) as ff:
         v = ff["carphone.avi"]
-    np.testing.assert_allclose(table[["pose_Rx", "pose_Ry", "pose_Rz"]], openface_pose(v.pose), atol=1e-6)
     np.testing.assert_allclose(table[list(BLENDSHAPE_NAMES)].to_numpy(np.float32), v.blendshapes)
-    np.testing.assert_allclose(table.gaze_angle_x, np.radians(v.gaze[:, 0]), atol=1e-6)
+    ok = v.face
+    assert ok.sum() > 10 and table[~ok][["pose_Rx", "gaze_angle_y"]].isna().all().all()
+    # Independently of the exporter: OpenFace's rotation of the exported angles is our head rotation seen in
+    # OpenFace's axes, and the exported gaze angles are those of our gaze direction in OpenFace's axes.
+    flip = np.diag([1.0, -1.0, -1.0])
+    for (rx, ry, rz), pose in zip(table[["pose_Rx", "pose_Ry", "pose_Rz"]].to_numpy()[ok], v.pose[ok]):
+        np.testing.assert_allclose(_openface_rotation(rx, ry, rz), flip @ _our_rotation(*pose) @ flip, atol=1e-5)
+    yaw, pitch = np.radians(v.gaze[ok].astype(np.float64)).T
+    g = np.c_[np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)] @ flip  # x right, y down
+    np.testing.assert_allclose(table.gaze_angle_x[ok], np.arctan2(g[:, 0], -g[:, 2]), atol=1e-5)
+    np.testing.assert_allclose(table.gaze_angle_y[ok], np.arctan2(g[:, 1], -g[:, 2]), atol=1e-5)
+
+
+def _our_rotation(yaw, pitch, roll):
+    """movement.euler_degrees's rotation for angles in degrees: Ry(yaw) @ Rx(-pitch) @ Rz(roll), x right, y up,
+    z towards the camera."""
+    a, b, c = np.radians([yaw, -pitch, roll])
+    return (np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+            @ np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+            @ np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]]))
 
 
 def _openface_rotation(rx, ry, rz):
@@ -140,10 +158,7 @@ def test_openface_angles_describe_the_same_head_in_openfaces_axes():
     rng = np.random.default_rng(0)
     pose = rng.uniform([-50, -30, -30], [50, 30, 30], (50, 3))
     for (yaw, pitch, roll), (rx, ry, rz) in zip(pose, openface_pose(pose)):
-        a, b, c = np.radians([yaw, -pitch, roll])
-        ours = (np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
-                @ np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-                @ np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]]))
+        ours = _our_rotation(yaw, pitch, roll)
         flip = np.diag([1.0, -1.0, -1.0])  # our camera axes (y up, z towards the camera) -> OpenFace's
         np.testing.assert_allclose(_openface_rotation(rx, ry, rz), flip @ ours @ flip, atol=1e-9)
     up, their_right = openface_pose(np.array([[0.0, 20, 0], [-20, 0, 0]]))
