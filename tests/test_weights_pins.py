@@ -9,7 +9,7 @@ from affextract.schema import WEIGHTS_DIR
 from affextract.store import file_sha256
 
 # One row per release of a shipped file: (file stem, release, SHA-256 of the .safetensors, SHA-256 of the .json).
-# A release is the MMA's metadata.version, or for MediaPipe's models the SHA-256 of the upstream file they were
+# A release is the MMA's metadata.version, the AU fusion's version, or for MediaPipe's models the SHA-256 of the upstream file they were
 # converted from (source_sha256). To ship new weights: bump the release (metadata.version in the .json), then ADD a
 # row below with it and the new digests (`sha256sum affextract/weights/NAME.*`); keep the old rows, and update the
 # model card. Only the .json changed (a corrected description)? Replace that row's json digest.
@@ -26,12 +26,16 @@ RELEASES = [
     ("mma_ferplus_small", 3,
      "379f50074b8eb187ce9aebc59e42b5cec09e268de377bafac05f13a6f67e2a7d",
      "855ecefdf48b69f28850abf5250284a059b7941951d0010207bc7964626c762d"),
+    ("au_fusion", 1,
+     "c9befc95e9dca58a62d6961d07cc3b6e4964d24b65517db82eab13b3e680ef39",
+     "09da0799accbf28d1eafcc2dfbbc6789cb3a534d583e023d974b3cb4be8b3883"),
 ]
 
 
 def release_of(doc: dict) -> object:
-    """The release a weights description names: the MMA's metadata.version, else the upstream file's digest."""
-    version = doc.get("metadata", {}).get("version")
+    """The release a weights description names: the MMA's metadata.version, the fusion's version, else the upstream
+    file's digest."""
+    version = doc.get("metadata", {}).get("version", doc.get("version"))
     return version if version is not None else doc.get("source_sha256", "")[:12]
 
 
