@@ -60,6 +60,8 @@ def run(
     progress_every: float = typer.Option(30.0, min=0, help="Seconds between progress lines when stderr is not a terminal (a log file)."),
     movement: bool = typer.Option(True, "--movement/--no-movement", help="Measure facial movement per frame (MediaPipe face mesh: 52 blendshapes, head pose, gaze). --no-movement stores the 26 values only."),
     mesh: bool = typer.Option(False, "--mesh", help="Also store the 478 face mesh points per frame (float16, about 2.9 KB a frame)."),
+    au_fusion: bool = typer.Option(True, "--au-fusion/--cnn-aus", help="With movement, fuse the AU rows with the frame's blendshapes (default); --cnn-aus keeps the CNN's AU rows, as --no-movement does."),
+    fusion_weights: Optional[Path] = typer.Option(None, help="AU fusion parameters (.safetensors, from `affextract train --fusion`). Default: the shipped au_fusion."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Extract per-frame affect features (26 values per frame) and measured facial movement of videos into an HDF5 file."""
@@ -75,7 +77,7 @@ def run(
         opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
                               detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
                               fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every,
-                              movement=movement, mesh=mesh)
+                              movement=movement, mesh=mesh, au_fusion=au_fusion, fusion_weights=fusion_weights)
         report = extract(inputs, output, opts)
     except (OSError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
@@ -180,10 +182,32 @@ def info(
                   f"{escape(str(parts_folder(path)))}/ to be merged: by the run writing the file, or, if it stopped, "
                   f"by `affextract merge {escape(str(path))}` (or by rerunning it)[/yellow]")
     for k in ("format", "format_version", "affextract_version", "model", "model_sha256", "detector", "alignment",
-              "sampling", "movement", "created", "updated"):
+              "sampling", "movement", "au_source", "created", "updated"):
         if k in attrs:  # one plain line each: nothing is cut or wrapped, whatever the width
             out.print(f"[bold]{k:<18}[/bold] {escape(str(attrs[k]))}", soft_wrap=True)
+    _print_what_rows_are(out, str(attrs.get("au_source", "cnn")))
 
+
+def _print_what_rows_are(out: CliConsole, au_source: str) -> None:
+    from affextract.fusion import describe_features
+
+    out.print("[bold]What the 26 values are[/bold]")
+    for line in describe_features(au_source):
+        out.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _train_fusion(data: list[str], cache: Path, out: Path, init: Optional[Path], rule: str) -> None:
+    from affextract.datasets import DatasetError, load_spec
+    from affextract.fusion import FusionOptions, train_fusion
+
+    try:
+        fusion, sha = train_fusion([load_spec(s) for s in data],
+                                   FusionOptions(cache=cache, out=out / "au_fusion.safetensors", weights=init, rule=rule))
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}")
+        raise typer.Exit(2)
+    console.print(f"wrote {out / 'au_fusion.safetensors'} (sha256 {sha}); fused "
+                  + " ".join(f"AU{a}" for a in fusion.fused))
 
 @app.command()
 def merge(path: Path = typer.Argument(..., dir_okay=False, help="The output .h5 file of a stopped `affextract run`.")
@@ -241,8 +265,13 @@ def train(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.pt."),
     no_amp: bool = typer.Option(False, "--no-amp", help="Train in fp32 on CUDA (default: bf16 autocast)."),
+    fusion: Optional[Path] = typer.Option(None, help="Instead of training the MMA: refit the AU fusion of the --init weights (default: shipped) on the FER+ --data sets from this blendshape cache (tools/ferplus_teacher.py); writes OUT/au_fusion.safetensors for `run --fusion-weights`."),
+    fusion_rule: str = typer.Option("mixed", help="With --fusion: the fitting rule (mixed, teacher, labels, evidence; see the AU fusion card)."),
 ) -> None:
     """Train the MMA on labelled face datasets with the paper's loss L_CCC + L_CCE + L_BCE + L_DM."""
+    if fusion is not None:
+        _train_fusion(data, fusion, out, init, fusion_rule)
+        return
     import json as _json
     import os
     import sys
@@ -328,13 +357,17 @@ def evaluate(
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     batch_size: int = typer.Option(512, min=1, help="Faces run through the model together."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout."),
+    au_fusion: bool = typer.Option(True, "--au-fusion/--cnn-aus", help="Also score the AU rows fused with each face's measured movement (as `run` writes them); --cnn-aus scores the CNN's rows only."),
+    fusion_weights: Optional[Path] = typer.Option(None, help="AU fusion parameters (.safetensors). Default: the shipped au_fusion."),
 ) -> None:
     """Score MMA weights on a labelled dataset: CCC-VA, macro F1 (expressions, AUs), accuracy, confusion matrix,
-    F1 per expression, and the same per source when the data has several."""
+    F1 per expression, AU rows against neutral faces, and the same per source when the data has several; the AU
+    scores for both the CNN's rows and the rows fused with the measured movement."""
     import json as _json
 
     from affextract.datasets import DatasetError, load_spec
     from affextract.evaluate import evaluate as run_evaluation
+    from affextract.fusion import load_fusion
     from affextract.model import load_weights
     from affextract.runtime import resolve_device
 
@@ -342,7 +375,8 @@ def evaluate(
         where = resolve_device(device)
         fs = load_spec(data, derive_va)
         model, info = load_weights(weights, where)
-        report = run_evaluation(model, fs, batch_size, where)
+        fusion = load_fusion(fusion_weights) if au_fusion else None
+        report = run_evaluation(model, fs, batch_size, where, fusion)
     except (DatasetError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
@@ -353,6 +387,14 @@ def evaluate(
     _render_scores(out, report, f"{info.name} on {report.dataset} ({report.n:,} samples)")
     for group, r in report.per_group.items():
         _render_scores(out, r, f"source {group} ({r.n:,} samples)")
+    if report.fused is not None:
+        out.print(f"[bold]AU rows fused with the measured movement[/bold] ({report.fused.au_source}):")
+        for group, r in {"all": report.fused, **report.fused.per_group}.items():
+            cnn = report if group == "all" else report.per_group[group]
+            for label, a, b in (("F1-AU", r.f1_au, cnn.f1_au),
+                                ("AUROC Table-1 AUs vs neutral", r.auroc_prototype_mean, cnn.auroc_prototype_mean)):
+                if a is not None:
+                    out.print(f"  {group}: {label} {a:.4f} (CNN rows {b:.4f})")
 
 
 def _render_scores(out: CliConsole, report, title: str) -> None:
@@ -385,6 +427,9 @@ def _render_scores(out: CliConsole, report, title: str) -> None:
         out.print(c)
     if report.f1_per_au:
         out.print("F1 per AU: " + ", ".join(f"{k} {v:.3f}" for k, v in report.f1_per_au.items()))
+    if report.auroc_prototype:
+        out.print(f"AU rows, AUROC of Table-1 expressions against neutral: mean {report.auroc_prototype_mean:.3f}; "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in report.auroc_prototype.items()))
 
 
 @app.command(epilog="""Examples:
@@ -441,6 +486,7 @@ def export(
         raise typer.Exit(2)
     console.print(f"wrote {escape(str(report.output))}: {plural(report.rows, 'row')} ({plural(report.videos, 'video')}), "
                   f"{len(report.columns)} columns", soft_wrap=True)
+    _print_what_rows_are(console, report.au_source)
 
 
 if __name__ == "__main__":

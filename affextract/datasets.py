@@ -514,27 +514,40 @@ def _read_rgb(path: Path, where: str) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def raw_points(fs: FaceSet, i: int, img: np.ndarray, detector=None):
+    """(5, 2) face points of raw photo `i` of `fs` (RGB `img`): the dataset's own where it has them, otherwise the
+    most confident MTCNN face; and the detector (made on first need, for reuse)."""
+    lm = None if fs.landmarks is None else fs.landmarks[i]
+    if lm is None or not np.isfinite(lm).all():
+        from affextract.detectors import get_detector
+
+        detector = detector or get_detector("mtcnn")
+        found = detector.detect(img[None])[0]
+        if len(found) == 0:
+            raise DatasetError(f"{fs.origin[i]}: no face found in {fs.images[i]}; remove the image (or its row) or crop it")
+        lm = found.landmarks[0]  # best score first
+    return np.asarray(lm, np.float32), detector
+
+
 def align_raw(fs: FaceSet, idx: list[int]) -> torch.Tensor:
     """Raw photos -> (n, 3, 112, 112) aligned crops in [-1, 1], with the detector + alignment of `affextract run`.
 
     The dataset's own landmarks are used where it has them; otherwise the most confident MTCNN face.
     """
     from affextract.align import align_faces  # lazy: the detector stack is only needed for unaligned images
-    from affextract.detectors import get_detector
 
     crops = []
     detector = None
     for i in idx:
         img = _read_rgb(fs.images[i], fs.origin[i])
-        lm = None if fs.landmarks is None else fs.landmarks[i]
-        if lm is None or not np.isfinite(lm).all():
-            detector = detector or get_detector("mtcnn")
-            found = detector.detect(img[None])[0]
-            if len(found) == 0:
-                raise DatasetError(f"{fs.origin[i]}: no face found in {fs.images[i]}; remove the image (or its row) or crop it")
-            lm = found.landmarks[0]  # best score first
-        crops.append(align_faces(img[None], np.asarray(lm, np.float32)[None])[0])
+        lm, detector = raw_points(fs, i, img, detector)
+        crops.append(align_faces(img[None], lm[None])[0])
     return torch.stack(crops)
+
+
+def read_image(fs: FaceSet, i: int) -> np.ndarray:
+    """Image `i` of `fs` as stored (uint8 grey (H, W) or RGB (H, W, 3))."""
+    return fs.images[i] if isinstance(fs.images, np.ndarray) else _read_rgb(fs.images[i], fs.origin[i])
 
 
 def prepare_inputs(fs: FaceSet, model, batch_size: int = 256) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from affextract.schema import AU, AU_NAMES, EXPR, EXPRESSIONS, VA
+from affextract.schema import AU, AU_NAMES, AU_PRIOR, EXPR, EXPRESSIONS, VA
 
 
 def ccc(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,12 +62,20 @@ class EvalReport:
     n_au: int = 0
     f1_au: float | None = None
     f1_per_au: dict[str, float] = field(default_factory=dict)
+    # AUROC of each AU row, faces of each expression where Table 1 lists the AU against neutral faces (majority
+    # labels), averaged over those expressions: how far the AU rows tell expressive faces from neutral ones.
+    auroc_prototype: dict[str, float] = field(default_factory=dict)
+    auroc_prototype_mean: float | None = None
     # The same scores per source of the data (FaceSet.groups), e.g. {"jaffe": {...}, "kdef": {...}}.
     per_group: dict[str, EvalReport] = field(default_factory=dict)
+    # The same scores with the AU rows fused with the faces' measured movement (affextract.fusion), and its source.
+    fused: EvalReport | None = None
+    au_source: str = "cnn"
 
     def to_json(self) -> dict:
         d = asdict(self) | {"expressions": list(EXPRESSIONS)}
         d["per_group"] = {g: r.to_json() for g, r in self.per_group.items()}
+        d["fused"] = None if self.fused is None else self.fused.to_json()
         return d
 
 
@@ -90,6 +98,8 @@ def score(features: np.ndarray, va: np.ndarray, expr: np.ndarray, au: np.ndarray
         maj = expr[m].max(1) > 0.5
         r.n_expr_majority = int(maj.sum())
         r.acc_expr_majority = float((true[maj] == pred[maj]).mean()) if maj.any() else None
+        r.auroc_prototype = prototype_auroc(features[m][maj], true[maj])
+        r.auroc_prototype_mean = float(np.mean(list(r.auroc_prototype.values()))) if r.auroc_prototype else None
     annotated = np.isfinite(au).any(0)
     if annotated.any():
         f1s = {}
@@ -99,6 +109,30 @@ def score(features: np.ndarray, va: np.ndarray, expr: np.ndarray, au: np.ndarray
         r.n_au = int(np.isfinite(au).any(1).sum())
         r.f1_au, r.f1_per_au = float(np.mean(list(f1s.values()))), f1s
     return r
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Area under the ROC curve of scores `pos` (positives) against `neg` (ties count half)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([pos, neg]))
+    return float((ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def prototype_auroc(features: np.ndarray, label: np.ndarray, min_faces: int = 2) -> dict[str, float]:
+    """AU name -> AUROC of its row (features (N, 26)), faces of each expression where Table 1 lists the AU against
+    neutral faces (label (N,) expression indices), averaged over those expressions with >= `min_faces` faces."""
+    neutral = label == EXPRESSIONS.index("neutral")
+    out = {}
+    if neutral.sum() < min_faces:
+        return out
+    for j, name in enumerate(AU_NAMES):
+        col = features[:, AU.start + j]
+        v = [auroc(col[label == e], col[neutral]) for e in np.flatnonzero(AU_PRIOR[:, j])
+             if (label == e).sum() >= min_faces]
+        if v:
+            out[name] = float(np.mean(v))
+    return out
 
 
 def partial_correlation(y: np.ndarray, x: np.ndarray, covariates: np.ndarray) -> float:
@@ -125,13 +159,21 @@ def predict_inputs(model, inputs: torch.Tensor, batch_size: int = 512, device: s
     return torch.cat(out).numpy()
 
 
-def evaluate(model, fs, batch_size: int = 512, device: str | torch.device = "cpu") -> EvalReport:
-    """Scores of `model` on FaceSet `fs`, its images preprocessed exactly as at inference."""
+def evaluate(model, fs, batch_size: int = 512, device: str | torch.device = "cpu", fusion=None) -> EvalReport:
+    """Scores of `model` on FaceSet `fs`, its images preprocessed exactly as at inference; with an AU `fusion`
+    (affextract.fusion.AUFusion) also the scores with the AU rows fused with each face's measured movement
+    (report.fused)."""
     from affextract.datasets import prepare_inputs
 
     model.to(device)
     feats = predict_inputs(model, prepare_inputs(fs, model), batch_size, device)
-    return score_groups(feats, fs)
+    report = score_groups(feats, fs)
+    if fusion is not None:
+        from affextract.fusion import measure_set
+
+        report.fused = score_groups(fusion(feats, *measure_set(fs)), fs)
+        report.fused.au_source = fusion.source
+    return report
 
 
 def score_groups(features: np.ndarray, fs) -> EvalReport:

@@ -3,7 +3,9 @@
 Columns: video, frame, timestamp, success, confidence, then the 26 features by name (FEATURE_NAMES); with measured
 movement OpenFace's head pose and gaze columns (pose_Rx, pose_Ry, pose_Rz, gaze_angle_x, gaze_angle_y: radians, in
 OpenFace's axes and signs, see `openface_pose` and `openface_gaze`), the face mesh's presence and the 52 blendshapes by
-name; optionally the face box and the 5 landmarks. Differences from OpenFace's CSV worth knowing: `frame` is the
+name; optionally the face box and the 5 landmarks. What the 26 feature columns are (valence/arousal derived from the
+expressions, expressions from a FER+-only CNN, which AU columns are fused with the measured movement) depends on the
+file's au_source: `fusion.describe_features`, printed by `affextract export` and `affextract info`. Differences from OpenFace's CSV worth knowing: `frame` is the
 0-based index of the frame in the decoded stream (OpenFace counts from 1), `confidence` is the face detector's score
 (NaN where no face), and rows without a face have NaN values instead of zeros.
 
@@ -44,6 +46,7 @@ class ExportReport:
     videos: int  # videos written
     rows: int  # frames written (rows of the table)
     columns: tuple[str, ...]
+    au_source: str = "cnn"  # the file's AU source (fusion.describe_features says what the columns are)
 
 
 def frame_table(video: VideoFeatures, geometry: bool = False) -> "pd.DataFrame":  # noqa: F821
@@ -155,6 +158,7 @@ def export(h5: str | Path, output: str | Path | None = None, options: ExportOpti
     columns: tuple[str, ...] = ()
     writer = None
     with open_features(h5) as ff:
+        au_source = str(ff.attrs.get("au_source", "cnn"))
         keys = ff.keys if options.videos is None else [ff.find(k) for k in options.videos]
         if not keys:
             raise NothingToExport(_nothing(ff))
@@ -180,5 +184,5 @@ def export(h5: str | Path, output: str | Path | None = None, options: ExportOpti
     if writer is not None:
         writer.close()
     tmp.replace(output)
-    return ExportReport(output=output, videos=n_videos, rows=rows, columns=columns)
+    return ExportReport(output=output, videos=n_videos, rows=rows, columns=columns, au_source=au_source)
 

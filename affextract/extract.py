@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from affextract.fusion import au_source
 from affextract.schema import DEFAULT_WEIGHTS, WEIGHTS_DIR
 from affextract.store import (MOVEMENT_DATASETS, MOVEMENT_OFF, FeatureStore, Provenance, ShardWriter, StoredVideo, dumps,
                               file_sha256)
@@ -52,6 +53,9 @@ class ExtractOptions:
     progress_every: float = 30.0  # seconds between plain progress lines (stderr not a terminal, e.g. a log file)
     movement: bool = True  # measure movement: MediaPipe blendshapes, head pose, gaze, face presence per frame
     mesh: bool = False  # also store the 478 face mesh points per frame (float16; needs movement)
+    # With movement: AU rows fused with the frame's blendshapes (affextract.fusion); False keeps the CNN's rows.
+    au_fusion: bool = True
+    fusion_weights: Path | None = None  # AU fusion parameters (.safetensors); None = the shipped au_fusion
 
     def __post_init__(self):
         for name, low in (("detect_interval", 0), ("batch_size", 1), ("workers", 0), ("commit_every", 0),
@@ -62,6 +66,9 @@ class ExtractOptions:
             raise ValueError(f"ExtractOptions.fps must be > 0 (or None for every frame), got {self.fps}")
         if self.mesh and not self.movement:
             raise ValueError("the mesh is part of the movement stage: --mesh cannot go with --no-movement")
+        if self.fusion_weights is not None and not (self.movement and self.au_fusion):
+            raise ValueError("--fusion-weights fuses the AU rows with the movement: it cannot go with --no-movement "
+                             "or --cnn-aus")
 
 
 @dataclass
@@ -170,6 +177,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
                            | {"detect_interval": float(options.detect_interval)}),
             alignment=ALIGNMENT, sampling=dumps({"fps": None if options.fps is None else float(options.fps)}),
             movement=_movement_identity(options),
+            au_source=au_source(options.movement and options.au_fusion, options.fusion_weights),
         )
         store = FeatureStore(output, provenance, merge=dist.rank == 0, datasets=movement_datasets(options))
         opened: Exception | None = None
@@ -284,6 +292,7 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
                       float(options.detect_interval), str(device), _cpu_threads(workers), options.movement)
     features = _Features(model, device)
     movement = _Movement(device, movement_datasets(options)) if options.movement else None
+    fusion = _fusion(provenance.au_source, options.fusion_weights)
     writers: dict[int, ShardWriter] = {}  # video index -> shard of each video in flight
     threads_before = torch.get_num_threads()
     torch.set_num_threads(_cpu_threads(workers))
@@ -299,10 +308,12 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
                                                                  info.frames_analysed)
                         ui.opened(event.index, info.frames_analysed)
                     case FaceChunk():
-                        writers[event.index].append(features(event), event.face, event.frame, event.time,
+                        rows, moved = features(event), movement(event) if movement else {}
+                        if fusion is not None:
+                            rows = fusion(rows, moved["blendshapes"], moved["presence"])
+                        writers[event.index].append(rows, event.face, event.frame, event.time,
                                                     event.boxes, event.landmarks,
-                                                    np.where(event.face, event.scores, np.nan),
-                                                    **(movement(event) if movement else {}))
+                                                    np.where(event.face, event.scores, np.nan), **moved)
                         report.frames += len(event.frame)
                         ui.analysed(event.index, len(event.frame))
                     case Finished():
@@ -327,6 +338,18 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
         torch.set_num_threads(threads_before)
         for writer in writers.values():  # interrupted videos: their shards are dropped, the videos redone
             writer.abort()
+
+
+def _fusion(source: str, path: Path | None):
+    """The AU fusion the provenance names (None for CNN rows), checked against the file it was read from."""
+    from affextract.fusion import CNN_SOURCE, load_fusion
+
+    if source == CNN_SOURCE:
+        return None
+    fusion = load_fusion(path)
+    if fusion.source != source:
+        raise RuntimeError(f"the AU fusion file {path or 'au_fusion'} changed while the run started; run again")
+    return fusion
 
 
 class _Features:

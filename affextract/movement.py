@@ -189,36 +189,39 @@ class Blendshapes(nn.Module):
 # ------------------------------------------------------------------------------------------------------ weights
 
 
-def save_weights(state: dict[str, torch.Tensor], path: Path, doc: dict, half: bool) -> str:
-    """Write ``path`` (.safetensors, fp16 when ``half``) and its .json (``doc`` plus the file's SHA-256)."""
+def save_weights(state: dict[str, torch.Tensor], path: Path, doc: dict, half: bool,
+                 fmt: str = WEIGHTS_FORMAT) -> str:
+    """Write ``path`` (.safetensors, fp16 when ``half``) and its .json (``doc`` plus the file's format `fmt` and
+    SHA-256). Shared by the converted MediaPipe files and the AU fusion (affextract.fusion)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.half() if half else v.float()).contiguous() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"format": WEIGHTS_FORMAT})
+    save_file(tensors, str(path), metadata={"format": fmt})
     path.chmod(0o644)  # package data, readable by all
     digest = file_sha256(path)
-    path.with_suffix(".json").write_text(json.dumps({"format": WEIGHTS_FORMAT, "sha256": digest, **doc}, indent=2)
-                                         + "\n")
+    path.with_suffix(".json").write_text(json.dumps({"format": fmt, "sha256": digest, **doc}, indent=2) + "\n")
     return digest
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(fp32 tensors, description) of a converted MediaPipe file; refuses one whose SHA-256 differs from its .json."""
+def load_weights(path: str | Path, fmt: str = WEIGHTS_FORMAT,
+                 remake: str = "rerun tools/convert_mediapipe.py") -> tuple[dict[str, torch.Tensor], dict]:
+    """(fp32 tensors, description) of a file written by save_weights with format `fmt`; refuses one whose SHA-256
+    differs from its .json. `remake` says how the file is made again, for the error messages."""
     from safetensors.torch import load_file
 
     path = Path(path)
     meta = path.with_suffix(".json")
     for p in (path, meta):
         if not p.exists():
-            raise FileNotFoundError(f"{p}: missing; reinstall affextract or run tools/convert_mediapipe.py")
+            raise FileNotFoundError(f"{p}: missing; reinstall affextract or {remake}")
     doc = json.loads(meta.read_text())
-    if doc.get("format") != WEIGHTS_FORMAT or "sha256" not in doc:
-        raise ValueError(f"{meta}: not a description of converted MediaPipe weights")
+    if doc.get("format") != fmt or "sha256" not in doc:
+        raise ValueError(f"{meta}: not a description of {fmt} weights")
     digest = file_sha256(path)
     if digest != doc["sha256"]:
         raise ValueError(f"{path}: SHA-256 {digest} does not match {doc['sha256']} recorded in {meta.name}; the file "
-                         "is corrupt or was replaced. Reinstall affextract or rerun tools/convert_mediapipe.py.")
+                         f"is corrupt or was replaced. Reinstall affextract or {remake}.")
     return {k: v.float() for k, v in load_file(str(path)).items()}, doc
 
 

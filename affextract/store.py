@@ -69,6 +69,9 @@ class Provenance:
     # JSON of the movement stage: {"enabled": false}, or enabled, whether the mesh is stored, the MediaPipe weights'
     # SHA-256s and the crop rule. Files written before the stage existed read as {"enabled": false}.
     movement: str = MOVEMENT_OFF
+    # Which rule made the AU rows: "cnn" (the MMA's alone), or "fused:<version>:<SHA-256>" of the AU fusion
+    # (affextract.fusion). Files written before the fusion existed read as "cnn".
+    au_source: str = "cnn"
 
     def mismatch(self, other: "Provenance") -> list[str]:
         return [f for f in self.__dataclass_fields__ if getattr(self, f) != getattr(other, f)]
@@ -391,8 +394,8 @@ class FeatureStore:
             detail = "; ".join(_describe_difference(d, getattr(theirs, d), getattr(self.provenance, d)) for d in diff)
             raise IncompatibleError(
                 f"{where} holds features made with other settings ({detail}). Features of different models, "
-                "detector or movement settings must not be mixed in one file: write to a new output file, or rerun "
-                "with the options the file was made with."
+                "detector, movement or AU-row settings must not be mixed in one file: write to a new output file, or "
+                "rerun with the options the file was made with."
             )
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -511,7 +514,16 @@ def _describe_difference(field: str, theirs: str, ours: str) -> str:
         if a == b:  # the same options, other MediaPipe weights or crop rule
             a, b = f"{a}, {theirs}", f"{b}, {ours}"
         return f"movement: the file was made {a}, this run is {b}"
+    if field == "au_source":
+        return (f"AU rows: the file's are {_describe_au_source(theirs)}, this run's would be "
+                f"{_describe_au_source(ours)}")
     return f"{field}: file has {theirs!r}, this run {ours!r}"
+
+
+def _describe_au_source(source: str) -> str:
+    if source == "cnn":
+        return "the CNN's alone (--no-movement, --cnn-aus, or a file made before the AU fusion)"
+    return f"fused with the movement ({source})"
 
 
 def _now() -> str:

@@ -57,9 +57,10 @@ class TeacherOptions:
     distrust: tuple[int, ...] = (4, 7, 9, 10, 15, 17, 24)
 
 
-def teacher_aus(blendshapes: np.ndarray, names: tuple[str, ...], opts: TeacherOptions = TeacherOptions()) -> np.ndarray:
-    """(N, 52) blendshape coefficients in [0, 1], named by `names` -> (N, 17) teacher AU probabilities, NaN where
-    there is no (trusted) teacher; a row of NaN coefficients (no face) gives a NaN row."""
+def au_evidence(blendshapes: np.ndarray, names: tuple[str, ...]) -> np.ndarray:
+    """(N, 52) blendshape coefficients in [0, 1], named by `names` -> (N, 17) raw evidence of each AU (AUS order):
+    the coefficient of its blendshape (BLENDSHAPE_AU, pairs by maximum; AU25 jawOpen less mouthClose, clipped to
+    [0, 1]); NaN for AU11 and AU23 (no counterpart) and on rows of NaN coefficients (no face)."""
     b = np.asarray(blendshapes, np.float32)
     if b.ndim != 2 or b.shape[1] != len(names):
         raise ValueError(f"blendshapes have shape {b.shape}; expected (N, {len(names)}) for the {len(names)} names given")
@@ -67,16 +68,26 @@ def teacher_aus(blendshapes: np.ndarray, names: tuple[str, ...], opts: TeacherOp
     missing = sorted(({n for ns in BLENDSHAPE_AU.values() for n in ns} | {"mouthClose"}) - set(col))
     if missing:
         raise ValueError(f"blendshape names lack {missing}; expected MediaPipe's 52 (ARKit) names")
-    raw = {au: b[:, [col[n] for n in ns]].max(1) for au, ns in BLENDSHAPE_AU.items()}
-    raw[25] = np.clip(b[:, col["jawOpen"]] - b[:, col["mouthClose"]], 0.0, 1.0)
     out = np.full((len(b), len(AUS)), np.nan, np.float32)
-    for au, v in raw.items():
-        if au in opts.distrust:
+    for au, ns in BLENDSHAPE_AU.items():
+        out[:, AUS.index(au)] = b[:, [col[n] for n in ns]].max(1)
+    out[:, AUS.index(25)] = np.clip(b[:, col["jawOpen"]] - b[:, col["mouthClose"]], 0.0, 1.0)
+    return out
+
+
+def teacher_aus(blendshapes: np.ndarray, names: tuple[str, ...], opts: TeacherOptions = TeacherOptions()) -> np.ndarray:
+    """(N, 52) blendshape coefficients in [0, 1], named by `names` -> (N, 17) teacher AU probabilities, NaN where
+    there is no (trusted) teacher; a row of NaN coefficients (no face) gives a NaN row."""
+    raw = au_evidence(blendshapes, names)
+    out = np.full_like(raw, np.nan)
+    for j, au in enumerate(AUS):
+        if au in NO_TEACHER or au in opts.distrust:
             continue
+        v = raw[:, j]
         if au in opts.calibration:
             centre, slope = opts.calibration[au]
             v = 1.0 / (1.0 + np.exp(-slope * (v - centre)))
-        out[:, AUS.index(au)] = np.clip(v, 0.0, 1.0)
+        out[:, j] = np.clip(v, 0.0, 1.0)
     return out
 
 
@@ -145,10 +156,9 @@ def measure_native(images: np.ndarray, points: np.ndarray = FERPLUS_POINTS, upsc
     return NativeMeasure(np.concatenate(blend), np.concatenate(presence), np.concatenate(gap))
 
 
-def load_cached(fs, path, opts: TeacherOptions = TeacherOptions(), min_presence: float = 0.5):
-    """FaceSet `fs` of FER+ rows (origin "file.h5:row") with teacher AUs from the blendshape cache `path` (written by
-    tools/ferplus_teacher.py, one row per row of the .h5). Faces whose mesh presence is below `min_presence` (where
-    MediaPipe would report no face) get no teacher, so L_DM covers them."""
+def cached_measures(fs, path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Blendshapes (N, 52), mesh presence (N,) and blendshape names of the FER+ rows of FaceSet `fs` (origin
+    "file.h5:row") from the cache `path` written by tools/ferplus_teacher.py (one row per row of the .h5)."""
     from affextract.datasets import DatasetError
 
     path = Path(path)
@@ -166,6 +176,13 @@ def load_cached(fs, path, opts: TeacherOptions = TeacherOptions(), min_presence:
     if not len(rows) or rows.max() >= len(blend):
         raise DatasetError(f"{path}: holds {len(blend)} rows but {fs.name} needs row {rows.max()}; "
                            "rebuild it from the same ferplus.h5")
-    teacher = teacher_aus(blend[rows], names, opts)
-    teacher[presence[rows] < min_presence] = np.nan
+    return blend[rows], presence[rows], names
+
+
+def load_cached(fs, path, opts: TeacherOptions = TeacherOptions(), min_presence: float = 0.5):
+    """FaceSet `fs` of FER+ rows with teacher AUs from the blendshape cache `path` (cached_measures). Faces whose mesh
+    presence is below `min_presence` (where MediaPipe would report no face) get no teacher, so L_DM covers them."""
+    blend, presence, names = cached_measures(fs, path)
+    teacher = teacher_aus(blend, names, opts)
+    teacher[presence < min_presence] = np.nan
     return with_teacher(fs, teacher)

@@ -4,8 +4,8 @@
 
 Prints frames/s of: decoding alone; a naive loop (decode one frame -> detect -> align -> MMA at batch 1); the full
 pipeline with --detect-interval 0 / 0.2 / 0.4 s, and at the default interval with and without measured movement
-(--no-movement); per-stage cost on one batch (decode, detection + tracking, alignment, the face mesh's crop, MMA, face
-mesh, blendshapes + pose + gaze); the landmark error and face rate that key-frame detection costs against detecting
+(--no-movement), and with movement with and without the AU fusion (--cnn-aus) in alternating pairs; per-stage cost on one batch (decode, detection + tracking, alignment, the face mesh's crop, MMA, face
+mesh, blendshapes + pose + gaze, AU fusion) and the AU fusion's share of a frame's time; the landmark error and face rate that key-frame detection costs against detecting
 every frame; and peak memory of a short and a 5x longer video (the long-video check: memory must not grow with
 length). With --json FILE the figures are also written as JSON.
 """
@@ -31,6 +31,7 @@ from affextract.align import align_faces
 from affextract.detectors import get_detector
 from affextract.extract import ExtractOptions, _cpu_threads, extract
 from affextract.features import open_features
+from affextract.fusion import load_fusion
 from affextract.model import load_weights
 from affextract.movement import Movement, MovementOptions, crop_faces, invert_affine, roi_from_points
 from affextract.runtime import gpu_paths, resolve_device
@@ -121,13 +122,24 @@ def _stage_costs(source, model, detector, movement, device, interval: float, bat
     sync()
     mesh = time.perf_counter() - t
     t = time.perf_counter()
-    movement(mesh_crops, to_image)
+    measured = movement(mesh_crops, to_image)
     sync()
     whole = time.perf_counter() - t
+    # The AU fusion on the chunk's 26 rows (numpy, main process), as extract runs it.
+    rows = np.full((len(chunk.frame), 26), np.nan, np.float32)
+    rows[prim.face] = model.features(crops).float().cpu().numpy()
+    blend = np.full((len(rows), measured.blendshapes.shape[1]), np.nan, np.float32)
+    presence = np.full(len(rows), np.nan, np.float32)
+    blend[prim.face], presence[prim.face] = measured.blendshapes, measured.presence
+    fusion = load_fusion()
+    fusion(rows, blend, presence)  # warm-up
+    t = time.perf_counter()
+    fusion(rows, blend, presence)
+    fuse = time.perf_counter() - t
     n = len(chunk.frame)
     return {k: 1000 * v / n for k, v in (("decode", decode), ("detect+track", detect), ("align", align),
                                           ("mesh crop", mesh_crop), ("mma", mma), ("face mesh", mesh),
-                                          ("blendshapes+pose+gaze", whole - mesh))}
+                                          ("blendshapes+pose+gaze", whole - mesh), ("au fusion", fuse))}
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -216,8 +228,9 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=1, help="link each clip this many times (many videos in flight)")
     ap.add_argument("--naive-frames", type=int, default=200, help="frames timed in the naive loop")
     ap.add_argument("--intervals", default="0,0.2,0.4", help="--detect-interval values (seconds) to compare")
-    ap.add_argument("--movement", default="off,on", help="the pipeline at the default interval with measured movement "
-                    "off and/or on (the interval runs above are without)")
+    ap.add_argument("--movement", default="off,on,cnn,on,cnn", help="the pipeline at the default interval with measured "
+                    "movement off, on (AU rows fused) or cnn (on, --cnn-aus: the CNN's AU rows); the interval runs "
+                    "are without")
     ap.add_argument("--fps", type=float, default=None, help="analysed frames per second (default: every frame)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-baselines", action="store_true", help="only the pipeline runs (no decode-only/naive/stages)")
@@ -255,12 +268,13 @@ def main() -> None:
     for i, m in enumerate(a.movement.split(",")):  # repeat them (off,on,off,on) to see the machine's noise
         out = work / f"movement_{m}_{i}.h5"
         opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, workers=a.workers,
-                              fps=a.fps, progress=False, movement=m == "on")
+                              fps=a.fps, progress=False, movement=m != "off", au_fusion=m == "on")
         before = cpu_seconds()
         with GpuSampler(device) as gpu:
             rep = extract([clips], out, opts)
         main_cpu, worker_cpu = (1000 * (b - a) / rep.frames for a, b in zip(before, cpu_seconds()))
         fps = rep.frames / rep.seconds
+        res.setdefault(f"pipeline_movement_{m}_runs_fps", []).append(fps)
         res[f"pipeline_movement_{m}_fps"] = fps
         res[f"pipeline_movement_{m}_gpu_util"] = gpu.mean
         res[f"pipeline_movement_{m}_cpu_ms_per_frame"] = {"main": main_cpu, "workers": worker_cpu}
@@ -271,6 +285,12 @@ def main() -> None:
         ratio = res["pipeline_movement_on_fps"] / res["pipeline_movement_off_fps"]
         res["movement_on_vs_off"] = ratio
         print(f"movement on / off: {ratio:.2f}x the frames/s")
+    if "pipeline_movement_cnn_fps" in res and "pipeline_movement_on_fps" in res:
+        # Paired: each fused run against the CNN-rows run that follows it (the machine's load drifts between pairs).
+        pairs = list(zip(res["pipeline_movement_on_runs_fps"], res["pipeline_movement_cnn_runs_fps"]))
+        res["au_fusion_on_vs_cnn_pairs"] = [on / cnn for on, cnn in pairs]
+        print("AU fusion: frames/s with / without, per pair: "
+              + ", ".join(f"{on / cnn:.3f}" for on, cnn in pairs))
 
     runs = {}
     for k in every:
@@ -296,7 +316,12 @@ def main() -> None:
     for k in runs if not a.skip_baselines else ():
         st = stage_costs(sources[0], model, detector, movement, device, k, a.batch_size, _cpu_threads(a.workers))
         res[f"stages_interval{k}_ms_per_frame"] = st
-        print(f"stages (interval {k:g} s, ms/frame): " + ", ".join(f"{s} {v:.2f}" for s, v in st.items()))
+        print(f"stages (interval {k:g} s, ms/frame): " + ", ".join(f"{s} {v:.3f}" for s, v in st.items()))
+        if "pipeline_movement_on_fps" in res:
+            share = st["au fusion"] / (1000 / res["pipeline_movement_on_fps"])
+            res[f"au_fusion_share_of_frame_time_interval{k}"] = share
+            print(f"AU fusion: {st['au fusion']:.3f} ms/frame = {100 * share:.2f} % of a frame's time in the run with "
+                  "movement on")
 
     if not a.skip_memory:
         # The same clip re-encoded once and five times over, so codec and resolution are equal.

@@ -115,7 +115,8 @@ while True:
 
 
 def busy(args, h5: Path) -> None:
-    base = TrainOptions(h5=h5, out=args.workdir / "busy", epochs=1, max_batches=args.batches or None)
+    base = TrainOptions(h5=h5, out=args.workdir / "busy", epochs=1, max_batches=args.batches or None, overwrite=True,
+                        members=1)  # the target is per ensemble member
     data = prepare(base)
     print(f"one epoch = {args.batches or 'all'} steps of the default head + validation ({len(data.val_seqs)} videos); "
           f"second process: a CPU-bound torch loop with {args.hog_threads or 'torch default'} thread(s)")

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = seqhead.train(seqhead.TrainOptions(h5=h5, out=a.workdir / "run", labels=a.workdir / "labels.csv",
                                                 val_fraction=0.5, batch_size=2, epochs=a.epochs,
-                                                allow_unmatched=True))
+                                                overwrite=True, allow_unmatched=True))
     print(f"validation mean Pearson {result.val_mean_pearson:.3f} ({result.n_train} train / {result.n_val} val)")
     pred = seqhead.predict(seqhead.PredictOptions(run_dir=result.run_dir, h5=h5, out=a.workdir / "predictions.csv"))
     print(pred.table.head().to_string(index=False))

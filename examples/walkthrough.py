@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print("\n== 6. train a sequence head on the segments (split from the labels' `split` column)")
     command("seqhead", "train", segments, "--labels", labels, "--out", run_dir, "--head", a.head,
-            "--epochs", a.epochs, "--batch-size", 8, "--device", a.device)
+            "--epochs", a.epochs, "--batch-size", 8, "--device", a.device, "--overwrite")
 
     print("\n== 7. predict every segment with the trained run")
     command("seqhead", "predict", run_dir, segments, "-o", predictions, "--device", a.device)

@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"
 
+# Imported eagerly (functions share their submodules' names, see affextract/__init__.py); none of these modules
+# loads torch at import, so `seqhead --help` and a wrong path answer before it loads.
+
 from .evaluate import EvaluateOptions, EvaluateResult, evaluate  # noqa: E402
 from .predict import PredictOptions, PredictResult, predict  # noqa: E402
 from .simulate import SimulateOptions, SimulateResult, simulate  # noqa: E402

@@ -74,6 +74,8 @@ class _TrainProgress:
         console.print(text, soft_wrap=True, highlight=False, markup=False)
 
     def __call__(self, p) -> None:
+        if p.member and p.step == 1 and p.epoch == 1 and p.val_mean_pearson is None:
+            self._line(f"ensemble member {p.member}/{p.members}")
         if p.val_mean_pearson is not None:  # the epoch ended
             if self.bar is not None:
                 self.bar.stop()
@@ -150,13 +152,22 @@ def train(
     threads: Threads = 1,
     max_batches: MaxBatches = None,
     paper: Annotated[bool, typer.Option(help="The paper's setting: --head mrnn --rnn gru --hidden 128 --batch-size 4 "
-                                             "--lr 1e-4 --t 480 --no-bucket.")] = False,
+                                             "--lr 1e-4 --t 480 --no-bucket, one run.")] = False,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Ensemble: train seeds seed … seed+N−1 on one "
+                                                                 "split into OUT/seed<N>/; predict averages them "
+                                                                 "(default 3; 1 = one run; --paper: 1).")] = None,
+    ema: Annotated[float, typer.Option(help="Keep an exponential moving average of the weights with this per-step "
+                                            "decay, e.g. 0.99 (0 = off).")] = 0.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run already in --out (otherwise a non-empty --out is "
+                                                 "refused).")] = False,
 ):
     """Train a head on cached features and write a run directory (weights, config, metrics, learning curve)."""
     from .train import TrainOptions, train as run_train
 
     if paper:
         head, rnn, hidden, batch_size, lr, t, bucket = "mrnn", "gru", 128, 4, 1e-4, t or 480, False
+    if seeds is None:
+        seeds = 1 if paper else TrainOptions.members
     try:
         opts = TrainOptions(h5=h5, out=out, labels=labels, id_column=id_column,
                             targets=tuple(targets.split(",")) if targets else None, split_column=split_column,
@@ -165,7 +176,7 @@ def train(
                             layers=layers, conv_blocks=conv_blocks, hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, clip=clip, epochs=epochs, patience=patience, seed=seed,
                             skip_padding=skip_padding, bucket=bucket, device=device, threads=threads,
-                            max_batches=max_batches)
+                            max_batches=max_batches, members=seeds, ema=ema, overwrite=overwrite)
         res = run_train(opts, progress=_TrainProgress())
     except (DataError, ValueError) as e:
         _fail(e)
@@ -174,14 +185,25 @@ def train(
         raise typer.Exit(130)
     console.print("ids matched by " + ", ".join(f"{f} ({n} rows)" for f, n in res.id_forms.items()), soft_wrap=True,
                   highlight=False)
-    out_console.print(_pearson_table(f"{head}: validation ({plural(res.n_val, 'video')}, {res.n_train} for training)",
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True, highlight=False)
+    what = f"{head}, ensemble of {len(res.members)}" if res.members else head
+    out_console.print(_pearson_table(f"{what}: validation ({plural(res.n_val, 'video')}, {res.n_train} for training)",
                                      res.val_pearson, res.val_mean_pearson))
+    if res.interrupted and res.members:
+        console.print(f"interrupted: {res.run_dir} holds an ensemble of the {len(res.members)} member(s) trained so "
+                      f"far; `seqhead predict {res.run_dir} FEATURES.h5` uses it", soft_wrap=True, highlight=False)
+        raise typer.Exit(130)
     if res.interrupted:
         console.print(f"interrupted after epoch {res.epochs_run}: {res.run_dir} holds the best epoch so far "
                       f"({res.best_epoch}); `seqhead predict {res.run_dir} FEATURES.h5` uses it", soft_wrap=True,
                       highlight=False)
         raise typer.Exit(130)
-    console.print(f"best epoch {res.best_epoch} of {res.epochs_run}, {res.seconds:.1f}s → {res.run_dir}")
+    if res.members:
+        console.print(f"{len(res.members)} members ({', '.join(m.name for m in res.members)}), {res.seconds:.1f}s "
+                      f"→ {res.run_dir}")
+    else:
+        console.print(f"best epoch {res.best_epoch} of {res.epochs_run}, {res.seconds:.1f}s → {res.run_dir}")
 
 
 @app.command()
@@ -195,16 +217,23 @@ def predict(
     batch_size: Annotated[int, typer.Option(help="Videos per forward pass.")] = 64,
     device: Device = "auto",
     threads: Threads = 1,
+    ignore_provenance: Annotated[bool, typer.Option(help="Predict even when the features file was made otherwise "
+                                                         "(model, detector, alignment, sampling, movement) than the "
+                                                         "run's training file.")] = False,
 ):
-    """Predict every video of a features file with a trained run; one row per video."""
+    """Predict every video of a features file with a trained run (or ensemble); one row per video."""
     from .predict import PredictOptions, predict as run_predict
 
     try:
-        res = run_predict(PredictOptions(run_dir, h5, out, long_videos, batch_size, device, threads))
+        res = run_predict(PredictOptions(run_dir, h5, out, long_videos, batch_size, device, threads,
+                                         check_provenance=not ignore_provenance))
     except (DataError, ValueError) as e:
         _fail(e)
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True, highlight=False)
     console.print(f"{plural(len(res.table), 'video')} → {res.out}" +
-                  (f" ({res.n_long} longer than t, policy {long_videos})" if res.n_long else ""))
+                  (f" ({res.n_long} longer than t, policy {long_videos})" if res.n_long else "") +
+                  (f" (mean of {res.members} members)" if res.members > 1 else ""))
 
 
 @app.command()
@@ -272,7 +301,8 @@ def sweep(
         base = TrainOptions(h5=h5, out=out, labels=labels, id_column=id_column, split_column=split_column,
                             group_column=group_column, val_fraction=val_fraction, allow_unmatched=allow_unmatched,
                             features=features, no_face=no_face, t=t, head=head, epochs=epochs, patience=patience,
-                            batch_size=batch_size, lr=lr, device=device, threads=threads, max_batches=max_batches)
+                            batch_size=batch_size, lr=lr, device=device, threads=threads, max_batches=max_batches,
+                            members=1)  # seeds are the sweep's own axis: each run is one seed
         opts = SweepOptions(base, out, variants, tuple(int(s) for s in seeds.split(",")), workers,
                             tuple(devices.split(",")) if devices else ())
         res = run_sweep(opts, progress=lambda name, seed, row: console.print(
@@ -297,22 +327,31 @@ def sweep(
 def simulate(
     out: Annotated[Path, typer.Argument(help="HDF5 file to write (affextract format v1).")],
     labels: Annotated[Optional[Path], typer.Option(help="Labels CSV (default: labels.csv beside OUT).")] = None,
-    scale: Annotated[float, typer.Option(help="Fraction of Hume-Reaction's 15,806 / 4,657 / 4,604 videos.")] = 1.0,
+    scale: Annotated[float, typer.Option(help="Fraction of Hume-Reaction's 15,806 / 4,657 / 4,604 videos (0.02 ≈ "
+                                              "80 MB; 1 ≈ 4 GB).")] = 0.02,
     max_len: Annotated[int, typer.Option(help="Longest video (frames).")] = 480,
     signal: Annotated[float, typer.Option(help="Strength of the labelled episode (0 = no signal).")] = 1.0,
     nuisance: Annotated[float, typer.Option(help="Scale of subject/video baselines and drift.")] = 0.4,
     frame_noise: Annotated[float, typer.Option(help="Frame-to-frame noise (logit units).")] = 1.2,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     setting: Annotated[str, typer.Option(help="How labels arise: episode (one labelled bump) | peak (labels = the "
-                                              "peak of 2–3 bumps, saturating, AR(1) noise, shorter videos).")]
+                                              "peak of 2–3 bumps) | late (a late bump; an early one is a decoy) | "
+                                              "subject (subject offsets, gaps, 2 s–5 min) | groups (each target in "
+                                              "its own feature group).")]
     = "episode",
+    label_noise: Annotated[float, typer.Option(help="Standard deviation of noise added to the written labels.")] = 0.0,
 ):
     """Write a Hume-Reaction-shaped simulated features file and labels CSV."""
     from .simulate import SimulateOptions, simulate as run_simulate
 
+    def plan(p) -> None:
+        console.print(f"writing {sum(p.n_videos)} videos (train/val/test {'/'.join(map(str, p.n_videos))}), "
+                      f"{p.n_frames} frames: about {p.bytes / 1e6:,.0f} MB → {out}", soft_wrap=True, highlight=False)
+
     try:
         res = run_simulate(SimulateOptions(out, labels, scale=scale, max_len=max_len, signal=signal,
-                                           nuisance=nuisance, frame_noise=frame_noise, seed=seed, setting=setting))
+                                           nuisance=nuisance, frame_noise=frame_noise, seed=seed, setting=setting,
+                                           label_noise=label_noise), plan=plan)
     except ValueError as e:
         _fail(e)
     console.print(f"{plural(sum(res.n_videos), 'video')} (train/val/test {'/'.join(map(str, res.n_videos))}), "

@@ -6,6 +6,7 @@ applied), `read_labels` (validated id + numeric targets + split), `match` (label
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -136,6 +137,34 @@ def read_features(path: Path, features: str = "va,expr,au", no_face: str = "drop
     if not out:
         raise DataError(f"{path}: no videos in the file")
     return out, kept
+
+
+# What a head trained on one file must agree on with a file it predicts: the MMA weights, the detector and its
+# settings, the alignment, the frame sampling, and (only for heads that read it) the movement stage.
+PROVENANCE_FIELDS = ("model", "model_sha256", "detector", "alignment", "sampling", "movement")
+
+
+def read_provenance(path: Path) -> dict:
+    """What made a features file, from its attributes: model, model_sha256, alignment as text; detector,
+    sampling ({"fps": null} = every frame) and movement as the JSON objects they hold."""
+    with open_checked(Path(path)) as ff:
+        prov = ff.provenance
+    out = {}
+    for name in PROVENANCE_FIELDS:
+        value = getattr(prov, name)
+        try:
+            out[name] = json.loads(value) if name in ("detector", "sampling", "movement") else value
+        except ValueError:
+            out[name] = value
+    return out
+
+
+def provenance_mismatch(trained: dict, given: dict, features: str) -> list[str]:
+    """The provenance fields on which a file differs from the one a run was trained on, as 'field: run X, file Y'
+    (movement only when the run reads movement groups)."""
+    uses_movement = any(g in MOVEMENT_GROUPS for g in feature_groups(features))
+    return [f"{name}: run {trained.get(name)!r}, file {given.get(name)!r}" for name in PROVENANCE_FIELDS
+            if (name != "movement" or uses_movement) and trained.get(name) != given.get(name)]
 
 
 # ---------------------------------------------------------------------------------------------------------- labels

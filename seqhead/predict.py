@@ -3,6 +3,10 @@
 Videos longer than t (kept frames): `long_videos="windows"` (default) cuts them into windows of t frames — the
 last window ends at the video's end, so every frame is seen — predicts each window and averages the windows'
 raw outputs before calibration; `"truncate"` keeps the first t frames. Either way no video is refused.
+
+An ensemble run (`train --seeds N`) is read as one: every member predicts and their calibrated predictions are
+averaged. A features file made otherwise than the run's training file (another model, detector, alignment, frame
+sampling, or movement stage for heads that read it) is refused unless `check_provenance=False`.
 """
 
 from __future__ import annotations
@@ -13,16 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from safetensors.numpy import load_file as load_numpy
-from safetensors.torch import load_file as load_torch
 
-from affextract.runtime import resolve_device
 from affextract.store import file_sha256
 
-from .data import DataError, read_features, video_id
-from .model import ModelConfig, SeqHead
-from .train import cpu_threads, pooled_stats, predict_raw, standardize
+from .config import ModelConfig
+from .data import DataError, provenance_mismatch, read_features, read_provenance, video_id
+from .train import pooled_stats, standardize
 
 LONG_VIDEO_POLICIES = ("windows", "truncate")
 
@@ -36,6 +36,7 @@ class PredictOptions:
     batch_size: int = 64  # videos per forward pass
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # torch CPU threads (0 = torch's default; see TrainOptions.threads)
+    check_provenance: bool = True  # refuse a features file made otherwise than the training file (False: warn)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class PredictResult:
     table: pd.DataFrame  # id column + one column per target, one row per video
     out: Path | None
     n_long: int  # videos longer than t, handled by the long-video policy
+    warnings: tuple[str, ...] = ()  # provenance differences let through by check_provenance=False, …
+    members: int = 1  # runs averaged (an ensemble's members)
 
 
 def windows(seq: np.ndarray, t: int) -> list[np.ndarray]:
@@ -60,7 +63,7 @@ class Run:
     """A trained head rebuilt from its run directory."""
 
     config: dict
-    model: SeqHead | None  # None for the ridge baseline
+    model: "SeqHead | None"  # None for the ridge baseline
     ridge: dict | None  # scaler_mean, scaler_scale, coef, intercept
 
     @property
@@ -68,7 +71,7 @@ class Run:
         """Every stride-th kept frame is used (runs written before the option existed used them all)."""
         return int(self.config["features"].get("stride", 1))
 
-    def predict_seqs(self, seqs: list[np.ndarray], long_videos: str, device: torch.device,
+    def predict_seqs(self, seqs: list[np.ndarray], long_videos: str, device=None,
                      batch_size: int = 64) -> np.ndarray:
         """Calibrated predictions (N, n_targets) for raw (unstandardised) kept-frame sequences."""
         if long_videos not in LONG_VIDEO_POLICIES:
@@ -87,7 +90,9 @@ class Run:
             x = (pooled_stats(pieces) - r["scaler_mean"]) / r["scaler_scale"]
             raw = x @ r["coef"].T + r["intercept"]
         else:
-            raw = predict_raw(self.model, pieces, device, batch_size)
+            from .fit import predict_raw
+
+            raw = predict_raw(self.model, pieces, device or "cpu", batch_size)
         owner = np.asarray(owner)
         sums = np.zeros((len(seqs), raw.shape[1]), dtype=np.float64)
         np.add.at(sums, owner, raw)
@@ -96,7 +101,34 @@ class Run:
         return (mean * np.asarray(cal["slope"]) + np.asarray(cal["intercept"])).astype(np.float32)
 
 
-def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
+@dataclass(frozen=True)
+class Ensemble:
+    """An ensemble run: its members' calibrated predictions are averaged."""
+
+    config: dict  # the ensemble's config.json (targets, id column and form, features, provenance, members)
+    members: tuple[Run, ...]
+
+    @property
+    def stride(self) -> int:
+        return self.members[0].stride
+
+    def predict_seqs(self, seqs: list[np.ndarray], long_videos: str, device=None,
+                     batch_size: int = 64) -> np.ndarray:
+        return np.mean([m.predict_seqs(seqs, long_videos, device, batch_size) for m in self.members], axis=0)
+
+
+def load_run(run_dir: Path, device=None) -> Run | Ensemble:
+    """A run directory rebuilt: one head, or an ensemble (config.json naming `members`)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if cfg_path.exists():
+        config = json.loads(cfg_path.read_text())
+        if "members" in config:
+            return Ensemble(config, tuple(_load_one(run_dir / m, device) for m in config["members"]))
+    return _load_one(run_dir, device)
+
+
+def _load_one(run_dir: Path, device=None) -> Run:
     run_dir = Path(run_dir)
     cfg_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
     if not cfg_path.exists() or not weights.exists():
@@ -107,19 +139,51 @@ def load_run(run_dir: Path, device: torch.device | None = None) -> Run:
         raise DataError(f"{weights}: SHA-256 differs from the one config.json names (the files belong to different "
                         "epochs or were edited); retrain with `seqhead train`")
     if config["model"]["head"] == "ridge":
+        from safetensors.numpy import load_file as load_numpy
+
         return Run(config, None, load_numpy(str(weights)))
+    from safetensors.torch import load_file as load_torch
+
+    from .model import SeqHead
+
     model = SeqHead(ModelConfig(**config["model"]))
     model.load_state_dict(load_torch(str(weights)))
     return Run(config, model.to(device or "cpu").eval(), None)
 
 
 def predict(opts: PredictOptions) -> PredictResult:
+    """Predict every video of a features file; the run directory and the file are checked before torch loads."""
+    from affextract.runtime import resolve_device
+
+    run_dir = Path(opts.run_dir)
+    if not (run_dir / "config.json").exists():
+        raise DataError(f"{run_dir}: not a seqhead run directory (needs config.json and model.safetensors; "
+                        "make one with `seqhead train`)")
+    config = json.loads((run_dir / "config.json").read_text())
+    warnings = _check_provenance(config, opts)
     device = resolve_device(opts.device)
+    from .fit import cpu_threads
+
     with cpu_threads(opts.threads):
-        return _predict(opts, device)
+        return _predict(opts, device, warnings)
 
 
-def _predict(opts: PredictOptions, device: torch.device) -> PredictResult:
+def _check_provenance(config: dict, opts: PredictOptions) -> tuple[str, ...]:
+    """Refuse (or, with check_provenance=False, report) a features file made otherwise than the training file."""
+    trained = config.get("provenance")
+    if trained is None:
+        return (f"{opts.run_dir} records no provenance (written by an earlier seqhead): the features file was not "
+                "checked against the training file",)
+    diff = provenance_mismatch(trained, read_provenance(opts.h5), config["features"]["groups"])
+    if not diff:
+        return ()
+    message = (f"{opts.h5} was made otherwise than the file {opts.run_dir} was trained on ({'; '.join(diff)})")
+    if opts.check_provenance:
+        raise DataError(message + ": re-extract it the same way, or pass --ignore-provenance to predict anyway")
+    return (message + "; predicting anyway (--ignore-provenance)",)
+
+
+def _predict(opts: PredictOptions, device, warnings: tuple[str, ...] = ()) -> PredictResult:
     run = load_run(opts.run_dir, device)
     f = run.config["features"]
     videos, names = read_features(opts.h5, f["groups"], f["no_face"])
@@ -136,4 +200,4 @@ def _predict(opts: PredictOptions, device: torch.device) -> PredictResult:
         Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(opts.out, index=False, float_format="%.6f")
     n_long = sum(len(s[::run.stride]) > int(run.config["t"]) for s in seqs)
-    return PredictResult(table, opts.out, n_long)
+    return PredictResult(table, opts.out, n_long, warnings, len(run.members) if isinstance(run, Ensemble) else 1)

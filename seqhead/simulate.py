@@ -14,6 +14,20 @@ so the labels are the episodes' peak, not their sum; each episode moves the logi
 non-linearity (tanh) of different mixing weights; the frame noise is autocorrelated (AR(1), 0.8); videos are
 shorter on average and vary more in length.
 
+Three more settings differ in kind from these two:
+- `late`: the labels are carried by an episode in the last 30 % of the video; an earlier episode of the same kind
+  (all 26 values together, random intensities) carries nothing. Only *when* separates them, so a head that pools
+  without order cannot tell them apart.
+- `subject`: strong per-subject offsets of the features (3× the episode setting's), a per-subject bias of the
+  labels, lengths from 2 s to 5 min at 4 sampled frames per second (8–1,200 frames, log-uniform), and realistic
+  missing-face gaps: a per-video rate drawn from Beta(0.6, 6), gap lengths log-normal (median 8 frames, some
+  over 100), 2 % of the videos without a face.
+- `groups`: each target is carried by one feature group only (Adoration, Amusement: VA and expressions; Anxiety,
+  Disgust: the first 8 AUs; Empathic-Pain, Fear, Surprise: the last 9 AUs), each in an episode of its own at its
+  own time.
+`label_noise` adds Gaussian noise of that standard deviation to the written labels (clipped to [0, 1]); the
+features still follow the true intensities, so it lowers the ceiling of every head alike.
+
 The measured movement (52 blendshapes, head pose, gaze, presence) is simulated the same way through a law of its own:
 the labelled episode moves the blendshapes (sigmoid) and the head (degrees), on top of subject baselines, drift,
 noise and one label-free episode; gaze follows the head with the eyes' own noise. It is drawn from random generators
@@ -23,12 +37,12 @@ them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.signal import lfilter
 
 from affextract.schema import BLENDSHAPE_NAMES
 from affextract.store import MOVEMENT_OFF, FeatureWriter, Provenance, dumps
@@ -38,14 +52,20 @@ from .data import HUME_ID, HUME_TARGETS
 
 HUME_SIZES = (15806, 4657, 4604)  # train, val, test videos of Hume-Reaction
 HUME_SUBJECTS = 2222
-SETTINGS = ("episode", "peak")
+SETTINGS = ("episode", "peak", "late", "subject", "groups")
+# On disk, per frame and per video (26 values, face, frame, time, box, landmarks, score, chunking and attributes;
+# movement adds the blendshapes, pose, gaze and presence), fitted to files this module wrote (within ±15 %).
+BYTES_PER_FRAME = {False: 178, True: 409}
+BYTES_PER_VIDEO = {False: 20_500, True: 32_000}
+# The `groups` setting: which of the 26 values each target moves (VA + expressions, the first 8 AUs, the last 9).
+TARGET_GROUPS = (slice(0, 9), slice(0, 9), slice(9, 17), slice(9, 17), slice(17, 26), slice(17, 26), slice(17, 26))
 
 
 @dataclass(frozen=True)
 class SimulateOptions:
     out: Path  # HDF5 file to write (format v1)
     labels: Path | None = None  # labels CSV; None = labels.csv beside `out`
-    scale: float = 1.0  # fraction of Hume's 15,806 / 4,657 / 4,604 videos (0.01 ≈ 250 videos)
+    scale: float = 0.02  # fraction of Hume's 15,806 / 4,657 / 4,604 videos (0.02 ≈ 500 videos, ≈ 80 MB; 1 ≈ 4 GB)
     max_len: int = 480  # longest video, frames
     min_len: int = 32  # shortest video, frames
     no_face_rate: float = 0.06  # expected fraction of frames without a face (in gaps)
@@ -55,11 +75,25 @@ class SimulateOptions:
     frame_noise: float = 1.2  # frame-to-frame white noise (logit units); pooled maxima pick it up, a GRU averages it
     seed: int = 0  # everything random derives from it
     movement: bool = True  # also simulate the measured movement (blendshapes, pose, gaze, presence)
-    setting: str = "episode"  # how labels arise: episode (one labelled bump) | peak (labels = peak of 2–3 bumps)
+    setting: str = "episode"  # how labels arise: episode | peak | late | subject | groups (module docstring)
+    label_noise: float = 0.0  # standard deviation of Gaussian noise added to the written labels
 
     def __post_init__(self):
         if self.setting not in SETTINGS:
             raise ValueError(f"setting {self.setting!r}: use one of {SETTINGS}")
+        if self.scale <= 0:
+            raise ValueError(f"scale {self.scale}: a positive fraction of Hume-Reaction's size")
+        if self.label_noise < 0:
+            raise ValueError(f"label noise {self.label_noise}: a standard deviation ≥ 0")
+
+
+@dataclass(frozen=True)
+class SimulatePlan:
+    """What `simulate` is about to write, known before it writes anything."""
+
+    n_videos: tuple[int, int, int]  # train, val, test
+    n_frames: int
+    bytes: int  # expected size of the HDF5 file (BYTES_PER_FRAME, BYTES_PER_VIDEO)
 
 
 @dataclass(frozen=True)
@@ -117,13 +151,38 @@ class _MovementLaw:
         return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def simulate(opts: SimulateOptions) -> SimulateResult:
+def _gaps(rng: np.random.Generator, K: int) -> np.ndarray:
+    """The `subject` setting's face track (K,) bool: a per-video loss rate, log-normal gap lengths."""
+    face = np.ones(K, dtype=bool)
+    if rng.random() < 0.02:
+        return ~face
+    rate = rng.beta(0.6, 6)  # expected fraction of frames lost: mostly small, sometimes half the video
+    lengths = []
+    while sum(lengths) < rate * K:
+        lengths.append(int(np.ceil(rng.lognormal(np.log(8), 1.0))))
+    for g in lengths:
+        g0 = int(rng.integers(0, K))
+        face[g0:g0 + g] = False
+    return face
+
+
+def simulate(opts: SimulateOptions, plan: Callable[[SimulatePlan], None] | None = None) -> SimulateResult:
+    """Write the simulated features file and labels; `plan` is called once, with the sizes, before anything is
+    written."""
+    from scipy.signal import lfilter  # only for the peak setting; scipy.signal takes a second to import
+
     rng = np.random.default_rng(opts.seed)
+    extra = np.random.default_rng([opts.seed, 3])  # the newer settings' own draws, so older ones stay as they were
     # The feature "physics" (how reactions show on the face) is fixed, so simulated sets of different seeds agree.
     law = np.random.default_rng(20240614)
     mixing = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # intensities → logits of the 26 values
     mixing_peak = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # the peak setting's own mixing
-    peak = opts.setting == "peak"
+    mixing_groups = np.zeros((7, 26), np.float32)
+    for k, g in enumerate(TARGET_GROUPS):  # each target moves its own group only, as strongly in total
+        width = g.stop - g.start
+        mixing_groups[k, g] = law.normal(0, 1, width) * 1.6 * np.sqrt(26 / width) / 2
+    setting = opts.setting
+    peak = setting == "peak"
     counts = tuple(max(2, int(round(n * opts.scale))) for n in HUME_SIZES)
     n = sum(counts)
     n_subj = max(4, int(round(HUME_SUBJECTS * n / sum(HUME_SIZES))))
@@ -137,14 +196,25 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
         subj[bounds[s]:bounds[s + 1]] = first + rng.integers(0, k, counts[s])
         first += k
     subj_base = rng.normal(0, 0.6 * opts.nuisance, (first, 26)).astype(np.float32)
+    if setting == "subject":  # people differ: strong offsets of their features, and of how strongly they react
+        subj_base *= 3
+        subj_bias = extra.normal(0, 0.6, first)
     # Correlated intensities in [0, 1], many near zero as in Hume.
     corr = 0.35 * np.ones((7, 7)) + 0.65 * np.eye(7)
     z = rng.multivariate_normal(np.zeros(7), corr, n)
-    y = 1 / (1 + np.exp(-(1.4 * z - 0.8)))
+    y = 1 / (1 + np.exp(-(1.4 * z - 0.8 + (subj_bias[subj][:, None] if setting == "subject" else 0))))
     y = np.clip(y + rng.normal(0, 0.03, y.shape), 0, 1).astype(np.float32)
     lengths = np.clip(rng.normal(0.45, 0.3, n) if peak else rng.normal(0.62, 0.22, n), 0, 1) * opts.max_len
     lengths = np.clip(lengths, opts.min_len, opts.max_len).astype(int)
+    if setting == "subject":  # 2 s to 5 min at 4 sampled frames per second
+        lengths = np.exp(extra.uniform(np.log(8), np.log(1200), n)).astype(int)
+    # The written labels: the intensities the features follow, plus the label noise (its own generator).
+    y_written = np.clip(y + np.random.default_rng([opts.seed, 2]).normal(0, opts.label_noise, y.shape), 0, 1) \
+        if opts.label_noise else y
     ids = [f"{i:05d}" for i in range(n)]
+    if plan is not None:
+        size = int(lengths.sum()) * BYTES_PER_FRAME[opts.movement] + n * BYTES_PER_VIDEO[opts.movement]
+        plan(SimulatePlan(counts, int(lengths.sum()), size))
 
     out = Path(opts.out)
     labels_path = Path(opts.labels) if opts.labels else out.with_name("labels.csv")
@@ -152,7 +222,7 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
     labels_path.parent.mkdir(parents=True, exist_ok=True)
     total_frames = 0
     provenance = Provenance(model="simulated", model_sha256="", alignment="arcface-112", sampling=dumps({"fps": None}),
-                            detector=dumps({"name": "simulated", "seed": opts.seed, "setting": opts.setting}),
+                            detector=dumps({"name": "simulated", "setting": opts.setting}),
                             movement=dumps({"enabled": True, "simulated": True}) if opts.movement else MOVEMENT_OFF)
     written_by = {"affextract_version": f"seqhead-simulate {__version__}"}
     movement = _MovementLaw(opts, first) if opts.movement else None
@@ -179,6 +249,25 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
                     drive = 2.0 * np.tanh(0.8 * ((y[i] * u[k] - 0.3) @ mixing_peak))
                     logits[p:p + E] += opts.signal * _bump(E)[:, None] * drive[None].astype(np.float32)
                     episodes.append((p, E, y[i] * u[k]))
+            elif setting == "groups":
+                # One episode per target, each at its own time, moving its target's group only.
+                for k in range(7):
+                    E = max(4, int(K * extra.uniform(0.08, 0.2)))
+                    p = int(extra.integers(0, K - E + 1))
+                    logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i, k] - 0.3) * mixing_groups[k])[None]
+                    episodes.append((p, E, 0.3 + (y[i, k] - 0.3) * np.eye(7, dtype=np.float32)[k]))
+            elif setting == "late":
+                # The labelled episode in the last 30 %; an earlier one of the same kind carries nothing.
+                E = max(4, int(K * extra.uniform(0.1, 0.2)))
+                p = int(extra.integers(int(0.7 * K), max(int(0.7 * K), K - E) + 1))
+                E = min(E, K - p)
+                logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i] - 0.3) @ mixing)[None]
+                episodes.append((p, E, y[i]))
+                E3 = max(4, int(K * extra.uniform(0.1, 0.2)))
+                p3 = int(extra.integers(0, max(1, int(0.5 * K) - E3 + 1)))
+                E3 = min(E3, K - p3)
+                decoy = (extra.uniform(0, 1, 7) - 0.3) @ mixing
+                logits[p3:p3 + E3] += opts.signal * _bump(E3)[:, None] * decoy[None].astype(np.float32)
             else:
                 # The labelled episode: intensity-weighted directions, one bump at a random position.
                 E = max(4, int(K * rng.uniform(0.1, 0.3)))
@@ -200,7 +289,9 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
             feats[:, 2:9] = e / e.sum(axis=1, keepdims=True)
             feats[:, 9:] = 1 / (1 + np.exp(-logits[:, 9:]))
             face = np.ones(K, dtype=bool)
-            if rng.random() < opts.no_face_videos:
+            if setting == "subject":
+                face = _gaps(extra, K)
+            elif rng.random() < opts.no_face_videos:
                 face[:] = False
             else:
                 n_gaps = rng.poisson(opts.no_face_rate * K / 12)
@@ -220,7 +311,7 @@ def simulate(opts: SimulateOptions) -> SimulateResult:
                          np.where(face, 0.99, np.nan).astype(np.float32),
                          **(movement(subj[i], episodes, face) if movement else {}))
             video.finish()
-    df = pd.DataFrame(y, columns=list(HUME_TARGETS)).round(4)
+    df = pd.DataFrame(y_written, columns=list(HUME_TARGETS)).round(4)
     df.insert(0, HUME_ID, ids)
     df["Split"] = split
     df["Subject_ID"] = [f"S{s:04d}" for s in subj]

@@ -136,11 +136,14 @@ def parse_grid(axes: list[str]) -> tuple[Variant, ...]:
 # Options that change where and how fast a run trains, not what it trains: left out of a run's identity (its folder
 # hash and the check that a finished run matches), so changing them reuses finished runs. `quiet` was an option of
 # earlier versions (progress is a callback now).
-EXECUTION_OPTIONS = ("out", "device", "threads", "quiet")
+EXECUTION_OPTIONS = ("out", "device", "threads", "quiet", "overwrite")
+# Options added after sweeps existed: at these values they are left out of the identity, so earlier sweeps resume.
+LATER_DEFAULTS = {"members": 1, "ema": 0.0}
 
 
 def _identity(options: dict) -> dict:
-    return {k: v for k, v in options.items() if k not in EXECUTION_OPTIONS}
+    return {k: v for k, v in options.items()
+            if k not in EXECUTION_OPTIONS and not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def _slug(v: Variant, opts: TrainOptions) -> str:
@@ -200,7 +203,7 @@ def sweep(opts: SweepOptions, progress=None) -> SweepResult:
             if opts.devices:
                 o = replace(o, device=opts.devices[len(jobs) % len(opts.devices)])
             run_dir = out / "runs" / _slug(v, o) / f"seed{s}"
-            o = replace(o, out=run_dir)
+            o = replace(o, out=run_dir, overwrite=True)  # the sweep owns its run directories: unfinished ones rerun
             row = {"config": v.name, "seed": s, "changes": json.dumps(dict(v.changes)), "run_dir": str(run_dir)}
             done = _done(run_dir, o)
             if done is not None:

@@ -1,8 +1,11 @@
-"""Training: data preparation, routed Adam, Pearson loss, early stopping, calibration and the run directory.
+"""Training: options, data preparation, calibration, ensembles and the run directory (the torch side is in .fit,
+loaded once the inputs have been read and checked).
 
 A run directory describes itself: model.safetensors (weights), config.json (every option, the model
-configuration, the feature schema and standardisation, t, label names, id column/forms, calibration, the weights'
-SHA-256), metrics.json (per-target and mean Pearson on validation, status), history.csv and learning_curve.png.
+configuration, the feature schema and standardisation, t, label names, id column/forms, calibration, the features
+file's provenance, the weights' SHA-256), metrics.json (per-target and mean Pearson on validation, sizes, how the
+epoch was chosen, status), history.csv and learning_curve.png. An ensemble's directory holds one such run per
+member (seed<N>/) and a config.json naming them.
 
 The best epoch so far is on disk while training runs (weights, config and metrics replaced atomically after every
 epoch that improves validation), so Ctrl-C or a kill leaves a run directory that `predict` accepts.
@@ -10,36 +13,49 @@ epoch that improves validation), so Ctrl-C or a kill leaves a run directory that
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.numpy import save_file as save_numpy
-from safetensors.torch import save_file as save_torch
 
-from affextract.runtime import resolve_device
 from affextract.schema import FEATURE_NAMES, FORMAT_VERSION
 from affextract.store import file_sha256
 
 from . import __version__
-from .data import Labels, Video, find_labels, match, pad_batch, read_features, read_labels, split_indices
-from .model import HEADS, ModelConfig, SeqHead
+from .config import HEADS, ModelConfig
+from .data import (DataError, Labels, Video, find_labels, match, read_features, read_labels, read_provenance,
+                   split_indices)
 
 ALL_HEADS = HEADS + ("ridge",)  # ridge: per-video mean/max/std pooling + ridge regression (scikit-learn)
 LOSSES = ("pearson", "mse")
+# Below this many validation videos a Pearson r is too noisy to pick an epoch by (2 videos always give ±1): such a
+# run trains its full --epochs without early stopping and keeps the last epoch.
+MIN_VAL_VIDEOS = 10
+# What a run directory holds; `--overwrite` removes these (and member runs) before training, nothing else.
+RUN_FILES = ("model.safetensors", "config.json", "metrics.json", "history.csv", "learning_curve.png")
+
+# The torch side lives in .fit, imported on first use: `from seqhead.train import RoutedAdam` still works.
+_FIT_NAMES = ("RoutedAdam", "pearson_loss", "cpu_threads", "predict_raw", "train_step", "WeightAverage")
+
+
+def __getattr__(name: str):
+    if name in _FIT_NAMES:
+        from . import fit
+
+        return getattr(fit, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
 class TrainOptions:
     h5: Path  # features file (affextract format v1)
-    out: Path  # run directory to write (created; existing files are replaced)
+    out: Path  # run directory to write (created; a non-empty one is refused unless `overwrite`)
     labels: Path | None = None  # label CSV; None = labels.csv beside h5
     id_column: str | None = None  # None = auto (File_ID, id, video, file, path, … else the first column)
     targets: tuple[str, ...] | None = None  # None = the 7 Hume columns, else every numeric column
@@ -75,6 +91,10 @@ class TrainOptions:
     threads: int = 1  # torch CPU threads while training (0 = torch's default: all cores, which collapses when
     # another process is busy — OpenMP threads spin against each other; 1 thread costs ≤ 2× on a busy 2-core CPU)
     max_batches: int | None = None  # stop each epoch after this many batches (benchmarks, smoke tests)
+    members: int = 3  # ensemble: seeds seed … seed+members−1 on one split, predictions averaged (1 = one run; 3
+    # ranked first on every simulator family, docs/seqhead.md; ridge always fits once)
+    ema: float = 0.0  # per-step decay of an exponential moving average of the weights (0 = off; e.g. 0.99)
+    overwrite: bool = False  # replace the run already in `out` (otherwise a non-empty `out` is an error)
 
     def __post_init__(self):
         if self.head not in ALL_HEADS:
@@ -85,6 +105,10 @@ class TrainOptions:
             raise ValueError("batch_size must be ≥ 2 (the Pearson loss is computed over the batch)")
         if self.stride < 1:
             raise ValueError(f"stride {self.stride}: keep every n-th frame with n ≥ 1")
+        if self.members < 1:
+            raise ValueError(f"members {self.members}: an ensemble needs ≥ 1 member")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema {self.ema}: a decay in [0, 1) (0 = off)")
 
 
 @dataclass(frozen=True)
@@ -101,6 +125,9 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # per epoch: train_loss, val_mean_pearson, seconds
     id_forms: dict[str, int] = field(default_factory=dict)  # how the label ids named the videos: form → rows
     interrupted: bool = False  # Ctrl-C ended training; the run directory holds the best epoch before it
+    warnings: tuple[str, ...] = ()  # things the user should know (a validation set too small to stop on, …)
+    members: tuple[Path, ...] = ()  # an ensemble's member run directories (empty for a single run)
+    val_predictions: np.ndarray | None = field(default=None, repr=False)  # (n_val, n_targets), calibrated
 
 
 @dataclass(frozen=True)
@@ -115,64 +142,12 @@ class Progress:
     train_loss: float  # mean training loss over the steps done
     val_mean_pearson: float | None = None  # set when the epoch ended (validation done)
     best_epoch: int = 0  # best epoch so far (the one on disk), 0 before the first validation
-
-
-# --------------------------------------------------------------------------------------------------- optimiser
-
-
-class RoutedAdam(torch.optim.Optimizer):
-    """Adam whose routed parameters update only the columns a batch routes, moments and step counts included.
-
-    `step(routes={param: n})` updates columns [:n] of a 2-D parameter and leaves columns [n:] bit-exactly as they
-    were: weights, first and second moments and their per-column step counts (bias correction stays per column,
-    so a column that sat out k steps resumes exactly where it stopped). Other parameters follow plain Adam.
-    A zero gradient is not enough under Adam: the moments would keep moving the weights.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, routes: dict | None = None):
-        routes = routes or {}
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                    # Step counts per column (2-D weights), so bias correction can stay per column.
-                    st["step"] = torch.zeros(p.shape[1] if p.dim() == 2 else 1, dtype=torch.float64, device=p.device)
-                if p.dim() == 2:
-                    n = routes.get(p, p.shape[1])
-                    w, g = p[:, :n], p.grad[:, :n]
-                    m, v, s = st["exp_avg"][:, :n], st["exp_avg_sq"][:, :n], st["step"][:n]
-                else:
-                    w, g, m, v, s = p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"]
-                s += 1
-                bc1 = (1 - b1 ** s).to(p.dtype)
-                bc2 = (1 - b2 ** s).to(p.dtype)
-                if group["weight_decay"]:
-                    g = g.add(w, alpha=group["weight_decay"])
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                denom = (v / bc2).sqrt_().add_(group["eps"])
-                w.addcdiv_(m / bc1, denom, value=-group["lr"])
+    member: int = 0  # ensemble member being trained (1-based; 0 = a single run)
+    members: int = 1  # ensemble size
 
 
 # --------------------------------------------------------------------------------------------------- maths
 
-
-def pearson_loss(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: 1 − mean over targets of Pearson's r over the batch. pred, y (B, n)."""
-    pm, ym = pred - pred.mean(0), y - y.mean(0)
-    # ε inside the square root: a batch of identical predictions (every ReLU of a small FC off) has a zero
-    # variance, where the root's gradient is infinite and would turn every weight into NaN.
-    r = (pm * ym).sum(0) / (pm.pow(2).sum(0) * ym.pow(2).sum(0) + 1e-12).sqrt()
-    return 1 - r.mean()
 
 
 def pearson(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -204,18 +179,6 @@ def pooled_stats(seqs: list[np.ndarray]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def cpu_threads(n: int):
-    """Torch intra-op threads for a block (0 = leave torch's default), restored afterwards."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def standardize(seqs: list[np.ndarray], mean: np.ndarray, std: np.ndarray) -> list[np.ndarray]:
     return [((s - mean) / std).astype(np.float32) for s in seqs]
 
@@ -236,41 +199,6 @@ def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, buck
     return out
 
 
-def predict_raw(model: SeqHead, seqs: list[np.ndarray], device: torch.device, batch_size: int = 128) -> np.ndarray:
-    """Uncalibrated predictions (N, n_targets) for sequences already standardised and cut to ≤ t."""
-    model.eval()
-    cfg = model.cfg
-    out = []
-    order = np.argsort([len(s) for s in seqs], kind="stable")  # similar lengths together: less padding
-    with torch.inference_mode():
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            x, lengths = pad_batch([seqs[j] for j in idx], None if cfg.mask else cfg.t)
-            out.append(model(torch.from_numpy(x).to(device), torch.from_numpy(lengths).to(device)).float().cpu())
-    pred = torch.cat(out).numpy()
-    res = np.empty_like(pred)
-    res[order] = pred
-    return res
-
-
-def train_step(model: SeqHead, optim: RoutedAdam, seqs: list[np.ndarray], y: torch.Tensor, loss: str,
-               device: torch.device, clip: float = 0.0) -> float:
-    """One optimisation step on a batch of standardised sequences; the routed columns go to the optimiser."""
-    cfg = model.cfg
-    # Padding to t only where the encoder must see it: no mask, or no padding skipped (the naive baseline).
-    x, ln = pad_batch(seqs, cfg.t if not cfg.mask or cfg.skip_padding == "none" else None)
-    x, ln, y = torch.from_numpy(x).to(device), torch.from_numpy(ln).to(device), y.to(device)
-    pred = model(x, ln)
-    value = pearson_loss(pred, y) if loss == "pearson" else torch.nn.functional.mse_loss(pred, y)
-    optim.zero_grad(set_to_none=True)
-    value.backward()
-    if clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    n = model.routed_columns(ln)
-    optim.step({model.fc1.weight: n} if n is not None else None)
-    return value.item()
-
-
 @dataclass
 class Prepared:
     """Matched, split training data (internal to a run and to sweeps, which reuse it across configurations)."""
@@ -283,6 +211,7 @@ class Prepared:
     y_train: np.ndarray  # (N_train, n_targets)
     y_val: np.ndarray
     feature_names: tuple[str, ...]
+    provenance: dict = field(default_factory=dict)  # what made the features file (see data.read_provenance)
 
     @property
     def id_form(self) -> str:
@@ -308,7 +237,7 @@ def prepare(opts: TrainOptions) -> Prepared:
 
     trs, ytr = take(tr)
     vas, yva = take(va)
-    return Prepared(labels, videos, counts, trs, vas, ytr, yva, feat_names)
+    return Prepared(labels, videos, counts, trs, vas, ytr, yva, feat_names, read_provenance(opts.h5))
 
 
 def _learning_curve(history: list[dict], path: Path, title: str) -> None:
@@ -343,10 +272,18 @@ def _options_json(opts: TrainOptions) -> dict:
 CALIBRATION_VIDEOS = 1000
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder and rename it over `path` (atomic on POSIX)."""
+    """Write through a temporary file in the same folder and rename it over `path` (atomic on POSIX). The file gets
+    the mode any new file gets here (0644 under the usual umask): safetensors writes its files 0600."""
     tmp = path.with_name(f".{path.name}.partial")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
 
 
@@ -367,7 +304,14 @@ class _RunWriter:
             "id_column": data.labels.id_column,
             "id_form": data.id_form,
             "id_forms": data.id_forms,
+            # What made the features: `predict` refuses a file made otherwise (other model, sampling, detector, …).
+            "provenance": data.provenance,
         }
+        # Sizes and how the kept epoch was chosen, in every metrics.json.
+        self.selection = {"n_train": len(data.train_seqs), "n_val": len(data.val_seqs),
+                          "selection": "best validation epoch" if early_stopping(data) else
+                          f"last epoch (validation has {len(data.val_seqs)} videos < {MIN_VAL_VIDEOS}: "
+                          "no early stopping)"}
 
     def write(self, save_weights: Callable[[Path], None], model: dict, slope: np.ndarray, intercept: np.ndarray,
               pred_val: np.ndarray, status: str, best_epoch: int, epochs_run: int, seconds: float,
@@ -383,9 +327,8 @@ class _RunWriter:
         metrics = {
             "val": {"pearson": dict(zip(targets, map(float, r))), "mean_pearson": float(r.mean())},
             # training: written while training ran (a killed run keeps it); interrupted: Ctrl-C; complete: done.
-            "status": status, "best_epoch": best_epoch, "epochs_run": epochs_run,
-            "n_train": len(self.data.train_seqs), "n_val": len(self.data.val_seqs), "seconds": seconds,
-            **(extra or {}),
+            "status": status, "best_epoch": best_epoch, "epochs_run": epochs_run, **self.selection,
+            "seconds": seconds, **(extra or {}),
         }
         _replace_file(self.out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
         return r
@@ -406,28 +349,106 @@ class _RunWriter:
 # --------------------------------------------------------------------------------------------------- train
 
 
+def early_stopping(data: Prepared) -> bool:
+    """Whether validation is large enough to choose an epoch by (see MIN_VAL_VIDEOS)."""
+    return len(data.val_seqs) >= MIN_VAL_VIDEOS
+
+
+def _claim_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty run directory unless `overwrite`; with it, remove the run that is there (its files and
+    member runs), nothing else."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a run directory: choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise DataError(f"{out} already exists and is not empty: pass --overwrite to replace the run in it, or "
+                        "choose another --out")
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for member in out.glob("seed*"):
+        if (member / "config.json").exists():
+            shutil.rmtree(member)
+
+
 def train(opts: TrainOptions, prepared: Prepared | None = None,
           progress: Callable[[Progress], None] | None = None) -> TrainResult:
-    """Train one head and write its run directory. `prepared` lets a sweep reuse the data it already read;
-    `progress` is called after every step and at the end of every epoch.
+    """Train one head (or, with `members` > 1, an ensemble of seeds) and write its run directory. `prepared` lets a
+    sweep reuse the data it already read; `progress` is called after every step and at the end of every epoch.
 
+    A non-empty `out` is refused unless `overwrite`. Labels and features are read and checked before torch loads.
     Ctrl-C (KeyboardInterrupt) after the first epoch ends training early: the run directory keeps the best epoch
     so far and the result says `interrupted`. Before the first epoch ends, the interrupt propagates and the
     (then empty) run directory is removed.
     """
-    device = resolve_device(opts.device)  # before reading anything: a missing GPU is a one-line error
-    with cpu_threads(opts.threads):
-        return _train(opts, prepared, progress, device)
+    from affextract.runtime import resolve_device
 
-
-def _train(opts: TrainOptions, prepared: Prepared | None, progress: Callable[[Progress], None] | None,
-           device: torch.device) -> TrainResult:
-    t0 = time.time()
+    _claim_out(Path(opts.out), opts.overwrite)
+    if opts.device not in ("auto", "cpu"):
+        resolve_device(opts.device)  # a missing GPU is a one-line error before anything is read
     data = prepared or prepare(opts)
+    device = resolve_device(opts.device)
+    from .fit import cpu_threads
+
+    with cpu_threads(opts.threads):
+        if opts.members > 1 and opts.head != "ridge":  # ridge does not depend on the seed
+            return _ensemble(opts, data, progress, device)
+        return _train(opts, data, progress, device)
+
+
+def _ensemble(opts: TrainOptions, data: Prepared, progress: Callable[[Progress], None] | None,
+              device) -> TrainResult:
+    """Members seed, seed+1, … trained on the same split into OUT/seed<N>/; OUT/config.json names them and
+    OUT/metrics.json scores their averaged (calibrated) validation predictions. Ctrl-C keeps the members done."""
+    t0 = time.time()
     out = Path(opts.out)
     existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(opts.seed)
+    results: list[TrainResult] = []
+    interrupted = False
+    try:
+        for k in range(opts.members):
+            seed = opts.seed + k
+            member = replace(opts, seed=seed, out=out / f"seed{seed}", members=1, overwrite=True)
+            report = None if progress is None else (lambda p, k=k: progress(replace(p, member=k + 1,
+                                                                                    members=opts.members)))
+            results.append(_train(member, data, report, device))
+            if results[-1].interrupted:
+                interrupted = True
+                break
+    except KeyboardInterrupt:
+        if not results:
+            if not existed and not any(out.iterdir()):
+                out.rmdir()
+            raise
+        interrupted = True
+    pred_val = np.mean([r.val_predictions for r in results], axis=0)
+    r = pearson(pred_val, data.y_val)
+    targets = data.labels.targets
+    first = json.loads((results[0].run_dir / "config.json").read_text())
+    config = {k: v for k, v in first.items() if k not in ("model", "weights_sha256", "calibration")}
+    config["options"] = _options_json(opts)
+    config["members"] = [res.run_dir.name for res in results]
+    _replace_file(out / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    metrics = {
+        "val": {"pearson": dict(zip(targets, map(float, r))), "mean_pearson": float(r.mean())},
+        "status": "interrupted" if interrupted else "complete",
+        "n_train": len(data.train_seqs), "n_val": len(data.val_seqs), "seconds": time.time() - t0,
+        "members": {res.run_dir.name: {"val_mean_pearson": res.val_mean_pearson, "best_epoch": res.best_epoch,
+                                       "epochs_run": res.epochs_run} for res in results},
+    }
+    _replace_file(out / "metrics.json", lambda p: p.write_text(json.dumps(metrics, indent=2)))
+    return TrainResult(out, targets, dict(zip(targets, map(float, r))), float(r.mean()), results[0].best_epoch,
+                       sum(res.epochs_run for res in results), len(data.train_seqs), len(data.val_seqs),
+                       time.time() - t0, results[0].history, data.id_forms, interrupted, results[0].warnings,
+                       tuple(res.run_dir for res in results), pred_val)
+
+
+def _train(opts: TrainOptions, data: Prepared, progress: Callable[[Progress], None] | None, device) -> TrainResult:
+    t0 = time.time()
+    out = Path(opts.out)
+    existed = out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(opts.seed)
 
     raw_train = [s[::opts.stride] for s in data.train_seqs]
@@ -441,18 +462,25 @@ def _train(opts: TrainOptions, prepared: Prepared | None, progress: Callable[[Pr
     val_seqs = [s[:t] for s in standardize([s[::opts.stride] for s in data.val_seqs], mean, std)]
     targets = data.labels.targets
     writer = _RunWriter(out, opts, data, t, mean, std)
+    stopping = early_stopping(data)
+    warnings = () if stopping or opts.head == "ridge" else (
+        f"validation has only {len(data.val_seqs)} videos (< {MIN_VAL_VIDEOS}): its Pearson r is noise, so "
+        f"training ran all {opts.epochs} epochs without early stopping and kept the last; label more videos "
+        "for validation",)
     history: list[dict] = []
     interrupted = False
 
     if opts.head == "ridge":
+        from safetensors.numpy import save_file as save_numpy
         from sklearn.linear_model import RidgeCV
         from sklearn.preprocessing import StandardScaler
 
         xs = pooled_stats(train_seqs)
         scaler = StandardScaler().fit(xs)
         ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(scaler.transform(xs), data.y_train)
-        pred_val = ridge.predict(scaler.transform(pooled_stats(val_seqs))).astype(np.float32)
-        arrays = {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_, "coef": ridge.coef_,
+        # sklearn drops the target axis when there is one target: (N,) predictions, (F,) coefficients.
+        pred_val = ridge.predict(scaler.transform(pooled_stats(val_seqs))).astype(np.float32).reshape(len(val_seqs), -1)
+        arrays = {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_, "coef": np.atleast_2d(ridge.coef_),
                   "intercept": np.atleast_1d(ridge.intercept_)}
         extra = {"ridge_alpha": float(ridge.alpha_)}
         # safetensors writes the raw buffer: sklearn's coef_ can be Fortran-ordered, so make every array C-ordered.
@@ -462,65 +490,20 @@ def _train(opts: TrainOptions, prepared: Prepared | None, progress: Callable[[Pr
             pred_val, "complete", 0, 0, time.time() - t0, extra)
         best_epoch = epochs_run = 0
     else:
+        from .fit import fit_network
+
         model_cfg = ModelConfig(n_features=len(data.feature_names), n_targets=len(targets), t=t, head=opts.head,
                                 mask=opts.mask, rnn=opts.rnn, layers=opts.layers, conv_blocks=opts.conv_blocks,
                                 hidden=opts.hidden, fc=opts.fc, dropout=opts.dropout,
                                 skip_padding=opts.skip_padding)
-        model = SeqHead(model_cfg).to(device)
-        optim = RoutedAdam(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-        lengths = np.array([max(len(s), 1) for s in train_seqs])
-        y_train = torch.from_numpy(data.y_train)
-        calib = np.sort(rng.permutation(len(train_seqs))[:CALIBRATION_VIDEOS])
-        best, best_epoch, stale, epochs_run = -np.inf, 0, 0, 0
-        saved = None  # what the run directory holds: (weights, slope, intercept, raw validation predictions)
-
-        def save(status: str) -> np.ndarray:
-            state, slope, intercept, raw_val = saved
-            return writer.write(lambda p: save_torch(state, str(p)), model_cfg.to_dict(), slope, intercept,
-                                raw_val * slope + intercept, status, best_epoch, epochs_run, time.time() - t0)
-
         try:
-            for epoch in range(1, opts.epochs + 1):
-                te = time.time()
-                model.train()
-                losses = []
-                plan = batches(lengths, opts.batch_size, rng, opts.bucket)[: opts.max_batches]
-                for b, idx in enumerate(plan):
-                    losses.append(train_step(model, optim, [train_seqs[i] for i in idx], y_train[idx], opts.loss,
-                                             device, opts.clip))
-                    if progress:
-                        progress(Progress(epoch, opts.epochs, b + 1, len(plan), time.time() - te,
-                                          float(np.mean(losses)), None, best_epoch))
-                raw_val = predict_raw(model, val_seqs, device)
-                r = float(pearson(raw_val, data.y_val).mean())
-                epochs_run = epoch
-                if r > best:
-                    best, best_epoch, stale = r, epoch, 0
-                    state = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-                    slope, intercept = fit_calibration(predict_raw(model, [train_seqs[i] for i in calib], device),
-                                                       data.y_train[calib])
-                    saved = (state, slope, intercept, raw_val)
-                    save("training")
-                else:
-                    stale += 1
-                history.append(dict(epoch=epoch, train_loss=float(np.mean(losses)), val_mean_pearson=r,
-                                    seconds=time.time() - te))
-                writer.history(history, best_epoch, curve=False)
-                if progress:
-                    progress(Progress(epoch, opts.epochs, len(plan), len(plan), history[-1]["seconds"],
-                                      history[-1]["train_loss"], r, best_epoch))
-                if stale >= opts.patience:
-                    break
-        except KeyboardInterrupt:
-            if saved is None:
-                if not existed and not any(out.iterdir()):
-                    out.rmdir()
-                raise
-            interrupted = True
-        # Rewritten from memory: an interrupt may have landed between two files of a checkpoint.
-        r_val = save("interrupted" if interrupted else "complete")
-        writer.history(history, best_epoch, curve=True)
+            r_val, best_epoch, epochs_run, history, interrupted, pred_val = fit_network(
+                opts, data, writer, model_cfg, train_seqs, val_seqs, device, rng, stopping, progress, t0)
+        except KeyboardInterrupt:  # before the first epoch ended: nothing to keep
+            if not existed and not any(out.iterdir()):
+                out.rmdir()
+            raise
 
     return TrainResult(out, targets, dict(zip(targets, map(float, r_val))), float(r_val.mean()), best_epoch,
                        epochs_run, len(train_seqs), len(val_seqs), time.time() - t0, history, data.id_forms,
-                       interrupted)
+                       interrupted, warnings, (), pred_val)

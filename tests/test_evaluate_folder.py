@@ -63,6 +63,9 @@ def test_evaluate_folder_through_detection_and_alignment(tmp_path):
     assert r["confusion"][H][H] == 2 and r["confusion"][S][H] == 1
     assert r["f1_per_expr"]["happiness"] == pytest.approx(0.8) and r["f1_per_expr"]["sadness"] == 0.0
     assert r["f1_expr"] == pytest.approx(0.4)
+    # Both AU sources: the CNN's rows and the rows fused with each photo's measured movement (expressions unchanged).
+    assert r["au_source"] == "cnn" and r["fused"]["au_source"].startswith("fused:1:")
+    assert r["fused"]["confusion"] == r["confusion"] and sorted(r["fused"]["per_group"]) == ["alpha", "beta"]
     # The table view names each source.
     res = CliRunner().invoke(app, ["evaluate", f"folder:{root}"])
     assert res.exit_code == 0 and "source alpha" in res.stdout and "source beta" in res.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,10 @@ def test_walkthrough_runs_every_step(walkthrough):
     pred = pd.read_csv(wd / "predictions.csv")
     assert len(pred) == len(labels) and {"smile_score", "tension_score"} <= set(pred.columns)
     assert np.isfinite(pred[["smile_score", "tension_score"]].to_numpy()).all()
-    assert (wd / "run" / "model.safetensors").exists() and (wd / "run" / "metrics.json").exists()
+    # The default run is an ensemble of 3: config.json names the members, each a complete run.
+    members = json.loads((wd / "run" / "config.json").read_text())["members"]
+    assert len(members) == 3 and all((wd / "run" / m / "model.safetensors").exists() for m in members)
+    assert (wd / "run" / "metrics.json").exists()
 
 
 def test_walkthrough_segments_keep_the_frames(walkthrough):

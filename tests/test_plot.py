@@ -49,11 +49,39 @@ def test_timeline_png(extracted, tmp_path):
     with open_features(h5) as ff:
         v = ff["sub/clip.mp4"]
     assert v.face[:12].all() and not v.face[12:18].any()  # the gap the plot must shade
-    out = plot_timeline(h5, "clip.mp4", tmp_path / "t.png")
+    drawn = []
+    import matplotlib.pyplot as plt
+    close = plt.close
+    with pytest.MonkeyPatch.context() as mp:  # keep the figure to read back what was drawn on it
+        mp.setattr(plt, "close", lambda fig=None: drawn.append(fig))
+        out = plot_timeline(h5, "clip.mp4", tmp_path / "t.png")
     w, h = png_size(out)
     # five panels: valence/arousal, expressions, AUs, head pose, blendshapes
     assert out == tmp_path / "t.png" and 1200 <= w <= 1600 and 1700 <= h <= 2300
     assert 20_000 < out.stat().st_size < 3_000_000
+    (fig,) = drawn
+    try:
+        by_label = {ax.get_ylabel(): ax for ax in fig.axes if ax.get_ylabel()}
+        lines = {ln.get_label(): ln for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+        np.testing.assert_allclose(lines["valence"].get_xydata(), np.c_[v.time, v["valence"]], equal_nan=True)
+        np.testing.assert_allclose(lines["arousal"].get_xydata(), np.c_[v.time, v["arousal"]], equal_nan=True)
+        assert lines["valence"].axes is by_label["valence / arousal"]
+        for i, name in enumerate(("yaw", "pitch", "roll")):
+            np.testing.assert_allclose(lines[name].get_ydata(), v.pose[:, i], equal_nan=True)
+            assert lines[name].axes is by_label["head pose (°)"]
+        from matplotlib.collections import QuadMesh
+
+        (au,) = [c for c in by_label["action unit"].collections if isinstance(c, QuadMesh)]
+        np.testing.assert_allclose(np.ma.filled(au.get_array(), np.nan).reshape(17, len(v)), v.aus.T, equal_nan=True)
+        assert [t.get_text() for t in by_label["action unit"].get_yticklabels()][:3] == ["AU1", "AU2", "AU4"]
+        blend = next(ax for ax in fig.axes
+                     if ax.get_yticklabels() and ax.get_yticklabels()[0].get_text() == "browDownLeft")
+        (bs,) = [c for c in blend.collections if isinstance(c, QuadMesh)]
+        np.testing.assert_allclose(np.ma.filled(bs.get_array(), np.nan).reshape(51, len(v)), v.blendshapes[:, 1:].T,
+                                   equal_nan=True)
+        assert "face on 75%" in fig._suptitle.get_text() and "sub/clip.mp4" in fig._suptitle.get_text()
+    finally:
+        close(fig)
     # A file without measured movement (--no-movement, or written before it existed) gets the first three only.
     with open_features(h5) as ff:
         with FeatureWriter(tmp_path / "plain.h5", replace(ff.provenance, movement=MOVEMENT_OFF)) as plain:

@@ -120,9 +120,27 @@ def test_export_has_openface_pose_gaze_and_blendshape_columns(extracted, tmp_pat
     assert list(table.columns) == head
     with open_features(extracted) as ff:
         v = ff["carphone.avi"]
-    np.testing.assert_allclose(table[["pose_Rx", "pose_Ry", "pose_Rz"]], openface_pose(v.pose), atol=1e-6)
     np.testing.assert_allclose(table[list(BLENDSHAPE_NAMES)].to_numpy(np.float32), v.blendshapes)
-    np.testing.assert_allclose(table.gaze_angle_x, np.radians(v.gaze[:, 0]), atol=1e-6)
+    ok = v.face
+    assert ok.sum() > 10 and table[~ok][["pose_Rx", "gaze_angle_y"]].isna().all().all()
+    # Independently of the exporter: OpenFace's rotation of the exported angles is our head rotation seen in
+    # OpenFace's axes, and the exported gaze angles are those of our gaze direction in OpenFace's axes.
+    flip = np.diag([1.0, -1.0, -1.0])
+    for (rx, ry, rz), pose in zip(table[["pose_Rx", "pose_Ry", "pose_Rz"]].to_numpy()[ok], v.pose[ok]):
+        np.testing.assert_allclose(_openface_rotation(rx, ry, rz), flip @ _our_rotation(*pose) @ flip, atol=1e-5)
+    yaw, pitch = np.radians(v.gaze[ok].astype(np.float64)).T
+    g = np.c_[np.sin(yaw) * np.cos(pitch), np.sin(pitch), np.cos(yaw) * np.cos(pitch)] @ flip  # x right, y down
+    np.testing.assert_allclose(table.gaze_angle_x[ok], np.arctan2(g[:, 0], -g[:, 2]), atol=1e-5)
+    np.testing.assert_allclose(table.gaze_angle_y[ok], np.arctan2(g[:, 1], -g[:, 2]), atol=1e-5)
+
+
+def _our_rotation(yaw, pitch, roll):
+    """movement.euler_degrees's rotation for angles in degrees: Ry(yaw) @ Rx(-pitch) @ Rz(roll), x right, y up,
+    z towards the camera."""
+    a, b, c = np.radians([yaw, -pitch, roll])
+    return (np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+            @ np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+            @ np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]]))
 
 
 def _openface_rotation(rx, ry, rz):
@@ -140,10 +158,7 @@ def test_openface_angles_describe_the_same_head_in_openfaces_axes():
     rng = np.random.default_rng(0)
     pose = rng.uniform([-50, -30, -30], [50, 30, 30], (50, 3))
     for (yaw, pitch, roll), (rx, ry, rz) in zip(pose, openface_pose(pose)):
-        a, b, c = np.radians([yaw, -pitch, roll])
-        ours = (np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
-                @ np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-                @ np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]]))
+        ours = _our_rotation(yaw, pitch, roll)
         flip = np.diag([1.0, -1.0, -1.0])  # our camera axes (y up, z towards the camera) -> OpenFace's
         np.testing.assert_allclose(_openface_rotation(rx, ry, rz), flip @ ours @ flip, atol=1e-9)
     up, their_right = openface_pose(np.array([[0.0, 20, 0], [-20, 0, 0]]))
@@ -234,3 +249,33 @@ def test_derived_file_carries_the_movement(extracted, tmp_path):
     with pytest.raises(ValueError, match="layout"):
         with FeatureWriter(tmp_path / "e.h5", replace(ff.provenance, movement=MOVEMENT_OFF), datasets=("jaw",)) as e:
             e.video("a", {})
+
+
+def test_au_rows_are_fused_with_movement_and_the_au_source_must_match_to_resume(extracted, clips, weights, tmp_path):
+    """With movement on, a run's AU rows are the shipped AU fusion of the CNN's rows (what --cnn-aus stores) and the
+    same frames' blendshapes; VA, expressions and no-face frames are untouched. The file records the AU source, and
+    a file of the other source (or one made before the fusion, which has no au_source) is refused on resume."""
+    from affextract.fusion import CNN_SOURCE, load_fusion
+    from affextract.schema import AU
+
+    out = tmp_path / "cnn.h5"
+    r = run_cli("run", clips / "leaves.mp4", out, "--weights", weights, "--mesh", "--cnn-aus", "-q")
+    assert r.exit_code == 0, r.output
+    fusion = load_fusion()
+    with open_features(out) as ff, open_features(extracted) as fused:
+        assert ff.attrs["au_source"] == CNN_SOURCE and fused.attrs["au_source"] == fusion.source
+        cnn, got = ff["leaves.mp4"], fused["leaves.mp4"]
+    np.testing.assert_array_equal(got.features[:, :AU.start], cnn.features[:, :AU.start])
+    want = fusion(cnn.features, cnn.blendshapes, cnn.presence)
+    np.testing.assert_allclose(got.features, want, atol=1e-6)  # NaN rows (no face) compare equal
+    assert np.abs(got.features[cnn.face][:, AU] - cnn.features[cnn.face][:, AU]).max() > 0.05
+    before = out.read_bytes()
+    r = run_cli("run", clips / "astronaut.png", out, "--weights", weights, "--mesh", "-q")
+    assert r.exit_code == 2 and "AU rows: the file's are the CNN's alone" in r.text, r.text
+    assert out.read_bytes() == before
+    with h5py.File(out, "a") as f:  # as written before the fusion existed
+        del f.attrs["au_source"]
+    with open_features(out) as ff:
+        assert len(ff["leaves.mp4"]) == len(cnn)
+    r = run_cli("run", clips / "astronaut.png", out, "--weights", weights, "--mesh", "-q")
+    assert r.exit_code == 2 and "made with other settings" in r.text and fusion.source in r.text, r.text

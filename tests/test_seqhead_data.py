@@ -226,5 +226,5 @@ def test_peak_setting_differs_in_lengths_and_labels(tmp_path):
     videos, _ = read_features(pk.h5)
     rows, vids, forms = match(read_labels(pk.labels), videos)
     assert len(rows) == len(videos) and set(forms) == {"stem"}
-    with pytest.raises(ValueError, match="setting 'late'"):
-        SimulateOptions(tmp_path / "x.h5", setting="late")
+    with pytest.raises(ValueError, match="setting 'sideways'"):
+        SimulateOptions(tmp_path / "x.h5", setting="sideways")

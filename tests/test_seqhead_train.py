@@ -18,7 +18,7 @@ from seqhead.simulate import SimulateOptions, simulate
 from seqhead.sweep import PRESETS, parse_grid
 from seqhead.train import fit_calibration, pearson
 
-TINY = dict(hidden=8, fc=4, epochs=2, batch_size=8, threads=1)
+TINY = dict(hidden=8, fc=4, epochs=2, batch_size=8, threads=1, members=1)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_tiny_train_predict_evaluate_cli(sim, tmp_path):
     runner = CliRunner()
     run = tmp_path / "runs" / "mrnn"
     r = runner.invoke(app, ["train", str(sim.h5), "--out", str(run), "--head", "mrnn", "--hidden", "8", "--fc", "4",
-                            "--epochs", "2", "--batch-size", "8", "--threads", "1"])  # short form: labels beside
+                            "--epochs", "2", "--batch-size", "8", "--threads", "1", "--seeds", "1"])  # labels beside
     assert r.exit_code == 0, r.output
     for f in ("model.safetensors", "config.json", "metrics.json", "history.csv", "learning_curve.png"):
         assert (run / f).exists(), f
@@ -200,7 +200,7 @@ def test_ctrl_c_keeps_the_best_epoch_and_progress_is_plain_text(sim, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "seqhead.cli", "train", str(sim.h5), "--out", str(run),
-                             "--hidden", "8", "--fc", "4", "--batch-size", "8", "--epochs", "100000",
+                             "--hidden", "8", "--fc", "4", "--batch-size", "8", "--epochs", "100000", "--seeds", "1",
                              "--patience", "100000"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
     lines = []
