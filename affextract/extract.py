@@ -274,6 +274,8 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
                 src = sources[event.index]
                 match event:
                     case Opened(info=info):
+                        if event.index in writers:  # decoding starts over (video.read_video): drop what came
+                            writers.pop(event.index).abort()
                         writers[event.index] = store.begin_video(src.key, _video_attrs(src, info),
                                                                  info.frames_analysed)
                         ui.opened(event.index, info.frames_analysed)
@@ -362,7 +364,7 @@ def _source_attrs(src: Source) -> dict:
 
 def _video_attrs(src: Source, info: VideoInfo) -> dict:
     return _source_attrs(src) | {"fps": info.fps, "frames_total": info.frames_total,
-                                 "width": info.width, "height": info.height}
+                                 "width": info.width, "height": info.height, "decoder": info.decoder}
 
 
 def _cpu_threads(workers: int) -> int:
@@ -418,6 +420,10 @@ class _Progress:
             self._print(force=True)
 
     def opened(self, i: int, frames: int) -> None:
+        if i in self.announced:  # decoding starts over: its frames are analysed again
+            self.frames_total -= self.announced[i]
+            self.frames -= self.done[i]
+            self.known -= 1
         self.announced[i], self.done[i] = frames, 0
         self.frames_total += frames
         self.known += 1

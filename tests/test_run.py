@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 from affextract.cli import app
 from affextract.features import open_features
 from affextract.store import FeatureStore, Provenance, check_format
-from conftest import alive, astronaut_frames, descendants, garble_second_half, noface_frames, write_video
+from affextract.video import find_sources
+from conftest import (alive, astronaut_frames, descendants, garble_second_half, noface_frames, read_all,
+                      truncate_download, write_video)
 
 runner = CliRunner()
 
@@ -43,6 +45,7 @@ def batch(tmp_path_factory):
     write_video(d / "sub" / "face2.avi", astronaut_frames(20, size=(256, 200)))
     write_video(d / "noface.mp4", noface_frames(12))
     garble_second_half(write_video(d / "garbled.mp4", astronaut_frames(40)))
+    truncate_download(write_video(d.parent / "whole.mp4", astronaut_frames(30)), d / "cut.mp4", 12)
     import cv2
     from skimage import data
     cv2.imwrite(str(d / "still.png"), data.astronaut()[:, :, ::-1])
@@ -58,7 +61,7 @@ def test_run_folder_end_to_end(batch, weights, tmp_path):
     assert r.exit_code == 1, r.output  # two files failed
     assert "empty.mp4" in r.text and "text.mp4" in r.text and "partial" in r.text
     v = videos(out)
-    assert set(v) == {"face.mp4", "sub%2Fface2.avi", "noface.mp4", "garbled.mp4", "still.png"}
+    assert set(v) == {"face.mp4", "sub%2Fface2.avi", "noface.mp4", "garbled.mp4", "cut.mp4", "still.png"}
     face = v["face.mp4"]
     assert face["features"].shape == (26, 30) and face["features"].dtype == np.float32
     assert face["face"].mean() > 0.9
@@ -75,8 +78,17 @@ def test_run_folder_end_to_end(batch, weights, tmp_path):
     nf = v["noface.mp4"]
     assert nf["features"].shape == (26, 12) and not nf["face"].any() and np.isnan(nf["features"]).all()
     assert np.isnan(nf["box"]).all()
+    # Damaged files: decoded again wholly by PyAV, which keeps the same frames on every run (test_video.py).
     g = v["garbled.mp4"]
-    assert g["attrs"]["status"] == "partial" and 0 < g["features"].shape[1] < 40
+    kept = sum(len(c.frame) for c in read_all(find_sources([batch / "garbled.mp4"])[0][0])[1])
+    assert g["attrs"]["status"] == "partial" and g["attrs"]["decoder"] == "pyav" and 0 < kept < 40
+    assert np.array_equal(g["frame"], np.arange(kept)) and g["features"].shape == (26, kept)
+    cut = v["cut.mp4"]  # a download cut off after 12 of its 30 frames
+    assert cut["attrs"]["status"] == "partial" and cut["attrs"]["decoder"] == "pyav"
+    assert cut["attrs"]["frames_total"] == 30 and np.array_equal(cut["frame"], np.arange(12))
+    assert "stream broke at frame 12" in cut["attrs"]["error"] and "truncated" in cut["attrs"]["error"]
+    assert np.allclose(cut["time"], np.arange(12) / 25.0, atol=1e-3) and cut["face"].mean() > 0.9
+    assert not (out.parent / (out.name + ".parts")).exists()  # the void first try of garbled.mp4 left no shard
     assert v["still.png"]["face"].tolist() == [True]
     with open_features(out) as ff:
         rows = ff.summary()
@@ -91,14 +103,14 @@ def test_run_folder_end_to_end(batch, weights, tmp_path):
 
     # rerun: finished videos skipped, failures retried (and fail again), nothing duplicated
     r2 = run_cli("run", batch, out, "--weights", weights, "--quiet")
-    assert r2.exit_code == 1 and "0 extracted, 5 already done" in r2.text
+    assert r2.exit_code == 1 and "0 extracted, 6 already done" in r2.text
     assert videos(out).keys() == v.keys()
 
     # a changed file is re-extracted, a new one appended
     os.utime(batch / "face.mp4", (time.time(), time.time() + 5))
     write_video(batch / "new.mp4", astronaut_frames(5))
     r3 = run_cli("run", batch, out, "--weights", weights, "--quiet")
-    assert "2 extracted, 4 already done" in r3.text, r3.output
+    assert "2 extracted, 5 already done" in r3.text, r3.output
     v3 = videos(out)
     assert "new.mp4" in v3 and np.array_equal(v3["face.mp4"]["features"], v["face.mp4"]["features"], equal_nan=True)
     (batch / "new.mp4").unlink()
