@@ -45,6 +45,7 @@ def run(
     movement: bool = typer.Option(True, "--movement/--no-movement", help="Measure facial movement per frame (MediaPipe face mesh: 52 blendshapes, head pose, gaze). --no-movement stores the 26 values only."),
     mesh: bool = typer.Option(False, "--mesh", help="Also store the 478 face mesh points per frame (float16, about 2.9 KB a frame)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    replace: bool = typer.Option(False, "--replace", help="Replace a stored video whose name now holds a file with other contents (refused without it; identical copies are skipped either way)."),
 ) -> None:
     """Extract per-frame affect features (26 values per frame) and measured facial movement of videos into an HDF5 file."""
     from affextract.extract import ExtractOptions, extract
@@ -62,7 +63,7 @@ def run(
         opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
                               detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
                               fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every,
-                              movement=movement, mesh=mesh)
+                              movement=movement, mesh=mesh, replace=replace)
         report = extract(inputs, output, opts)
     except (OSError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
@@ -91,6 +92,9 @@ def _render_report(report) -> None:
         for key, err in report.failed:
             t.add_row(key, "[red]failed[/red]", err + " (retried on the next run)")
         console.print(t)
+    if report.replaced:
+        console.print(f"replaced (--replace: other contents under a stored name): {escape(', '.join(report.replaced))}",
+                      soft_wrap=True, highlight=False)
     if report.ignored:
         console.print(f"[dim]{len(report.ignored)} file(s) in the input folders are neither video nor image: ignored.[/dim]")
 

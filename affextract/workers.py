@@ -27,6 +27,7 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 
+from affextract.store import file_sha256
 from affextract.video import DecodeError, Source, StreamBroken, VideoInfo, read_video
 
 
@@ -57,6 +58,7 @@ class Opened(VideoEvent):
     (video.read_video): the frames sent before are void."""
 
     info: VideoInfo
+    sha256: str  # of the file's contents: tells a copy from another video under the same name on a later run
 
 
 @dataclass(frozen=True)
@@ -230,9 +232,10 @@ def serve(events_fd: int) -> None:
     for i in indices:
         opened = False
         try:
+            digest = file_sha256(sources[i].path)
             for item in read_video(sources[i], spec.fps, spec.batch_size):
                 if isinstance(item, VideoInfo):
-                    out.send(Opened(i, item))
+                    out.send(Opened(i, item, digest))
                     opened = True
                     stream = PrimaryFaceStream(detector, detect_interval=spec.detect_interval)
                     continue

@@ -153,6 +153,45 @@ def test_concurrent_run_fails_fast(batch, weights, tmp_path):
     assert r.exit_code == 2 and "being written by another affextract run" in r.text
 
 
+def test_identical_copy_is_skipped_other_contents_refused_unless_replace(weights, tmp_path):
+    videos_dir, api, other = tmp_path / "videos", tmp_path / "api" / "videos", tmp_path / "other"
+    for d in (videos_dir, api, other):
+        d.mkdir(parents=True)
+    write_video(videos_dir / "a.mp4", astronaut_frames(6))
+    write_video(videos_dir / "b.mp4", noface_frames(5))
+    out = tmp_path / "out.h5"
+    opts = ("--weights", weights, "--no-movement", "--workers", "1", "-q")
+    assert run_cli("run", videos_dir, out, *opts).exit_code == 0
+    before = videos(out)
+    assert len(before["a.mp4"]["attrs"]["sha256"]) == 64
+
+    # `cp -r videos/ api/videos/`: the same contents, new times
+    for name in ("a.mp4", "b.mp4"):
+        (api / name).write_bytes((videos_dir / name).read_bytes())
+        os.utime(api / name, (time.time() + 60, time.time() + 60))
+    r = run_cli("run", api, out, *opts)
+    assert r.exit_code == 0 and "0 extracted, 2 already done" in r.text, r.output
+    # files written before the checksum was recorded: the stored source, still there and unchanged, is hashed
+    with h5py.File(out, "a") as f:
+        del f["videos/a.mp4"].attrs["sha256"]
+    assert "0 extracted, 1 already done" in run_cli("run", api / "a.mp4", out, *opts).text
+
+    # another video under the same name is refused, and the file is left as it was
+    write_video(other / "a.mp4", astronaut_frames(9))
+    untouched = out.read_bytes()
+    r = run_cli("run", other, out, *opts)
+    assert r.exit_code == 2 and "already holds a different video under the same name: 'a.mp4'" in r.text
+    assert "other contents" in r.text and "--replace" in r.text and out.read_bytes() == untouched
+
+    r = run_cli("run", other, out, *opts, "--replace")
+    assert r.exit_code == 0 and "1 extracted" in r.text and "replaced" in r.text and "a.mp4" in r.text, r.output
+    after = videos(out)
+    assert after["a.mp4"]["frame"].tolist() == list(range(9)) and after["a.mp4"]["attrs"]["path"] == str(other / "a.mp4")
+    for name, array in before["b.mp4"].items():  # the other video is untouched
+        if name != "attrs":
+            assert np.array_equal(after["b.mp4"][name], array, equal_nan=True), name
+
+
 def _cli(*args):
     return [sys.executable, "-m", "affextract", *map(str, args)]
 
