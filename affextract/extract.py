@@ -206,21 +206,23 @@ def _plan(sources: list[Source], stored: dict[str, StoredVideo], report: Extract
     """
     todo, clashes = [], []
     for s in sources:
-        old = stored.get(s.key)
+        old, digest = stored.get(s.key), None
         if old is None:
             todo.append(s)
         elif (old.size_bytes, old.mtime) == (s.size_bytes, s.mtime):  # the same file, even if its folder moved
             report.skipped.append(s.key)
-        elif old.size_bytes == s.size_bytes and _stored_sha256(old) == file_sha256(s.path):  # a copy, a new mtime
-            report.skipped.append(s.key)
+        elif old.size_bytes == s.size_bytes and (digest := _stored_sha256(old)) == file_sha256(s.path):
+            report.skipped.append(s.key)  # a copy (new times, another folder)
         elif old.path in ("", str(s.path)):  # the same file, changed since: extracted again
             todo.append(s)
         elif replace:
             todo.append(s)
             report.replaced.append(s.key)
         else:
+            known = old.size_bytes != s.size_bytes or digest is not None
             clashes.append(f"'{s.key}' (stored from {old.path}, {old.size_bytes:,} bytes; this run has {s.path}, "
-                           f"{s.size_bytes:,} bytes, other contents)")
+                           f"{s.size_bytes:,} bytes, " + ("other contents)" if known else
+                                                          "contents not comparable: the stored source is gone)"))
     if clashes:
         more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
         raise KeyClashError(
