@@ -1,28 +1,72 @@
-"""Alignment: each face warped onto insightface's ArcFace 5-point template (similarity transform), the MMA's input;
-`warp_affine`, the one warp of every model's crops (also the face mesh's, `movement.crop_faces`)."""
+"""Alignment: each face warped onto the ArcFace 5-point template (similarity transform), the MMA's input;
+`warp_affine`, the one warp of every model's crops (also the face mesh's, `movement.crop_faces`).
+
+The transform is insightface's `face_align.estimate_norm` (a least-squares similarity by Umeyama's method, without
+reflection, onto the same template), computed here so that the default path does not need insightface; a test proves
+the two agree to float64 rounding."""
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from affextract.runtime import gpu_paths
+
+# insightface's `arcface_dst`: where the eyes, nose tip and mouth corners of a 112x112 ArcFace crop lie (x, y). Kept
+# in float32 as insightface keeps it: its mean then rounds as insightface's does, and the crops come out identical to
+# the last grey level (cv2's fixed-point warp turns a 1e-6 pixel shift into a changed pixel now and then).
+ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+                             [70.7299, 92.2041]], np.float32)
+
+
+def arcface_template(size: int = 112) -> np.ndarray:
+    """(5, 2) template for a size x size crop (size a multiple of 112, or of 128 with insightface's 8 px shift)."""
+    if size % 112 == 0:
+        return ARCFACE_TEMPLATE * np.float32(size / 112.0)
+    if size % 128 == 0:
+        dst = ARCFACE_TEMPLATE * np.float32(size / 128.0)
+        dst[:, 0] += np.float32(8.0 * size / 128.0)
+        return dst
+    raise ValueError(f"ArcFace crops are a multiple of 112 or 128 pixels wide, not {size}")
+
+
+def similarity_matrices(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """(N, P, 2) point sets -> (N, 2, 3) float64 least-squares similarity transforms (rotation, one scale,
+    translation; never a reflection) mapping each set onto `dst` (P, 2): Umeyama (1991), as skimage's
+    SimilarityTransform.estimate. A set whose points all coincide has no such transform: NaN."""
+    src = np.asarray(src, np.float64)
+    dst = np.asarray(dst)  # (its own precision: the float32 template's mean is rounded as in insightface)
+    n, p = src.shape[:2]
+    src_mean, dst_mean = src.mean(1), dst.mean(0)  # (N, 2), (2,)
+    src_c, dst_c = src - src_mean[:, None], dst - dst_mean
+    cov = np.einsum("pi,npj->nij", dst_c, src_c) / p  # (N, 2, 2) = dst_c.T @ src_c / P
+    u, sv, vt = np.linalg.svd(cov)
+    rank = (sv > sv[:, :1] * max(cov.shape[1:]) * np.finfo(np.float64).eps).sum(1)
+    # The last singular direction is flipped where the best orthogonal fit would be a reflection; for rank 1 (all
+    # points on a line) the sign of U·Vᵀ decides it, as in Umeyama's paper.
+    flip = np.where(rank == 1, np.linalg.det(u) * np.linalg.det(vt) < 0, np.linalg.det(cov) < 0)
+    d = np.ones((n, 2))
+    d[:, 1] = np.where(flip, -1.0, 1.0)
+    rot = u @ (d[:, :, None] * vt)  # U diag(d) Vᵀ
+    # (rank 1: the second singular value is 0, so its sign does not change the scale)
+    scale = (sv * d).sum(1) / src_c.var(1).sum(1)
+    out = np.empty((n, 2, 3))
+    out[:, :, :2] = scale[:, None, None] * rot
+    out[:, :, 2] = dst_mean - np.einsum("nij,nj->ni", out[:, :, :2], src_mean)
+    out[rank == 0] = np.nan
+    return out
+
 
 def alignment_matrices(landmarks: np.ndarray, size: int = 112) -> np.ndarray:
     """(N, 5, 2) landmarks -> (N, 2, 3) float64 similarity transforms image -> crop onto the ArcFace template
-    (insightface.utils.face_align.estimate_norm). Rows with non-finite landmarks are NaN."""
-    from insightface.utils.face_align import estimate_norm
-
+    (what insightface.utils.face_align.estimate_norm gives). Rows with non-finite landmarks are NaN."""
     landmarks = np.asarray(landmarks, np.float64).reshape(-1, 5, 2)
     out = np.full((len(landmarks), 2, 3), np.nan)
-    with warnings.catch_warnings():
-        # insightface calls skimage's SimilarityTransform.estimate, deprecated (not changed) in skimage 0.26.
-        warnings.simplefilter("ignore", FutureWarning)
-        for i, marks in enumerate(landmarks):
-            if np.isfinite(marks).all():
-                out[i] = estimate_norm(marks, image_size=size)
+    ok = np.isfinite(landmarks).all((1, 2))
+    if ok.any():
+        with np.errstate(invalid="ignore", divide="ignore"):  # coinciding points give NaN, as documented
+            out[ok] = similarity_matrices(landmarks[ok], arcface_template(size))
     return out
 
 
@@ -52,8 +96,8 @@ def warp_affine(frames, matrices: np.ndarray, size: int, device: str | torch.dev
 
     ``method="cv2"`` (the default on the CPU): one cv2.warpAffine per face, which is what insightface's ``norm_crop``
     and MediaPipe's CPU ImageToTensor do, and much cheaper there than converting frames to float. ``"grid"`` (the
-    default on GPUs): all faces in one batched bilinear warp (affine_grid + grid_sample, zero border) on the device,
-    within one grey level of cv2.
+    default on GPUs, and wherever ``runtime.gpu_paths`` says so): all faces in one batched bilinear warp
+    (affine_grid + grid_sample, zero border) on the device, within one grey level of cv2.
     """
     if method not in ("auto", "cv2", "grid"):
         raise ValueError(f"unknown warp method {method!r}; known: auto, cv2, grid")
@@ -68,7 +112,7 @@ def warp_affine(frames, matrices: np.ndarray, size: int, device: str | torch.dev
     if n == 0:
         return torch.zeros(0, 3, size, size, dtype=torch.uint8, device=device)
     ok = np.isfinite(matrices).all((1, 2))
-    if method == "cv2" or (method == "auto" and device.type == "cpu"):
+    if method == "cv2" or (method == "auto" and not gpu_paths(device)):
         import cv2
 
         images = images.cpu().numpy()

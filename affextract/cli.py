@@ -7,15 +7,30 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+
+from affextract.console import CliConsole, plural
 
 app = typer.Typer(
     help="Per-frame facial-affect features (valence/arousal, 7 expressions, 17 AUs) from video.",
     no_args_is_help=True,
     add_completion=False,
 )
-console = Console(stderr=True)
+console = CliConsole(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from affextract import __version__
+
+        print(f"affextract {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
 
 
 @app.command(epilog="""Examples:
@@ -30,7 +45,8 @@ console = Console(stderr=True)
 
 Rerunning the same command skips finished, unchanged videos and retries failed ones.""")
 def run(
-    paths: list[Path] = typer.Argument(..., help="Video/image files or folders (searched recursively), then the output .h5 file."),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUTS", help="Video/image files or folders (searched recursively)."),
+    output: Path = typer.Argument(..., metavar="OUTPUT", help="The output .h5 file (created, or continued when it exists)."),
     weights: Optional[Path] = typer.Option(None, help="MMA weights (.safetensors). Default: the weights shipped with affextract."),
     detector: str = typer.Option("mtcnn", help="Face detector: mtcnn (offline, default) or scrfd."),
     detector_model: Optional[Path] = typer.Option(None, help="Local model file for the detector (scrfd: a .onnx)."),
@@ -48,15 +64,12 @@ def run(
     replace: bool = typer.Option(False, "--replace", help="Replace a stored video whose name now holds a file with other contents (refused without it; identical copies are skipped either way)."),
 ) -> None:
     """Extract per-frame affect features (26 values per frame) and measured facial movement of videos into an HDF5 file."""
-    from affextract.extract import ExtractOptions, extract
+    from affextract.extract import ExtractOptions, Interrupted, extract
 
     if detect_every is not None:
         raise typer.BadParameter("--detect-every was replaced by --detect-interval SECONDS: key frames are spaced in "
                                  "time, so --fps does not stretch them (--detect-every 10 at 25 fps is "
                                  "--detect-interval 0.4)")
-    if len(paths) < 2:
-        raise typer.BadParameter("give at least one input and the output file, e.g. `affextract run videos/ out.h5`")
-    *inputs, output = paths
     if output.suffix.lower() not in (".h5", ".hdf5"):
         raise typer.BadParameter(f"the last path is the output file and must end in .h5 (got {output})")
     try:
@@ -68,6 +81,14 @@ def run(
     except (OSError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
+    except Interrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            r = stop.report
+            console.print(f"interrupted: {plural(r.stored, 'video')} safe in {output} "
+                          f"({len(r.written)} finished in this run); the video(s) in progress are redone. "
+                          "Rerun the same command to continue: finished videos are skipped.",
+                          soft_wrap=True, highlight=False, markup=False)
+        raise typer.Exit(130)
     if int(os.environ.get("RANK", "0")) == 0:
         _render_report(report)
     if report.failed:
@@ -78,8 +99,9 @@ def _render_report(report) -> None:
     from rich.table import Table
 
     console.print(
-        f"[bold]{report.output}[/bold]: {len(report.written)} extracted, {len(report.skipped)} already done (skipped), "
-        f"{len(report.partial)} partial, {len(report.failed)} failed; {report.frames:,} frames in {report.seconds:.1f} s"
+        f"[bold]{escape(str(report.output))}[/bold]: {len(report.written)} extracted, {len(report.skipped)} already "
+        f"done (skipped), {len(report.partial)} partial, {len(report.failed)} failed; {plural(report.frames, 'frame')} "
+        f"in {report.seconds:.1f} s"
         + (f" ({report.frames / report.seconds:,.1f} frames/s)" if report.frames else "")
     )
     if report.failed or report.partial:
@@ -96,41 +118,94 @@ def _render_report(report) -> None:
         console.print(f"replaced (--replace: other contents under a stored name): {escape(', '.join(report.replaced))}",
                       soft_wrap=True, highlight=False)
     if report.ignored:
-        console.print(f"[dim]{len(report.ignored)} file(s) in the input folders are neither video nor image: ignored.[/dim]")
+        n = len(report.ignored)
+        console.print(f"[dim]{plural(n, 'file')} in the input folders {'is' if n == 1 else 'are'} neither video nor "
+                      "image: ignored.[/dim]")
 
 
-@app.command()
-def info(path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An affextract .h5 file.")) -> None:
+INFO_FIRST = 20  # videos `affextract info` lists without --all
+
+
+@app.command(epilog="""Examples:
+
+  affextract info out.h5              counts per status, frames, face rate, the first 20 videos, provenance
+
+  affextract info out.h5 --all        every video
+
+  affextract info out.h5 --json > info.json      everything, machine-readable""")
+def info(
+    path: Path = typer.Argument(..., dir_okay=False, help="An affextract .h5 file."),
+    all_videos: bool = typer.Option(False, "--all", help=f"List every video (default: the first {INFO_FIRST})."),
+    as_json: bool = typer.Option(False, "--json", help="Print the provenance, totals and every video as JSON on stdout."),
+) -> None:
     """Show the videos in a feature file (frames, face rate, status) and how the file was made."""
+    import json as _json
+    from dataclasses import asdict
+
     from rich.table import Table
 
     from affextract.features import open_features
-    from affextract.store import FormatError
+    from affextract.store import FormatError, parts_folder
 
     try:
         with open_features(path) as ff:
-            attrs, rows = ff.attrs, ff.summary()
+            attrs, rows, pending = ff.attrs, ff.summary(), ff.pending
     except (FormatError, OSError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
-    out = Console()
+    frames = sum(r.frames for r in rows)
+    faces = round(sum(r.frames * r.face_rate for r in rows))
+    counts = {s: sum(r.status == s for r in rows) for s in ("complete", "partial", "failed")}
+    if as_json:
+        print(_json.dumps({"path": str(path), "videos": len(rows), "statuses": counts, "pending": pending,
+                           "frames": frames,
+                           "frames_with_face": faces, "attrs": attrs, "per_video": [asdict(r) for r in rows]},
+                          indent=1, default=lambda v: v.item() if hasattr(v, "item") else str(v)))
+        return
+    out = CliConsole(highlight=False)
+    shown = rows if all_videos else rows[:INFO_FIRST]
     t = Table(title=str(path), title_justify="left")
     for col, just in (("video", "left"), ("frames", "right"), ("face rate", "right"), ("status", "left")):
         t.add_column(col, justify=just)
     colour = {"complete": "green", "partial": "yellow", "failed": "red"}
-    for r in rows:
-        status = f"[{colour.get(r.status, 'white')}]{r.status}[/]" + (f" ({r.error})" if r.error else "")
-        t.add_row(r.key, f"{r.frames:,}", f"{r.face_rate:.1%}" if r.status != "failed" else "-", status)
+    for r in shown:
+        status = f"[{colour.get(r.status, 'white')}]{r.status}[/]" + (f" ({escape(r.error)})" if r.error else "")
+        rate = "-" if r.status == "failed" else f"{r.face_rate:.1%}" if r.frames else "no frames"
+        t.add_row(escape(r.key), f"{r.frames:,}", rate, status)
     out.print(t)
-    frames = sum(r.frames for r in rows)
-    faces = sum(r.frames * r.face_rate for r in rows)
-    out.print(f"{len(rows)} videos, {frames:,} frames, face found on {faces / max(frames, 1):.1%}")
-    p = Table(show_header=False, box=None)
+    if len(shown) < len(rows):
+        out.print(f"... and {plural(len(rows) - len(shown), 'more video')}: --all lists every one, --json gives "
+                  "them as JSON")
+    face = f"face found on {faces / frames:.1%}" if frames else "no frames analysed"
+    out.print(f"{plural(len(rows), 'video')} ({', '.join(f'{n:,} {s}' for s, n in counts.items() if n) or 'none'}), "
+              f"{plural(frames, 'frame')}, {face}")
+    if pending:
+        out.print(f"[yellow]{plural(pending, 'finished video')} {'waits' if pending == 1 else 'wait'} in "
+                  f"{escape(str(parts_folder(path)))}/ to be merged: by the run writing the file, or, if it stopped, "
+                  f"by `affextract merge {escape(str(path))}` (or by rerunning it)[/yellow]")
     for k in ("format", "format_version", "affextract_version", "model", "model_sha256", "detector", "alignment",
               "sampling", "movement", "created", "updated"):
-        if k in attrs:
-            p.add_row(f"[bold]{k}[/bold]", str(attrs[k]))
-    out.print(p)
+        if k in attrs:  # one plain line each: nothing is cut or wrapped, whatever the width
+            out.print(f"[bold]{k:<18}[/bold] {escape(str(attrs[k]))}", soft_wrap=True)
+
+
+@app.command()
+def merge(path: Path = typer.Argument(..., dir_okay=False, help="The output .h5 file of a stopped `affextract run`.")
+          ) -> None:
+    """Merge the finished videos a stopped run left in OUTPUT.parts/ into OUTPUT (creating it if needed), as
+    rerunning the run would, without extracting anything."""
+    from affextract.store import FormatError, IncompatibleError, LockedError, merge_parts, parts_folder
+
+    try:
+        n = merge_parts(path)
+    except (FormatError, IncompatibleError, LockedError, OSError) as e:
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(2)
+    if n == 0:
+        console.print(f"nothing to merge: {escape(str(parts_folder(path)))}/ holds no finished video", soft_wrap=True)
+    else:
+        console.print(f"merged {plural(n, 'finished video')} into {escape(str(path))}; `affextract info "
+                      f"{escape(str(path))}` lists them", soft_wrap=True)
 
 
 @app.command(epilog="""Datasets are named kind:path[:arg]:
@@ -254,8 +329,8 @@ def evaluate(
     data: str = typer.Argument(..., help="Dataset kind:path[:arg], as for `train`, or folder:DIR of class folders."),
     weights: Optional[Path] = typer.Option(None, help="MMA weights (.safetensors). Default: the shipped weights."),
     derive_va: bool = typer.Option(False, help="Score valence/arousal against targets derived from expressions."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
-    batch_size: int = typer.Option(512, min=1),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto (cuda when available)."),
+    batch_size: int = typer.Option(512, min=1, help="Faces run through the model together."),
     as_json: bool = typer.Option(False, "--json", help="Print the scores as JSON on stdout."),
 ) -> None:
     """Score MMA weights on a labelled dataset: CCC-VA, macro F1 (expressions, AUs), accuracy, confusion matrix,
@@ -265,24 +340,26 @@ def evaluate(
     from affextract.datasets import DatasetError, load_spec
     from affextract.evaluate import evaluate as run_evaluation
     from affextract.model import load_weights
+    from affextract.runtime import resolve_device
 
     try:
+        where = resolve_device(device)
         fs = load_spec(data, derive_va)
-        model, info = load_weights(weights, device)
-        report = run_evaluation(model, fs, batch_size, device)
+        model, info = load_weights(weights, where)
+        report = run_evaluation(model, fs, batch_size, where)
     except (DatasetError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
     if as_json:
         print(_json.dumps(report.to_json() | {"weights": info.name, "weights_sha256": info.sha256}, indent=1))
         return
-    out = Console()
+    out = CliConsole()
     _render_scores(out, report, f"{info.name} on {report.dataset} ({report.n:,} samples)")
     for group, r in report.per_group.items():
         _render_scores(out, r, f"source {group} ({r.n:,} samples)")
 
 
-def _render_scores(out: Console, report, title: str) -> None:
+def _render_scores(out: CliConsole, report, title: str) -> None:
     from rich.table import Table
 
     from affextract.schema import EXPRESSIONS
@@ -328,7 +405,10 @@ def plot(
     root: Optional[Path] = typer.Option(None, help="Folder given to `affextract run` (the stored paths are relative to it). Default: the current folder, then the .h5's folder."),
     video_path: Optional[Path] = typer.Option(None, help="The source video file itself (for --crops)."),
 ) -> None:
-    """Plot one video's features over time: valence/arousal, expressions, AU heat map, spans without a face."""
+    """Plot one video's features over time: valence/arousal, expressions, AU heat map and, with measured movement,
+    head pose (yaw, pitch, roll) and the 51 MediaPipe blendshapes as a heat map; spans without a face are shaded.
+    --crops adds frames sampled along the whole video, each with its tracked face and aligned crop (or marked as
+    having no face)."""
     from affextract.plot import PlotOptions, plot_timeline
     from affextract.store import FormatError
 
@@ -348,7 +428,7 @@ def plot(
   affextract export out.h5 --format parquet -o frames.parquet --geometry""")
 def export(
     path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An affextract .h5 file."),
-    format: str = typer.Option("csv", "--format", "-f", help="csv or parquet (parquet needs pyarrow: pip install \"affextract\\[parquet]\")."),
+    format: str = typer.Option("csv", "--format", "-f", help="csv or parquet (parquet needs pyarrow: pip install pyarrow, or from a clone: pip install -e \".\\[parquet]\")."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write. Default: the .h5 path with .csv/.parquet."),
     video: Optional[list[str]] = typer.Option(None, "--video", help="Export only this video (repeatable). Default: all."),
     geometry: bool = typer.Option(False, "--geometry", help="Add the face box and 5 landmark columns."),
@@ -363,7 +443,8 @@ def export(
     except (KeyError, FileNotFoundError, FormatError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {e.args[0] if isinstance(e, KeyError) else e}")
         raise typer.Exit(2)
-    console.print(f"wrote {report.output}: {report.rows:,} rows ({report.videos} videos), {len(report.columns)} columns")
+    console.print(f"wrote {escape(str(report.output))}: {plural(report.rows, 'row')} ({plural(report.videos, 'video')}), "
+                  f"{len(report.columns)} columns", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -222,6 +222,21 @@ class ScrfdOptions:
     nms_thresh: float = 0.4
 
 
+class MissingExtra(RuntimeError):
+    """An optional part is used without the packages it needs; the message says what to install."""
+
+
+def _need_scrfd_packages() -> None:
+    """insightface and onnxruntime come with the `scrfd` extra only: the default detector needs neither."""
+    try:
+        import insightface  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise MissingExtra(f"the scrfd detector needs insightface and onnxruntime ({e}): pip install -e '.[scrfd]' in "
+                           "the affextract folder (or pip install insightface onnxruntime); the default detector, "
+                           "mtcnn, needs neither") from None
+
+
 def scrfd_download_url(pack: str) -> str:
     """URL from which the installed insightface fetches a model pack."""
     from insightface.utils import storage
@@ -276,6 +291,7 @@ class ScrfdDetector:
     def __init__(self, device: str | torch.device = "cpu", **options):
         import torch
 
+        _need_scrfd_packages()
         self.options = _options(ScrfdOptions, self.name, options)
         self.device = torch.device(device)
         self.model_path = _scrfd_model(self.options)
@@ -300,6 +316,7 @@ class ScrfdDetector:
     def describe(cls, **options) -> dict:
         """The settings a detector built with these options reports (the model file it would use), without loading
         the model."""
+        _need_scrfd_packages()
         o = _options(ScrfdOptions, cls.name, options)
         return _jsonable({"name": cls.name, **asdict(o), "model_file_used": str(_scrfd_model(o))})
 

@@ -29,7 +29,7 @@ GAZE_COLUMNS = ("gaze_angle_x", "gaze_angle_y")  # OpenFace's names: radians
 
 @dataclass(frozen=True)
 class ExportOptions:
-    format: str = "csv"  # csv | parquet (parquet needs pyarrow: pip install "affextract[parquet]")
+    format: str = "csv"  # csv | parquet (parquet needs pyarrow: pip install pyarrow)
     videos: tuple[str, ...] | None = None  # keys (or unique names/stems) to export; None = every video
     geometry: bool = False  # add the face box (face_x1..face_y2) and landmark columns (left_eye_x, ...)
 
@@ -123,6 +123,20 @@ def default_output(h5: Path, format: str) -> Path:
     return Path(h5).with_suffix("." + format)
 
 
+class NothingToExport(ValueError):
+    """The feature file holds no video with features (every video failed, or none was extracted): no table is written,
+    rather than one with a header only that would pass for a result."""
+
+
+def _nothing(ff) -> str:
+    if ff.failed:
+        some = "; ".join(f"{k}: {e}" for k, e in list(ff.failed.items())[:3])
+        return (f"nothing to export: every video of {ff.path} failed ({len(ff.failed)}: {some}"
+                f"{'; ...' if len(ff.failed) > 3 else ''}); no file was written. `affextract info {ff.path}` lists "
+                "them; rerunning `affextract run` retries them")
+    return f"nothing to export: {ff.path} holds no video; no file was written"
+
+
 def export(h5: str | Path, output: str | Path | None = None, options: ExportOptions = ExportOptions()) -> ExportReport:
     """Write the frames of `h5` as one CSV or Parquet table at `output` (default: beside h5, .csv / .parquet)."""
     output = Path(output) if output is not None else default_output(Path(h5), options.format)
@@ -133,8 +147,8 @@ def export(h5: str | Path, output: str | Path | None = None, options: ExportOpti
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise RuntimeError('Parquet export needs pyarrow: pip install "affextract[parquet]" '
-                               "(or pip install pyarrow), or use --format csv") from None
+            raise RuntimeError("Parquet export needs pyarrow: pip install pyarrow (or, in a clone of affextract, "
+                               'pip install -e ".[parquet]"), or use --format csv') from None
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")  # a cut-off export never looks like a finished one
     rows = n_videos = 0
@@ -142,6 +156,8 @@ def export(h5: str | Path, output: str | Path | None = None, options: ExportOpti
     writer = None
     with open_features(h5) as ff:
         keys = ff.keys if options.videos is None else [ff.find(k) for k in options.videos]
+        if not keys:
+            raise NothingToExport(_nothing(ff))
         try:
             for key in keys:
                 table = frame_table(ff[key], options.geometry)
@@ -156,13 +172,6 @@ def export(h5: str | Path, output: str | Path | None = None, options: ExportOpti
                     writer.write_table(t)
                 rows += len(table)
                 n_videos += 1
-            if n_videos == 0:  # still a valid, empty table with the header
-                table = frame_table(VideoFeatures.empty(), options.geometry)
-                columns = tuple(table.columns)
-                if options.format == "csv":
-                    table.to_csv(tmp, index=False)
-                else:
-                    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), tmp)
         except BaseException:
             if writer is not None:
                 writer.close()

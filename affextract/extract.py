@@ -26,6 +26,8 @@ from affextract.store import (MOVEMENT_DATASETS, MOVEMENT_OFF, FeatureStore, Pro
 from affextract.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, VideoInfo, find_sources
 from affextract.workers import Broken, FaceChunk, Failed, Finished, Opened, WorkerSpec, analyse
 
+# The alignment in the files' provenance. affextract.align computes it without insightface (the same transform, to
+# float64 rounding); the text is left as files made before say it, so that they can still be continued.
 ALIGNMENT = "arcface-5pt similarity (insightface.utils.face_align.estimate_norm) to 112x112 RGB in [-1, 1]"
 MESH_CROP = ("MediaPipe's face crop placed from the tracked face's 5 points (movement.roi_from_points: eyes level, "
              "POINTS_TEMPLATE fitted by least squares), 192x192 RGB, bilinear, black beyond the frame")
@@ -75,6 +77,17 @@ class ExtractReport:
     ignored: list[Path] = field(default_factory=list)  # files in input folders that are neither video nor image
     frames: int = 0  # frames analysed in this run
     seconds: float = 0.0
+    stored: int | None = None  # videos with features the output file holds after an interruption (None otherwise)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped `extract`. Videos finished before it were merged into the output file first, so they
+    are safe; `report` says what this run did and `report.stored` how many videos the file now holds. Calling
+    `extract` again with the same arguments continues: finished videos are skipped, the interrupted ones redone."""
+
+    def __init__(self, report: "ExtractReport"):
+        super().__init__(f"interrupted; {report.output} holds {report.stored} finished video(s)")
+        self.report = report
 
 
 class KeyClashError(ValueError):
@@ -140,6 +153,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
     from affextract.detectors import describe_detector
 
     t0 = time.perf_counter()
+    interrupted = False
     dist = _Dist()
     report = ExtractReport(output=Path(output))
     try:
@@ -178,10 +192,17 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             mine = todo[dist.rank::dist.world]
             if mine:
                 _run(mine, store, provenance, options, dist.rank == 0, report)
+        except KeyboardInterrupt:
+            interrupted = True  # the finished videos are merged below, before the interrupt goes on
         finally:
-            dist.barrier()
+            if not interrupted:
+                dist.barrier()
             if dist.rank == 0:
                 store.close()  # final merge of every rank's shards, unlock
+        if interrupted:
+            report.stored = len(store.stored()) if dist.rank == 0 else None
+            report.seconds = time.perf_counter() - t0
+            raise Interrupted(report)
         reports = dist.gather(report)
     finally:
         dist.close()
@@ -345,9 +366,11 @@ class _Features:
     def __init__(self, model, device):
         import torch
 
+        from affextract.runtime import gpu_paths
+
         self.model, self.device = model, device
         # Half precision on GPUs: the model's outputs are probabilities and tanh values, far above bf16 error.
-        self.dtype = torch.bfloat16 if device.type == "cuda" else None
+        self.dtype = torch.bfloat16 if gpu_paths(device) else None
 
     def __call__(self, faces: FaceChunk) -> np.ndarray:
         import torch
@@ -366,9 +389,10 @@ class _Movement:
 
     def __init__(self, device, datasets: tuple[str, ...]):
         from affextract.movement import Movement, MovementOptions
+        from affextract.runtime import gpu_paths
 
         # Batches of 16 fit a CPU's cache; a GPU takes a chunk at once.
-        self.stage = Movement(device, MovementOptions(batch_size=16 if device.type == "cpu" else 256))
+        self.stage = Movement(device, MovementOptions(batch_size=256 if gpu_paths(device) else 16))
         self.datasets = datasets
 
     def __call__(self, faces: FaceChunk) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ import numpy as np
 
 from affextract.schema import AU, BLENDSHAPE_NAMES, EXPR, FEATURE_NAMES, GAZE_NAMES, POSE_NAMES, VA
 from affextract.store import (DATASETS, NAME_MAJOR, FormatError, Provenance, _str, check_format, escape_key,
-                              unescape_key)
+                              parts_folder, pending_parts, unescape_key)
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,13 @@ class FeatureFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
+            waiting = len(pending_parts(self.path))
+            if waiting:
+                raise FileNotFoundError(
+                    f"{self.path} does not exist yet, but {waiting} finished video(s) wait in "
+                    f"{parts_folder(self.path)}/: the run writing it stopped before its first merge. "
+                    f"`affextract merge {self.path}` merges them now; rerunning the same `affextract run` command "
+                    "also merges them, then continues")
             raise FileNotFoundError(
                 f"{self.path}: no such feature file (make one with `affextract run VIDEOS/ {self.path.name}`)")
         try:
@@ -182,6 +189,8 @@ class FeatureFile:
         self.gaze_names: tuple[str, ...] = tuple(self.attrs.get("gaze_names", GAZE_NAMES))
         videos = self._f.get("videos", {})
         self.keys: list[str] = sorted(unescape_key(n) for n in videos)  # videos stored with features
+        # Finished videos waiting in the parts folder to be merged (by the run writing the file, or `affextract merge`).
+        self.pending: int = len(pending_parts(self.path))
         failed = self._f.get("failed", {})
         # Videos that could not be decoded at all: key -> error (they are retried by the next `affextract run`).
         self.failed: dict[str, str] = {unescape_key(n): _str(g.attrs.get("error", "")) for n, g in failed.items()}

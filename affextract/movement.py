@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from affextract.align import warp_affine
+from affextract.runtime import gpu_paths
 # Names of the outputs, shared with the file format and seqhead (see there for their conventions).
 from affextract.schema import BLENDSHAPE_NAMES, GAZE_NAMES, MESH_POINTS, POSE_NAMES, WEIGHTS_DIR  # noqa: F401
 from affextract.store import file_sha256
@@ -115,11 +116,11 @@ class FaceMesh(nn.Module):
     # The later blocks' smaller maps run on the whole batch, where larger matrices make the convolutions efficient.
     # A GPU has no such cache limit and wants the whole batch in every kernel.
     cache_blocks = 5  # blocks run per chunk: up to the last 48x48 one
-    cache_faces = 4  # faces per chunk (CPU only)
+    cache_faces = 4  # faces per chunk (the CPU branch, see runtime.gpu_paths)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, 3, 192, 192) -> (B, 478, 3), (B,)
         parts = []
-        chunks = x.split(self.cache_faces) if x.device.type == "cpu" else ()
+        chunks = () if gpu_paths(x.device) else x.split(self.cache_faces)
         for chunk in chunks or (x,):  # (x,): an empty batch still gives empty outputs
             h = self.stem_act(self.stem(_same_pad(chunk)))
             for block in self.blocks[:self.cache_blocks]:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from affextract.runtime import gpu_paths
+
 # Normalised images are (pixel - 127.5) / 128, as in mtcnn.utils.images.normalize_images.
 _MEAN = 127.5
 _STD = 128.0
@@ -411,7 +413,7 @@ class MTCNN(nn.Module):
         # (B, 3, H, W) view of the (B, H, W, 3) frames: channels_last memory, which torch's CPU kernels (uint8
         # antialiased resize, oneDNN convolutions, max pooling) run several times faster than NCHW.
         pixels = frames.permute(0, 3, 1, 2)
-        if resize == "area" or pixels.device.type != "cpu":
+        if resize == "area" or gpu_paths(pixels.device):
             pixels = pixels.float()  # area resize, and antialiased resize off CPU, need float input
         per_scale = []
         first = None

@@ -3,9 +3,10 @@
 Panels share one time axis in seconds: valence and arousal (lines), the 7 expression probabilities (stacked area),
 the 17 AU probabilities (heat map) and, with measured movement, head yaw, pitch and roll (lines, degrees) and the 51
 MediaPipe blendshapes (heat map; `_neutral` left out). Spans without a face are shaded grey on every panel. The
-contact sheet re-decodes frames sampled along the video and shows each frame with the tracked box and landmarks above
-the aligned 112×112 crop the model saw (the stored landmarks through the same alignment `affextract run` uses), so one
-glance tells whether the right face was tracked and aligned.
+contact sheet re-decodes frames sampled evenly along the whole video, with or without a face, and shows each frame
+with the tracked box and landmarks above the aligned 112×112 crop the model saw (the stored landmarks through the same
+alignment `affextract run` uses); a frame where no face was found is shown and marked so, which is how missed faces
+are found. Dotted lines on the first panel mark the sampled times (red: no face).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from affextract.schema import AU_NAMES, BLENDSHAPE_NAMES, EXPRESSIONS, POSE_NAME
 EXPRESSION_COLOURS = {"neutral": "#b0b0b0", "anger": "#d62728", "disgust": "#8c564b", "fear": "#9467bd",
                       "happiness": "#ffbf00", "sadness": "#1f77b4", "surprise": "#17becf"}
 NO_FACE_COLOUR = "#7f7f7f"
+MISSED_COLOUR = "#d62728"  # a sampled frame without a face: its marker on the timeline and its caption
 POSE_COLOURS = {"yaw": "#1f77b4", "pitch": "#d62728", "roll": "#2ca02c"}
 
 
@@ -39,17 +41,26 @@ class SourceNotFound(FileNotFoundError):
 
 
 def find_source(video: VideoFeatures, h5: Path, video_path: Path | None = None, root: Path | None = None) -> Path:
-    """The source file of a stored video: `video_path` if given, else its relative path (`source` attribute) under
-    `root`, the current directory, or the h5 file's folder. Raises SourceNotFound naming every place tried."""
+    """The source file of a stored video: `video_path` if given; else its relative path (`source` attribute) under
+    `root` if given; else the path it was extracted from (`path` attribute; a relative one is taken from the h5
+    file's folder, then the current one) when it still has the stored size, then the relative path under the current
+    directory and the h5 file's folder. Raises SourceNotFound naming every place tried."""
     if video_path is not None:
         if Path(video_path).is_file():
             return Path(video_path)
         raise SourceNotFound(f"--video-path {video_path} does not exist")
     rel = Path(video.source)
-    bases = [root] if root is not None else [Path.cwd(), Path(h5).resolve().parent]
-    tried = list(dict.fromkeys(Path(b).absolute() / rel for b in bases))
+    here = Path(h5).resolve().parent
+    if root is not None:
+        tried = [Path(root).absolute() / rel]
+    else:
+        stored = Path(str(video.attrs.get("path", "") or ""))
+        tried = [here / stored, Path.cwd() / stored] if str(stored) not in ("", ".") else []
+        tried += [Path.cwd() / rel, here / rel]
+    tried = list(dict.fromkeys(p.absolute() for p in tried))
+    size = video.attrs.get("size_bytes")
     for p in tried:
-        if p.is_file():
+        if p.is_file() and (root is not None or size is None or p.stat().st_size == int(size)):
             return p
     raise SourceNotFound(
         f"cannot find the source of {video.key!r} for the crops; tried {', '.join(str(p) for p in tried)}. "
@@ -78,12 +89,11 @@ def read_frames(path: Path, indices: np.ndarray) -> np.ndarray:
 
 
 def sample_crops(video: VideoFeatures, n: int) -> np.ndarray:
-    """Positions (rows of `video`) of up to n frames with a face, evenly spread over the video's face frames."""
-    rows = np.flatnonzero(video.face)
-    if len(rows) == 0 or n <= 0:
-        return rows[:0]
-    pick = np.unique(np.round(np.linspace(0, len(rows) - 1, min(n, len(rows)))).astype(int))
-    return rows[pick]
+    """Positions (rows of `video`) of up to n analysed frames spread evenly over the whole video, first and last
+    included, whether a face was found there or not (the misses are what a contact sheet is looked at for)."""
+    if len(video) == 0 or n <= 0:
+        return np.zeros(0, int)
+    return np.unique(np.round(np.linspace(0, len(video) - 1, min(n, len(video)))).astype(int))
 
 
 def _edges(t: np.ndarray, fps: float) -> np.ndarray:
@@ -129,10 +139,23 @@ def _fill(ax, x: np.ndarray, rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, *
 
 def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotOptions = PlotOptions()) -> Path:
     """Draw the timeline of one stored video (key, relative path or unique file name) to a PNG; returns its path."""
+    fig = timeline_figure(h5, video, options)  # (selects the Agg backend before pyplot is imported)
+    import matplotlib.pyplot as plt
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=options.dpi)
+    plt.close(fig)
+    return output
+
+
+def timeline_figure(h5: str | Path, video: str, options: PlotOptions = PlotOptions()) -> "Figure":  # noqa: F821
+    """The matplotlib Figure `plot_timeline` saves (for embedding, or for looking at what is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     h5 = Path(h5)
@@ -174,7 +197,12 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
     ax_va.plot(t, v["arousal"], color="#d62728", lw=1.4, label="arousal", **dots)
     ax_va.set_ylim(-1.05, 1.05)
     ax_va.set_ylabel("valence / arousal")
-    _legend(fig.add_subplot(gs[0, 1]), ax_va.get_legend_handles_labels()[0] + shade)
+    marks = []
+    if crops is not None:  # the sampled frames' times: what the dotted lines are
+        marks.append(Line2D([], [], color="black", lw=0.8, ls=":", label="frames shown below"))
+        if not v.face[crops[0]].all():
+            marks.append(Line2D([], [], color=MISSED_COLOUR, lw=1.0, ls=":", label="shown, no face found"))
+    _legend(fig.add_subplot(gs[0, 1]), ax_va.get_legend_handles_labels()[0] + shade + marks)
 
     # expressions: stacked probabilities, drawn on frames with a face only (the gaps are shaded instead)
     top = np.cumsum(np.nan_to_num(v.expressions, nan=0.0), axis=1)  # (K, 7) upper edge of each band
@@ -227,8 +255,10 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
     for ax in panels[:-1]:
         ax.tick_params(labelbottom=False)
     if crops is not None:
-        for r in crops[0]:  # where the sampled faces sit on the time axis
-            ax_va.axvline(t[r], color="black", lw=0.8, ls=":", alpha=0.6)
+        for r in crops[0]:  # where the sampled frames sit on the time axis
+            face = bool(v.face[r])
+            ax_va.axvline(t[r], color="black" if face else MISSED_COLOUR, lw=0.8 if face else 1.0, ls=":",
+                          alpha=0.6 if face else 0.9, gid="sampled-face" if face else "sampled-no-face")
 
     face_rate = float(v.face.mean()) if len(v) else 0.0
     status = "" if v.status == "complete" else f", {v.status}: {v.attrs.get('error', '')}"
@@ -238,11 +268,7 @@ def plot_timeline(h5: str | Path, video: str, output: str | Path, options: PlotO
 
     if crops is not None:
         _contact_sheet(fig, gs[len(heights) - 1, :], v, *crops)
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=options.dpi)
-    plt.close(fig)
-    return output
+    return fig
 
 
 def _legend(ax, handles) -> None:
@@ -268,7 +294,7 @@ def _crops(src: Path, v: VideoFeatures, rows: np.ndarray) -> tuple[np.ndarray, n
     if frames.shape[1:3] != (h, w):
         raise ValueError(f"{src} decodes to {frames.shape[2]}x{frames.shape[1]} frames but the features were made from "
                          f"{w}x{h} ones: is this the same video?")
-    aligned = align_faces(frames, v.landmarks[rows])  # (n, 3, 112, 112) in [-1, 1]
+    aligned = align_faces(frames, v.landmarks[rows])  # (n, 3, 112, 112) in [-1, 1]; black where no face
     faces = ((aligned.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
     return frames, faces
 
@@ -278,7 +304,8 @@ def _contact_sheet(fig, cell, v: VideoFeatures, rows: np.ndarray, images: tuple[
     if len(rows) == 0:
         ax = fig.add_subplot(cell)
         ax.axis("off")
-        ax.text(0.5, 0.5, "no face was found in this video: nothing to show", ha="center", va="center", fontsize=11)
+        ax.text(0.5, 0.5, "no frame was analysed in this video: nothing to show", ha="center", va="center",
+                fontsize=11)
         return
     n = len(rows)
     aspect = frames.shape[1] / frames.shape[2]
@@ -286,11 +313,20 @@ def _contact_sheet(fig, cell, v: VideoFeatures, rows: np.ndarray, images: tuple[
     for i, r in enumerate(rows):
         top, bottom = fig.add_subplot(sub[0, i]), fig.add_subplot(sub[1, i])
         top.imshow(frames[i])
-        x1, y1, x2, y2 = v.box[r]
-        top.add_patch(_rect(x1, y1, x2 - x1, y2 - y1))
-        top.scatter(v.landmarks[r, :, 0], v.landmarks[r, :, 1], s=4, c="#00ff66", lw=0)
-        top.set_title(f"{v.time[r]:.1f} s (frame {v.frame[r]})", fontsize=7.5)
-        bottom.imshow(faces[i])
+        caption = f"{v.time[r]:.1f} s (frame {v.frame[r]})"
+        if v.face[r]:
+            x1, y1, x2, y2 = v.box[r]
+            top.add_patch(_rect(x1, y1, x2 - x1, y2 - y1))
+            top.scatter(v.landmarks[r, :, 0], v.landmarks[r, :, 1], s=4, c="#00ff66", lw=0)
+            top.set_title(caption, fontsize=7.5)
+            bottom.imshow(faces[i])
+        else:  # shown so that a missed face can be seen
+            top.set_title(caption + "\nno face found", fontsize=7.5, color=MISSED_COLOUR)
+            bottom.imshow(np.full((112, 112, 3), 235, np.uint8))
+            bottom.text(0.5, 0.5, "no face", ha="center", va="center", fontsize=8, color=MISSED_COLOUR,
+                        transform=bottom.transAxes)
+            for side in bottom.spines.values():
+                side.set_edgecolor(MISSED_COLOUR)
         for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])

@@ -51,3 +51,16 @@ def resolve_device(device: str) -> torch.device:
     elif d.type != "cpu":
         raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
     return d
+
+
+# Set to 1 to run the GPU branches of device-dependent code on any device (the extraction workers inherit it).
+GPU_PATHS_ENV = "AFFEXTRACT_GPU_PATHS"
+
+
+def gpu_paths(device: torch.device | str) -> bool:
+    """Whether code that picks its algorithm by device takes the GPU branch: on any device but the CPU, and on the CPU
+    too when the environment sets AFFEXTRACT_GPU_PATHS=1, so that the GPU branches (batched warp, whole-batch face
+    mesh, bfloat16 autocast, float pyramid resize, large movement batches) run, and are tested, on a CPU."""
+    import torch
+
+    return torch.device(device).type != "cpu" or os.environ.get(GPU_PATHS_ENV, "") == "1"

@@ -206,12 +206,17 @@ class VideoWriter:
 
 
 class ShardWriter(VideoWriter):
-    """A VideoWriter into its own shard file: the file appears (renamed from *.tmp) only when the video is finished."""
+    """A VideoWriter into its own shard file: the file appears (renamed from *.tmp) only when the video is finished.
+    The shard carries the run's provenance, so that it is never merged into a file of other settings and can be
+    merged without the run that wrote it (`merge_parts`)."""
 
-    def __init__(self, path: Path, key: str, attrs: dict, frames: int | None = None, datasets: tuple[str, ...] = ()):
+    def __init__(self, path: Path, key: str, attrs: dict, frames: int | None = None, datasets: tuple[str, ...] = (),
+                 provenance: Provenance | None = None):
         self.final = path
         self.tmp = path.with_suffix(".tmp")
         self.f = h5py.File(self.tmp, "w")
+        if provenance is not None:
+            provenance.write(self.f.attrs)
         super().__init__(self.f, key, attrs, frames, datasets)
 
     def finish(self, status: str = "complete", error: str = "") -> None:
@@ -308,7 +313,7 @@ class FeatureStore:
         self.merge = merge
         self.provenance = provenance
         self.attrs = dict(attrs or {})
-        self.parts = self.path.with_name(self.path.name + ".parts")
+        self.parts = parts_folder(self.path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._lock_fd: int | None = None
         self._n = 0
@@ -410,12 +415,13 @@ class FeatureStore:
 
     def begin_video(self, key: str, attrs: dict, frames: int | None = None) -> ShardWriter:
         """A writer for one video (`frames`: how many it will have, when known)."""
-        return ShardWriter(self._shard_path(), key, attrs, frames, self.datasets)
+        return ShardWriter(self._shard_path(), key, attrs, frames, self.datasets, self.provenance)
 
     def record_failure(self, key: str, attrs: dict, error: str) -> None:
         path = self._shard_path()
         tmp = path.with_suffix(".tmp")
         with h5py.File(tmp, "w") as f:
+            self.provenance.write(f.attrs)
             g = f.create_group("failed").create_group(escape_key(key))
             for k, v in attrs.items():
                 g.attrs[k] = v
@@ -425,9 +431,14 @@ class FeatureStore:
 
     def commit(self) -> int:
         """Merge complete shards into out.h5 (copy, add, atomic replace). Returns how many were merged."""
-        shards = sorted(self.parts.glob("*.h5")) if self.parts.exists() else []
+        shards = pending_parts(self.path)
         if not shards:
             return 0
+        for shard in shards:
+            with h5py.File(shard, "r") as s:
+                theirs = Provenance.read(s.attrs) if "model_sha256" in s.attrs else self.provenance  # (older shards)
+            if self.provenance.mismatch(theirs):
+                self._check_compatible(theirs, f"{self.parts} (videos of a run that stopped before merging them)")
         t0 = time.perf_counter()
         tmp = self.path.with_name(self.path.name + ".tmp")
         if self.path.exists():
@@ -453,6 +464,39 @@ class FeatureStore:
             shard.unlink()
         self.last_commit_s = time.perf_counter() - t0
         return len(shards)
+
+
+def parts_folder(path: Path | str) -> Path:
+    """Where a run writing `path` keeps finished videos until it merges them: out.h5 -> out.h5.parts/."""
+    path = Path(path)
+    return path.with_name(path.name + ".parts")
+
+
+def pending_parts(path: Path | str) -> list[Path]:
+    """The finished videos (shard files) waiting in `path`'s parts folder to be merged into it, oldest first."""
+    parts = parts_folder(path)
+    return sorted(parts.glob("*.h5")) if parts.is_dir() else []
+
+
+def merge_parts(path: Path | str) -> int:
+    """Merge the finished videos a stopped run left in `path`'s parts folder into `path` (created if missing), as the
+    next `affextract run` would; returns how many. Refuses shards of other settings than the file's."""
+    path = Path(path)
+    shards = pending_parts(path)
+    if not shards:
+        return 0
+    if path.exists():
+        with h5py.File(path, "r") as f:
+            check_format(f, path)
+            provenance = Provenance.read(f.attrs)
+    else:
+        with h5py.File(shards[0], "r") as s:
+            if "model_sha256" not in s.attrs:
+                raise FormatError(f"{shards[0]} does not record the settings it was made with (written by an older "
+                                  "affextract): rerun the `affextract run` command that wrote it; it merges them")
+            provenance = Provenance.read(s.attrs)
+    FeatureStore(path, provenance).open().close()  # opening merges them (under the run's lock), closing unlocks
+    return len(shards)
 
 
 def describe_movement(text: str) -> str:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from affextract.model import MMA, VARIANTS, MMAConfig, activate, resample, save_weights
-from affextract.runtime import ranks, resolve_device
+from affextract.runtime import gpu_paths, ranks, resolve_device
 from affextract.schema import AU, AU_PRIOR, AUS, EXPR, VA
 
 DM_FORMS = ("full", "printed")
@@ -200,7 +200,7 @@ class TrainOptions:
     select: str = "score"
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available; under torchrun each rank uses cuda:LOCAL_RANK
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = True  # bf16 autocast on CUDA (and where runtime.gpu_paths)
     resume: bool = False  # continue from out_dir/checkpoint.pt
     metadata: dict = field(default_factory=dict)  # extra facts recorded with the weights (data, command line)
 
@@ -381,7 +381,7 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
     n = len(x_train)
     per_step = opts.batch_size * world
     steps_per_epoch = max(1, n // per_step)
-    if device.type == "cuda":
+    if gpu_paths(device):
         model = model.to(memory_format=torch.channels_last)
     params = list(model.parameters())
     if frozen:
@@ -429,7 +429,7 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
     }
     emit({"event": "start", "n_train": n, "steps_per_epoch": steps_per_epoch, "epochs": epochs,
           "start_epoch": start_epoch, "device": str(device), "world_size": world})
-    amp = opts.amp and device.type == "cuda"
+    amp = opts.amp and gpu_paths(device)
     gen = torch.Generator(device=device)
     t_start = time.perf_counter()
 
@@ -452,7 +452,7 @@ def train(train_sets, val_sets, opts: TrainOptions, on_event: Callable[[dict], N
         for step in range(steps_per_epoch):
             idx = perm[step * per_step + rank * opts.batch_size : step * per_step + (rank + 1) * opts.batch_size]
             z = x_train[idx] if frozen else augment_batch(x_train[idx].float() / 127.5 - 1.0, opts.augment, gen)
-            if device.type == "cuda" and not frozen:
+            if gpu_paths(device) and not frozen:
                 z = z.contiguous(memory_format=torch.channels_last)
             for g in optim.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + step, epochs * steps_per_epoch)

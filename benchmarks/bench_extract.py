@@ -33,7 +33,7 @@ from affextract.extract import ExtractOptions, _cpu_threads, extract
 from affextract.features import open_features
 from affextract.model import load_weights
 from affextract.movement import Movement, MovementOptions, crop_faces, invert_affine, roi_from_points
-from affextract.runtime import resolve_device
+from affextract.runtime import gpu_paths, resolve_device
 from affextract.tracking import PrimaryFaceStream
 from affextract.video import find_sources, import_decord, open_video
 
@@ -100,7 +100,7 @@ def _stage_costs(source, model, detector, movement, device, interval: float, bat
     model.features(crops)
     sync()
     t = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu_paths(device)):
         model.features(crops).float().cpu()
     mma = time.perf_counter() - t
     # The movement stage: the face mesh's crop (in the workers), then in the main process the mesh alone and the
@@ -237,7 +237,7 @@ def main() -> None:
     sources = find_sources([clips])[0]
     model, winfo = load_weights(a.weights, device=device)
     detector = get_detector("mtcnn", device=str(device))
-    movement = Movement(device, MovementOptions(batch_size=16 if device.type == "cpu" else 256))
+    movement = Movement(device, MovementOptions(batch_size=256 if gpu_paths(device) else 16))
     res: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                  "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "weights": winfo.name,
                  "videos": len(sources), "batch_size": a.batch_size, "workers": a.workers}

@@ -6,16 +6,31 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .data import DataError
+from affextract.console import CliConsole, plural
+
+from .data import DataError, UnmatchedError
 
 app = typer.Typer(help="Sequence heads (paper's masked GRU + routing, pooling heads, baselines) on cached "
                        "affextract features.", no_args_is_help=True, add_completion=False)
-console = Console(stderr=True)
-out_console = Console()
+console = CliConsole(stderr=True)
+out_console = CliConsole()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"seqhead {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
 
 # Options shared by `train` and `sweep` (the sweep's base configuration).
 Labels = Annotated[Optional[Path], typer.Option(help="Label CSV (default: labels.csv beside the features file).")]
@@ -42,7 +57,8 @@ MaxBatches = Annotated[Optional[int], typer.Option(help="Cap on batches per epoc
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
+    text = e.naming("--allow-unmatched") if isinstance(e, UnmatchedError) else str(e)
+    console.print(f"[red]error:[/red] {escape(text)}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
 
 
@@ -64,7 +80,7 @@ class _TrainProgress:
                 self.bar = None
             self.quarter = 1
             best = "best so far, saved" if p.best_epoch == p.epoch else f"best: epoch {p.best_epoch}"
-            self._line(f"epoch {p.epoch}/{p.epochs}: {p.steps} steps in {p.seconds:.1f}s "
+            self._line(f"epoch {p.epoch}/{p.epochs}: {plural(p.steps, 'step')} in {p.seconds:.1f}s "
                        f"({1000 * p.seconds / max(p.steps, 1):.0f} ms/step), train loss {p.train_loss:.4f}, "
                        f"val mean Pearson {p.val_mean_pearson:.4f} ({best})")
         elif console.is_terminal:
@@ -158,7 +174,7 @@ def train(
         raise typer.Exit(130)
     console.print("ids matched by " + ", ".join(f"{f} ({n} rows)" for f, n in res.id_forms.items()), soft_wrap=True,
                   highlight=False)
-    out_console.print(_pearson_table(f"{head}: validation ({res.n_val} videos, {res.n_train} for training)",
+    out_console.print(_pearson_table(f"{head}: validation ({plural(res.n_val, 'video')}, {res.n_train} for training)",
                                      res.val_pearson, res.val_mean_pearson))
     if res.interrupted:
         console.print(f"interrupted after epoch {res.epochs_run}: {res.run_dir} holds the best epoch so far "
@@ -187,7 +203,7 @@ def predict(
         res = run_predict(PredictOptions(run_dir, h5, out, long_videos, batch_size, device, threads))
     except (DataError, ValueError) as e:
         _fail(e)
-    console.print(f"{len(res.table)} videos → {res.out}" +
+    console.print(f"{plural(len(res.table), 'video')} → {res.out}" +
                   (f" ({res.n_long} longer than t, policy {long_videos})" if res.n_long else ""))
 
 
@@ -207,10 +223,11 @@ def evaluate(
         res = run_evaluate(EvaluateOptions(predictions, labels, id_column, split, split_column))
     except (DataError, ValueError) as e:
         _fail(e)
-    out_console.print(_pearson_table(f"{res.n} videos" + (f" ({split})" if split else ""), res.pearson,
+    out_console.print(_pearson_table(plural(res.n, "video") + (f" ({split})" if split else ""), res.pearson,
                                      res.mean_pearson))
     if res.n_unmatched:
-        console.print(f"[yellow]{res.n_unmatched} labelled videos have no prediction[/yellow]")
+        console.print(f"[yellow]{plural(res.n_unmatched, 'labelled video')} "
+                      f"{'has' if res.n_unmatched == 1 else 'have'} no prediction[/yellow]")
 
 
 @app.command()
@@ -265,7 +282,7 @@ def sweep(
     except KeyboardInterrupt:
         console.print(f"interrupted: finished runs are kept in {out}; the same command resumes", soft_wrap=True)
         raise typer.Exit(130)
-    table = Table(title=f"{out}: {len(res.ranked)} configurations ({res.n_run} runs now, {res.n_reused} reused)")
+    table = Table(title=f"{out}: {plural(len(res.ranked), 'configuration')} ({plural(res.n_run, 'run')} now, {res.n_reused} reused)")
     # Numbers never wrap; long configuration names do (the table must fit a narrow terminal).
     for c in ("rank", "configuration", "val mean r", "± std", "seeds", "best epoch", "s/run"):
         table.add_column(c, justify="left" if c == "configuration" else "right", no_wrap=c != "configuration")
@@ -298,8 +315,8 @@ def simulate(
                                            nuisance=nuisance, frame_noise=frame_noise, seed=seed, setting=setting))
     except ValueError as e:
         _fail(e)
-    console.print(f"{sum(res.n_videos)} videos (train/val/test {'/'.join(map(str, res.n_videos))}), "
-                  f"{res.n_frames} frames → {res.h5}, {res.labels}")
+    console.print(f"{plural(sum(res.n_videos), 'video')} (train/val/test {'/'.join(map(str, res.n_videos))}), "
+                  f"{plural(res.n_frames, 'frame')} → {res.h5}, {res.labels}")
 
 
 if __name__ == "__main__":

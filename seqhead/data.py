@@ -34,6 +34,17 @@ class DataError(ValueError):
     """Bad input file (features or labels); the message names the file, the rows and what to do."""
 
 
+class UnmatchedError(DataError):
+    """Ids on one side only (labels without a video, videos without a label). The message names the API argument;
+    a command line names its own flag through `naming`."""
+
+    API_ARGUMENT = "allow_unmatched=True"
+
+    def naming(self, option: str) -> str:
+        """The message with the API argument replaced by `option` (e.g. the CLI's --allow-unmatched)."""
+        return str(self).replace(self.API_ARGUMENT, option)
+
+
 def feature_groups(features: str) -> list[str]:
     """The groups of a subset like 'va,expr,au,bs,pose' (va, expr, au: rows of the 26 features; bs, pose, gaze: the
     measured movement), checked."""
@@ -348,13 +359,15 @@ def match(labels: Labels, videos: list[Video], allow_unmatched: bool = False) ->
     if not allow_unmatched:
         no_video = [i for r, i in enumerate(labels.ids) if r not in found]
         if no_video:
-            raise DataError(f"{labels.path}: {len(no_video)} labelled id(s) have no video in the features file: "
-                            f"{_examples(no_video)}; extract them, remove the rows, or pass --allow-unmatched")
+            raise UnmatchedError(f"{labels.path}: {len(no_video)} labelled id(s) have no video in the features "
+                                 f"file: {_examples(no_video)}; extract them, remove the rows, or pass "
+                                 f"{UnmatchedError.API_ARGUMENT}")
         matched = set(vids)
         no_label = [v.source for j, v in enumerate(videos) if j not in matched]
         if no_label:
-            raise DataError(f"{len(no_label)} video(s) of the features file have no row in {labels.path}: "
-                            f"{_examples(no_label)}; add them, or pass --allow-unmatched to train on the others")
+            raise UnmatchedError(f"{len(no_label)} video(s) of the features file have no row in {labels.path}: "
+                                 f"{_examples(no_label)}; add them, or pass {UnmatchedError.API_ARGUMENT} to train "
+                                 "on the others")
     return rows, vids, forms
 
 

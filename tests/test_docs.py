@@ -17,10 +17,11 @@ def _help(app, *args) -> str:
     return " ".join(result.output.replace("│", " ").split())
 
 
-def test_export_help_names_the_parquet_extra():
+def test_export_help_names_a_parquet_install_that_works_from_a_clone():
     from affextract.cli import app
 
-    assert 'pip install "affextract[parquet]"' in _help(app, "export")
+    text = _help(app, "export")
+    assert 'pip install -e ".[parquet]"' in text and "affextract[parquet]" not in text  # (not on PyPI)
 
 
 def test_seqhead_evaluate_help_offers_only_its_own_options():

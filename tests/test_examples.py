@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,12 +74,22 @@ def test_walkthrough_segments_keep_the_frames(walkthrough):
             assert s.face.any() and s.time[-1] - s.time[0] <= 0.5
 
 
-def test_api_example(walkthrough, tiny_videos, weights, capsys):
-    wd, _ = walkthrough  # its features.h5 was made with the same settings: extraction resumes with nothing to do
+def test_api_example_with_a_video_without_a_face(walkthrough, tiny_videos, weights, tmp_path, capsys):
+    """The walkthrough's videos plus one without any face: its made-up label does not exist, and the example still
+    trains (allow_unmatched) instead of stopping on the unmatched video."""
+    wd, _ = walkthrough
+    videos = tmp_path / "videos"
+    shutil.copytree(tiny_videos, videos)  # copy2 keeps size and mtime: the four are already done
+    write_video(videos / "e_noface.mp4", noface_frames(10), fps=10)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(wd / "features.h5", work / "features.h5")  # made with the same settings: only e_noface.mp4 is new
     spec = importlib.util.spec_from_file_location("api_example", EXAMPLES / "api_example.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main([str(tiny_videos), "--workdir", str(wd), "--weights", str(weights), "--epochs", "2"])
+    mod.main([str(videos), "--workdir", str(work), "--weights", str(weights), "--epochs", "2"])
     out = capsys.readouterr().out
-    assert "0 videos extracted" in out and "validation mean Pearson" in out and "Pearson on all 4 videos" in out
-    assert len(pd.read_parquet(wd / "frames.parquet")) == len(pd.read_csv(wd / "frames.csv"))
+    assert "1 video extracted" in out and "e_noface.mp4: 10 frames, face on 0%" in out, out
+    assert "validation mean Pearson" in out and "Pearson on the 4 labelled videos" in out, out
+    assert len(pd.read_csv(work / "predictions.csv")) == 5  # the video without a face is predicted too
+    assert len(pd.read_parquet(work / "frames.parquet")) == len(pd.read_csv(wd / "frames.csv")) + 10

@@ -85,11 +85,12 @@ def test_cli_export_default_path_and_errors(synthetic, tmp_path):  # noqa: F811
     assert r.exit_code == 2 and "would overwrite the feature file" in flat(r.output)
 
 
-def test_empty_file_gives_a_header_only_table(tmp_path):
+def test_file_where_every_video_failed_is_an_error_and_writes_nothing(tmp_path):
     h5 = write_features(tmp_path / "empty.h5", {}, {"bad.mp4": "no frames"})
-    report = export(h5, None, ExportOptions(format="csv"))
-    assert report.output == tmp_path / "empty.csv" and report.rows == 0
-    assert list(read(report.output, "csv").columns) == HEAD
+    r = CliRunner().invoke(app, ["export", str(h5)])
+    assert r.exit_code == 2 and "nothing to export: every video of" in flat(r.output), r.output
+    assert "bad.mp4: no frames" in flat(r.output) and "no file was written" in flat(r.output)
+    assert not (tmp_path / "empty.csv").exists() and not (tmp_path / "empty.csv.tmp").exists()
 
 
 def test_long_video_streams_in_one_piece_per_video(tmp_path):

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from affextract.cli import app
 from affextract.features import open_features
-from affextract.plot import PlotOptions, SourceNotFound, find_source, plot_timeline, read_frames, sample_crops
+from affextract.plot import (PlotOptions, SourceNotFound, find_source, plot_timeline, read_frames, sample_crops,
+                             timeline_figure)
 from affextract.store import MOVEMENT_OFF, FeatureWriter
 from conftest import astronaut_frames, noface_frames, write_video
 
@@ -70,16 +71,16 @@ def test_contact_sheet_found_beside_the_h5_file(extracted, tmp_path, monkeypatch
     assert out.stat().st_size > plain.stat().st_size + 50_000  # the photographs add detail
 
 
-def test_crops_sample_face_frames_and_redecode_the_same_pixels(extracted):
+def test_crops_sample_the_whole_video_and_redecode_the_same_pixels(extracted):
     from affextract.video import find_sources, open_video
 
     d, h5 = extracted
     with open_features(h5) as ff:
         v = ff["sub/clip.mp4"]
     rows = sample_crops(v, 6)
-    assert len(rows) == 6 and v.face[rows].all() and rows[0] == 0 and rows[-1] == len(v) - 1
-    assert np.all(np.diff(rows) > 0)
-    assert len(sample_crops(v, 100)) == int(v.face.sum())
+    assert len(rows) == 6 and rows[0] == 0 and rows[-1] == len(v) - 1 and np.all(np.diff(rows) > 0)
+    assert not v.face[rows].all()  # frames of the gap are sampled too
+    assert len(sample_crops(v, 100)) == len(v)
     src = find_source(v, h5)
     assert src == d / "sub" / "clip.mp4"
     (source,), _ = find_sources([src])
@@ -88,15 +89,70 @@ def test_crops_sample_face_frames_and_redecode_the_same_pixels(extracted):
     np.testing.assert_array_equal(read_frames(src, v.frame[rows]), decoded[v.frame[rows]])
 
 
-def test_missing_source_names_every_place_tried(extracted, tmp_path, monkeypatch):
+def _drawn(fig) -> tuple[list[float], list[str], dict[str, int], list[str]]:
+    """What a timeline figure shows: the contact sheet's frame times and captions, the dotted markers by kind and
+    the legend entries."""
+    captions = [ax.get_title() for ax in fig.axes if " s (frame " in ax.get_title()]
+    times = [float(c.split(" s (frame ")[0]) for c in captions]
+    markers: dict[str, int] = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            if line.get_gid():
+                markers[line.get_gid()] = markers.get(line.get_gid(), 0) + 1
+    legend = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    return times, captions, markers, legend
+
+
+def test_contact_sheet_spans_the_video_and_marks_frames_without_a_face(extracted):
+    import matplotlib.pyplot as plt
+
+    _, h5 = extracted
+    with open_features(h5) as ff:
+        v = ff["sub/clip.mp4"]
+    fig = timeline_figure(h5, "clip.mp4", PlotOptions(crops=8))
+    times, captions, markers, legend = _drawn(fig)
+    plt.close(fig)
+    rows = sample_crops(v, 8)
+    missed = int((~v.face[rows]).sum())
+    assert missed >= 1 and len(captions) == 8
+    assert min(times) == pytest.approx(v.time[0], abs=0.05) and max(times) == pytest.approx(v.time[-1], abs=0.05)
+    assert sum("no face found" in c for c in captions) == missed
+    assert markers == {"sampled-face": 8 - missed, "sampled-no-face": missed}
+    assert "frames shown below" in legend and "shown, no face found" in legend
+
+
+def test_contact_sheet_of_a_video_without_any_face_shows_its_frames(weights, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from affextract.extract import ExtractOptions, extract
+
+    write_video(tmp_path / "empty_room.mp4", noface_frames(10), fps=10)
+    extract([tmp_path / "empty_room.mp4"], tmp_path / "e.h5", ExtractOptions(weights=weights, progress=False,
+                                                                             movement=False))
+    fig = timeline_figure(tmp_path / "e.h5", "empty_room.mp4", PlotOptions(crops=4))
+    times, captions, markers, _ = _drawn(fig)
+    plt.close(fig)
+    assert len(captions) == 4 and all("no face found" in c for c in captions) and markers == {"sampled-no-face": 4}
+    assert times[0] == 0.0 and times[-1] == pytest.approx(0.9)
+
+
+def test_source_found_from_another_folder_by_its_stored_path_else_every_place_tried_is_named(extracted, tmp_path,
+                                                                                               monkeypatch):
+    import h5py
+
     d, h5 = extracted
     monkeypatch.chdir(tmp_path)
-    alone = tmp_path / "copy.h5"
+    alone = tmp_path / "elsewhere" / "copy.h5"  # neither the h5 nor the current folder holds sub/clip.mp4
+    alone.parent.mkdir()
     alone.write_bytes(h5.read_bytes())
+    plot_timeline(alone, "clip.mp4", tmp_path / "s.png", PlotOptions(crops=2))  # found where it was extracted from
+    with h5py.File(alone, "a") as f:  # the videos have moved since
+        f["videos/sub%2Fclip.mp4"].attrs["path"] = str(tmp_path / "gone" / "clip.mp4")
     with pytest.raises(SourceNotFound) as e:
         plot_timeline(alone, "clip.mp4", tmp_path / "x.png", PlotOptions(crops=4))
     msg = str(e.value)
-    assert str(tmp_path / "sub" / "clip.mp4") in msg and "--root" in msg and "--video-path" in msg
+    assert str(tmp_path / "gone" / "clip.mp4") in msg and str(tmp_path / "sub" / "clip.mp4") in msg
+    assert "--root" in msg and "--video-path" in msg
     assert not (tmp_path / "x.png").exists()
     # --root and --video-path both resolve it
     plot_timeline(alone, "clip.mp4", tmp_path / "r.png", PlotOptions(crops=2, root=d))

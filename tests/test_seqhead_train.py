@@ -68,6 +68,15 @@ def test_cli_errors_are_clear(sim, tmp_path):
     assert r.exit_code == 2 and "no such label file" in r.output
 
 
+def test_unmatched_ids_name_the_cli_flag_on_the_command_line(sim, tmp_path):
+    fewer = tmp_path / "fewer.csv"
+    pd.read_csv(sim.labels, dtype={"File_ID": str}).iloc[3:].to_csv(fewer, index=False)
+    r = CliRunner().invoke(app, ["train", str(sim.h5), "--labels", str(fewer), "--out", str(tmp_path / "r")])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and "have no row" in text and "pass --allow-unmatched" in text, r.output
+    assert "allow_unmatched=True" not in text
+
+
 def test_predictions_are_on_the_labels_scale(sim, tmp_path):
     res = train(TrainOptions(h5=sim.h5, out=tmp_path / "r", head="mean", **TINY))
     pred = predict(PredictOptions(res.run_dir, sim.h5)).table

@@ -1,0 +1,3 @@
+from seqhead.cli import app
+
+app(prog_name="seqhead")
