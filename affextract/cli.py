@@ -63,6 +63,7 @@ def run(
     au_fusion: bool = typer.Option(True, "--au-fusion/--cnn-aus", help="With movement, fuse the AU rows with the frame's blendshapes (default); --cnn-aus keeps the CNN's AU rows, as --no-movement does."),
     fusion_weights: Optional[Path] = typer.Option(None, help="AU fusion parameters (.safetensors, from `affextract train --fusion`). Default: the shipped au_fusion."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    replace: bool = typer.Option(False, "--replace", help="Replace a stored video whose name now holds a file with other contents (refused without it; identical copies are skipped either way)."),
 ) -> None:
     """Extract per-frame affect features (26 values per frame) and measured facial movement of videos into an HDF5 file."""
     from affextract.extract import ExtractOptions, Interrupted, extract
@@ -77,7 +78,8 @@ def run(
         opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
                               detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
                               fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every,
-                              movement=movement, mesh=mesh, au_fusion=au_fusion, fusion_weights=fusion_weights)
+                              movement=movement, mesh=mesh, au_fusion=au_fusion, fusion_weights=fusion_weights,
+                              replace=replace)
         report = extract(inputs, output, opts)
     except (OSError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
@@ -115,6 +117,9 @@ def _render_report(report) -> None:
         for key, err in report.failed:
             t.add_row(key, "[red]failed[/red]", err + " (retried on the next run)")
         console.print(t)
+    if report.replaced:
+        console.print(f"replaced (--replace: other contents under a stored name): {escape(', '.join(report.replaced))}",
+                      soft_wrap=True, highlight=False)
     if report.ignored:
         n = len(report.ignored)
         console.print(f"[dim]{plural(n, 'file')} in the input folders {'is' if n == 1 else 'are'} neither video nor "

@@ -56,6 +56,8 @@ class ExtractOptions:
     # With movement: AU rows fused with the frame's blendshapes (affextract.fusion); False keeps the CNN's rows.
     au_fusion: bool = True
     fusion_weights: Path | None = None  # AU fusion parameters (.safetensors); None = the shipped au_fusion
+    # Extract again a stored video whose name now holds a file with other contents (a clash, refused without it).
+    replace: bool = False
 
     def __post_init__(self):
         for name, low in (("detect_interval", 0), ("batch_size", 1), ("workers", 0), ("commit_every", 0),
@@ -75,7 +77,8 @@ class ExtractOptions:
 class ExtractReport:
     output: Path
     written: list[str] = field(default_factory=list)  # keys extracted in this run (complete or partial)
-    skipped: list[str] = field(default_factory=list)  # keys already stored and unchanged
+    skipped: list[str] = field(default_factory=list)  # keys already stored and unchanged (or an identical copy)
+    replaced: list[str] = field(default_factory=list)  # keys stored from a file with other contents, redone (replace)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (key, error)
     partial: list[tuple[str, str]] = field(default_factory=list)  # (key, why): stream broke, decoded frames kept
     ignored: list[Path] = field(default_factory=list)  # files in input folders that are neither video nor image
@@ -193,7 +196,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
         if refusal is not None:
             raise RuntimeError(f"rank 0 could not open {output}: {refusal}")
         try:
-            todo = _plan(sources, store.stored(), report)
+            todo = _plan(sources, store.stored(), report, options.replace)
             mine = todo[dist.rank::dist.world]
             if mine:
                 _run(mine, store, provenance, options, dist.rank == 0, report)
@@ -222,28 +225,54 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
     return report
 
 
-def _plan(sources: list[Source], stored: dict[str, StoredVideo], report: ExtractReport) -> list[Source]:
-    """The sources to extract; the unchanged ones go to report.skipped. A source whose key holds a different file
-    (another path, another size or time) is refused, so that no stored video is ever replaced by another one."""
+def _plan(sources: list[Source], stored: dict[str, StoredVideo], report: ExtractReport,
+          replace: bool = False) -> list[Source]:
+    """The sources to extract; the unchanged ones go to report.skipped.
+
+    A source whose key holds another file (another path, size or time) is compared by size, then by content
+    (SHA-256): an identical copy is skipped; other contents are refused, unless `replace` (report.replaced), so that
+    no stored video is ever replaced by another one unasked. The same path with other contents is extracted again.
+    """
     todo, clashes = [], []
     for s in sources:
-        old = stored.get(s.key)
+        old, digest = stored.get(s.key), None
         if old is None:
             todo.append(s)
         elif (old.size_bytes, old.mtime) == (s.size_bytes, s.mtime):  # the same file, even if its folder moved
             report.skipped.append(s.key)
+        elif old.size_bytes == s.size_bytes and (digest := _stored_sha256(old)) == file_sha256(s.path):
+            report.skipped.append(s.key)  # a copy (new times, another folder)
         elif old.path in ("", str(s.path)):  # the same file, changed since: extracted again
             todo.append(s)
+        elif replace:
+            todo.append(s)
+            report.replaced.append(s.key)
         else:
-            clashes.append(f"'{s.key}' (stored from {old.path}; this run has {s.path})")
+            known = old.size_bytes != s.size_bytes or digest is not None
+            clashes.append(f"'{s.key}' (stored from {old.path}, {old.size_bytes:,} bytes; this run has {s.path}, "
+                           f"{s.size_bytes:,} bytes, " + ("other contents)" if known else
+                                                          "contents not comparable: the stored source is gone)"))
     if clashes:
         more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
         raise KeyClashError(
             f"{report.output} already holds a different video under the same name: {'; '.join(clashes[:3])}{more}. "
-            "Extracting would replace it. Write to another output file, or give the folders' common parent as the "
-            "input so that the names differ."
+            "Write to another output file, give the folders' common parent as the input so that the names differ, "
+            "or pass --replace to replace the stored video(s)."
         )
     return todo
+
+
+def _stored_sha256(old: StoredVideo) -> str | None:
+    """The contents' SHA-256 of a stored video: recorded, or (files written before it was) hashed from its source
+    if that is still there, unchanged; None when it cannot be known."""
+    if old.sha256:
+        return old.sha256
+    path = Path(old.path) if old.path else None
+    if path is not None and path.is_file():
+        st = path.stat()
+        if (st.st_size, st.st_mtime) == (old.size_bytes, old.mtime):
+            return file_sha256(path)
+    return None
 
 
 def _weights_identity(weights: Path | str | None) -> tuple[str, str]:
@@ -303,9 +332,11 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
             for event in analyse(sources, spec, workers):
                 src = sources[event.index]
                 match event:
-                    case Opened(info=info):
-                        writers[event.index] = store.begin_video(src.key, _video_attrs(src, info),
-                                                                 info.frames_analysed)
+                    case Opened(info=info, sha256=sha256):
+                        if event.index in writers:  # decoding starts over (video.read_video): drop what came
+                            writers.pop(event.index).abort()
+                        attrs = _video_attrs(src, info) | {"sha256": sha256}
+                        writers[event.index] = store.begin_video(src.key, attrs, info.frames_analysed)
                         ui.opened(event.index, info.frames_analysed)
                     case FaceChunk():
                         rows, moved = features(event), movement(event) if movement else {}
@@ -409,7 +440,7 @@ def _source_attrs(src: Source) -> dict:
 
 def _video_attrs(src: Source, info: VideoInfo) -> dict:
     return _source_attrs(src) | {"fps": info.fps, "frames_total": info.frames_total,
-                                 "width": info.width, "height": info.height}
+                                 "width": info.width, "height": info.height, "decoder": info.decoder}
 
 
 def _cpu_threads(workers: int) -> int:
@@ -465,6 +496,10 @@ class _Progress:
             self._print(force=True)
 
     def opened(self, i: int, frames: int) -> None:
+        if i in self.announced:  # decoding starts over: its frames are analysed again
+            self.frames_total -= self.announced[i]
+            self.frames -= self.done[i]
+            self.known -= 1
         self.announced[i], self.done[i] = frames, 0
         self.frames_total += frames
         self.known += 1

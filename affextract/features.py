@@ -44,7 +44,7 @@ class VideoFeatures:
     box: np.ndarray  # (K, 4) float32 x1, y1, x2, y2 of the tracked face in source pixels (NaN if none)
     landmarks: np.ndarray  # (K, 5, 2) float32 eyes, nose, mouth corners (x, y) in source pixels
     score: np.ndarray  # (K,) float32 detector confidence (NaN if none)
-    # source, path, size_bytes, mtime, fps, frames_total, width, height, status, error
+    # source, path, size_bytes, mtime, fps, frames_total, width, height, decoder, status, error
     attrs: dict = field(default_factory=dict)
     # Per-frame datasets beyond format v1's, name -> (K, ...) array, frame-major: the measured movement (see the
     # properties blendshapes, pose, gaze, presence, mesh) and any others a writer added.

@@ -295,6 +295,7 @@ class StoredVideo:
     size_bytes: int
     mtime: float
     path: str  # absolute path of the source when it was extracted ("" in files written before it was recorded)
+    sha256: str = ""  # SHA-256 of the source's contents ("" in files written before it was recorded)
 
 
 class FeatureStore:
@@ -405,8 +406,9 @@ class FeatureStore:
         if self.path.exists():
             with h5py.File(self.path, "r") as f:
                 for name, g in f.get("videos", {}).items():
-                    out[unescape_key(name)] = StoredVideo(int(g.attrs["size_bytes"]), float(g.attrs["mtime"]),
-                                                          _str(g.attrs.get("path", "")))
+                    a = g.attrs
+                    out[unescape_key(name)] = StoredVideo(int(a["size_bytes"]), float(a["mtime"]),
+                                                          _str(a.get("path", "")), _str(a.get("sha256", "")))
         return out
 
     # -- writing ----------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Finding inputs and decoding them into batches of RGB frames (decord for videos, OpenCV for still images)."""
+"""Finding inputs and decoding them into batches of RGB frames (decord for videos, PyAV for the videos decord cannot
+read to their end, OpenCV for still images)."""
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import re
 from dataclasses import dataclass
@@ -36,7 +39,8 @@ class VideoInfo:
     frames_total: int  # frames in the stream according to its index
     width: int
     height: int
-    frames_analysed: int  # frames that will be analysed (all, or those picked by --fps)
+    frames_analysed: int  # frames that will be analysed (all, or those picked by --fps); fewer if the stream breaks
+    decoder: str = "decord"  # what decodes the frames: decord, pyav (sequential, one thread) or opencv (an image)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ class DecodeError(RuntimeError):
 
 class StreamBroken(RuntimeError):
     """The stream broke part-way: the frames before the break were decoded and yielded."""
+
+
+DAMAGED = "the file looks truncated or damaged: re-download it, or re-encode it, to analyse the rest"
 
 
 def find_sources(inputs: list[Path] | tuple[Path, ...]) -> tuple[list[Source], list[Path]]:
@@ -92,27 +99,75 @@ def find_sources(inputs: list[Path] | tuple[Path, ...]) -> tuple[list[Source], l
     return sorted(sources.values(), key=lambda s: s.key), ignored
 
 
+class FrameSampler:
+    """Picks the frames to analyse as they come, in presentation order: all of them, or the first frame at or after
+    each tick of a 1/fps clock (a frame covers every tick up to its timestamp)."""
+
+    def __init__(self, fps: float | None):
+        self.fps = fps
+        self.tick = 0  # the first tick no frame has covered yet
+
+    def __call__(self, t: float) -> bool:
+        if self.fps is None:
+            return True
+        limit = t + 1e-4  # decord's timestamps are float32-rounded: a frame on a tick may come out just before it
+        if self.tick / self.fps > limit:
+            return False
+        self.tick = max(self.tick, int(limit * self.fps))
+        while self.tick / self.fps <= limit:
+            self.tick += 1
+        return True
+
+
 def sample_indices(timestamps: np.ndarray, fps: float | None) -> np.ndarray:
-    """Frames to analyse: all of them, or the first frame at or after each tick of a 1/fps clock."""
-    n = len(timestamps)
-    if fps is None or n == 0:
-        return np.arange(n)
-    ticks = np.arange(0.0, timestamps[-1] + 1e-4, 1.0 / fps)  # timestamps are float32-rounded
-    # A small tolerance so that a 30 fps stream sampled at 10 fps picks exactly every third frame.
-    idx = np.searchsorted(timestamps, ticks - 1e-4, side="left")
-    return np.unique(idx[idx < n])
+    """Frames to analyse, given every frame's timestamp (FrameSampler's rule)."""
+    take = FrameSampler(fps)
+    return np.array([i for i, t in enumerate(timestamps.tolist()) if take(t)], dtype=np.int64)
 
 
-def open_video(source: Source, fps: float | None, batch_size: int) -> tuple[VideoInfo, Iterator[Chunk]]:
-    """Open a source and return its info and an iterator over chunks of at most `batch_size` analysed frames.
+def read_video(source: Source, fps: float | None, batch_size: int) -> Iterator[VideoInfo | Chunk]:
+    """A source's frames, the same on every run: a VideoInfo, then chunks of at most `batch_size` analysed frames.
 
-    Raises DecodeError when the file cannot be opened; the iterator raises StreamBroken after yielding every frame
-    that could be decoded before a break in the stream.
+    decord decodes (fast, and it seeks when --fps skips frames), but its decoder thread reads ahead, so where it
+    reports a damaged file's break depends on thread timing. So a video decord cannot open, or that breaks part-way,
+    is decoded again wholly by PyAV, sequentially on one thread, which stops at the first bad packet whatever the
+    load: a second VideoInfo announces this restart, and the chunks before it are void. Raises DecodeError when no
+    frame can be decoded; the iterator raises StreamBroken after the last frame decoded before a break.
+    """
+    try:
+        info, chunks = open_video(source, fps, batch_size)
+    except DecodeError:
+        if source.size_bytes == 0 or source.is_image:
+            raise
+    else:
+        yield info
+        try:
+            yield from chunks
+            return
+        except StreamBroken:
+            pass
+    info, chunks = open_video(source, fps, batch_size, decoder="pyav")
+    yield info
+    yield from chunks
+
+
+def open_video(source: Source, fps: float | None, batch_size: int,
+               decoder: str = "decord") -> tuple[VideoInfo, Iterator[Chunk]]:
+    """Open a source with `decoder` (decord or pyav; OpenCV for images) and return its info and an iterator over
+    chunks of at most `batch_size` analysed frames.
+
+    Raises DecodeError when the file cannot be opened or its first frame not decoded; the iterator raises
+    StreamBroken after yielding every frame that could be decoded before a break in the stream (with decord, where
+    it reports the break varies from run to run: read_video handles that).
     """
     if source.size_bytes == 0:
         raise DecodeError("the file is empty (0 bytes)")
     if source.is_image:
         return _open_image(source)
+    if decoder == "pyav":
+        return _open_pyav(source, fps, batch_size)
+    if decoder != "decord":
+        raise ValueError(f"unknown decoder {decoder!r}: decord or pyav")
     decord = import_decord()
     try:
         vr = decord.VideoReader(str(source.path), ctx=decord.cpu(0), num_threads=1)
@@ -125,6 +180,9 @@ def open_video(source: Source, fps: float | None, batch_size: int) -> tuple[Vide
         raise
     except Exception as e:  # decord raises RuntimeError or its own DECORDError for unreadable files
         raise DecodeError(f"cannot decode ({_first_line(e)}); is it a complete video file?") from None
+    listed = _listed_frames(source.path)
+    if listed > n:  # decord counts the frames it finds: a file cut between two frames looks complete to it
+        raise DecodeError(f"the file holds {n} of the {listed} frames its index lists; {DAMAGED}")
     indices = sample_indices(timestamps, fps)
     info = VideoInfo(float(vr.get_avg_fps()), n, int(first[1]), int(first[0]), len(indices))
     return info, _iter_chunks(vr, indices, timestamps, batch_size)
@@ -146,25 +204,102 @@ def _iter_chunks(vr, indices: np.ndarray, timestamps: np.ndarray, batch_size: in
         try:
             frames = vr.get_batch(idx.tolist()).asnumpy()
         except Exception as e:
-            # Salvage the frames of this batch that precede the break, then stop: later frames are unreliable.
-            good = []
-            for i in idx:
-                try:
-                    good.append(vr[int(i)].asnumpy())
-                except Exception:
-                    break
-            if good:
-                k = len(good)
-                yield Chunk(np.stack(good), idx[:k].astype(np.int32), timestamps[idx[:k]])
-            if len(good) == len(idx):  # each frame decodes on its own: only the batched read failed
-                vr.seek(0)
-                continue
-            raise StreamBroken(f"stream broke at frame {int(idx[len(good)])}: {_first_line(e)}") from None
+            # The break surfaces wherever decord's reading-ahead thread happens to be: not a place to cut the video.
+            raise StreamBroken(f"stream broke at or after frame {int(idx[0])}: {_first_line(e)}") from None
         # decord's decoder thread keeps decoding ahead while we work on this chunk and holds every frame it decoded,
         # so memory grows with the video's length (dmlc/decord#197, #208); a seek stops it. Decoding gets about 25%
         # slower, memory stays flat.
         vr.seek(0)
         yield Chunk(frames, idx.astype(np.int32), timestamps[idx])
+
+
+def _open_pyav(source: Source, fps: float | None, batch_size: int) -> tuple[VideoInfo, Iterator[Chunk]]:
+    import av
+
+    try:
+        container = av.open(str(source.path))
+    except av.error.FFmpegError as e:
+        raise DecodeError(f"cannot decode ({ffmpeg_error(e)}); is it a complete video file?") from None
+    if not container.streams.video:
+        container.close()
+        raise DecodeError("the file has no video stream")
+    stream = container.streams.video[0]
+    # One thread, no frame threading: the stream is decoded packet after packet, so a damaged file breaks at the same
+    # frame on every run.
+    stream.thread_type = "NONE"
+    stream.codec_context.thread_count = 1
+    frames = _pyav_frames(container, stream)
+    try:
+        first = next(frames)
+    except StopIteration:
+        raise DecodeError("the video stream has no frames") from None
+    except StreamBroken as e:
+        raise DecodeError(f"cannot decode the first frame ({str(e).split(': ', 1)[1]})") from None
+    rate = float(stream.average_rate or 0)
+    # From the container's index, or its duration: a damaged file brings fewer.
+    n = stream.frames or (int(round(float(stream.duration * stream.time_base) * rate)) if stream.duration else 0)
+    analysed = len(sample_indices(np.arange(n) / rate, fps)) if rate else n
+    info = VideoInfo(rate, n, first.width, first.height, analysed, decoder="pyav")
+    return info, _pyav_chunks(itertools.chain([first], frames), rate, fps, batch_size)
+
+
+def _listed_frames(path: Path) -> int:
+    """Frames the container's index lists (MP4/MOV, AVI), read from its header; 0 when it has none."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return container.streams.video[0].frames if container.streams.video else 0
+    except av.error.FFmpegError:
+        return 0
+
+
+def _pyav_frames(container, stream) -> Iterator:
+    """Decoded frames in presentation order, up to the end or the first error (then StreamBroken). A stream that
+    ends before the last frame its index lists was cut off: StreamBroken too."""
+    import av
+
+    k = packets = 0
+    try:
+        for packet in container.demux(stream):
+            packets += packet.size > 0
+            for frame in packet.decode():
+                yield frame
+                k += 1
+    except av.error.FFmpegError as e:
+        raise StreamBroken(f"stream broke at frame {k}: {ffmpeg_error(e)}; {DAMAGED}") from None
+    finally:
+        container.close()
+    if packets < stream.frames:
+        raise StreamBroken(f"stream broke at frame {k}: the file ends after {packets} of the {stream.frames} frames "
+                           f"its index lists; {DAMAGED}")
+
+
+def _pyav_chunks(frames: Iterator, rate: float, fps: float | None, batch_size: int) -> Iterator[Chunk]:
+    take = FrameSampler(fps)
+    rgb, index, time = [], [], []
+
+    def chunk() -> Chunk:
+        out = Chunk(np.stack(rgb), np.array(index, np.int32), np.array(time, np.float64))
+        rgb.clear(), index.clear(), time.clear()
+        return out
+
+    try:
+        for k, frame in enumerate(frames):
+            # Rounded to float32 as decord's timestamps are, so both decoders give a good file the same times.
+            t = float(np.float32(frame.time if frame.pts is not None else k / (rate or 1.0)))
+            if take(t):
+                rgb.append(frame.to_ndarray(format="rgb24"))
+                index.append(k)
+                time.append(t)
+                if len(rgb) == batch_size:
+                    yield chunk()
+    except StreamBroken:
+        if rgb:
+            yield chunk()
+        raise
+    if rgb:
+        yield chunk()
 
 
 def _open_image(source: Source) -> tuple[VideoInfo, Iterator[Chunk]]:
@@ -174,14 +309,35 @@ def _open_image(source: Source) -> tuple[VideoInfo, Iterator[Chunk]]:
     if bgr is None:
         raise DecodeError("cannot read the image (corrupt or not an image)")
     rgb = np.ascontiguousarray(bgr[:, :, ::-1])
-    info = VideoInfo(0.0, 1, rgb.shape[1], rgb.shape[0], 1)
+    info = VideoInfo(0.0, 1, rgb.shape[1], rgb.shape[0], 1, decoder="opencv")
     chunk = Chunk(rgb[None], np.zeros(1, np.int32), np.zeros(1, np.float64))
     return info, iter([chunk])
 
 
 def _first_line(e: BaseException) -> str:
-    """The message's first non-empty line: decord puts what went wrong there and a C++ stack trace after it."""
+    """The message's first non-empty line: decord puts what went wrong there and a C++ stack trace after it. FFmpeg's
+    error codes in it are put in words."""
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     text = lines[0] if lines else type(e).__name__
     # decord prefixes messages (sometimes nested) with "[hh:mm:ss] /path/to/source.cc:line: "; keep what follows.
-    return re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text).strip()
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text).strip()
+    # FFmpeg's own codes (AVERROR tags) are 9-10 digit numbers, e.g. "av_read_frame failed with 1094995529".
+    return re.sub(r"-?\b\d{9,10}\b", lambda m: f"{m.group()}: {ffmpeg_error(abs(int(m.group())))}", text)
+
+
+def ffmpeg_error(error: BaseException | int) -> str:
+    """An FFmpeg error (PyAV's exception or a code, either sign) in words, with its AVERROR name:
+    1094995529 -> "Invalid data found when processing input (AVERROR_INVALIDDATA)"."""
+    import av
+
+    code = abs(error if isinstance(error, int) else getattr(error, "errno", None) or 0)
+    if not code:
+        return " ".join(str(error).split())
+    try:
+        av.error.err_check(-code)
+        words = "unknown error"
+    except av.error.FFmpegError as e:
+        words = e.strerror or str(e)
+    tag = {t.value: t.name for t in av.error.ErrorType}.get(code)
+    name = f"AVERROR_{tag}" if tag else f"AVERROR({errno.errorcode[code]})" if code in errno.errorcode else None
+    return f"{words} ({name or f'FFmpeg error {code}'})"

@@ -27,7 +27,8 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 
-from affextract.video import DecodeError, Source, StreamBroken, VideoInfo, open_video
+from affextract.store import file_sha256
+from affextract.video import DecodeError, Source, StreamBroken, VideoInfo, read_video
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,11 @@ class VideoEvent:
 
 @dataclass(frozen=True)
 class Opened(VideoEvent):
-    """The video was opened; its frames follow."""
+    """The video was opened; its frames follow. Sent again when decoding starts over with another decoder
+    (video.read_video): the frames sent before are void."""
 
     info: VideoInfo
+    sha256: str  # of the file's contents: tells a copy from another video under the same name on a later run
 
 
 @dataclass(frozen=True)
@@ -227,20 +230,17 @@ def serve(events_fd: int) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     for i in indices:
+        opened = False
         try:
-            info, chunks = open_video(sources[i], spec.fps, spec.batch_size)
-        except DecodeError as e:
-            out.send(Failed(i, str(e)))
-            continue
-        except Exception as e:  # anything else the decoder throws is still this file's failure, not the batch's
-            out.send(Failed(i, f"cannot decode: {type(e).__name__}: {e}"))
-            continue
-        out.send(Opened(i, info))
-        stream = PrimaryFaceStream(detector, detect_interval=spec.detect_interval)
-        try:
-            for chunk in chunks:
-                p = stream(chunk.frames, chunk.time)
-                frames, marks = chunk.frames[p.face], p.landmarks[p.face]
+            digest = file_sha256(sources[i].path)
+            for item in read_video(sources[i], spec.fps, spec.batch_size):
+                if isinstance(item, VideoInfo):
+                    out.send(Opened(i, item, digest))
+                    opened = True
+                    stream = PrimaryFaceStream(detector, detect_interval=spec.detect_interval)
+                    continue
+                p = stream(item.frames, item.time)
+                frames, marks = item.frames[p.face], p.landmarks[p.face]
                 mesh_crops = mesh_to_image = None
                 with torch.inference_mode():
                     crops = warp_faces(frames, marks, device=spec.device).cpu().numpy()
@@ -248,13 +248,16 @@ def serve(events_fd: int) -> None:
                         roi = roi_from_points(marks)
                         mesh_crops = crop_faces(frames, roi, device=spec.device).cpu().numpy()
                         mesh_to_image = invert_affine(roi).astype(np.float32)
-                out.send(FaceChunk(i, chunk.frame, chunk.time, p.face, p.boxes, p.scores, p.landmarks, crops,
+                out.send(FaceChunk(i, item.frame, item.time, p.face, p.boxes, p.scores, p.landmarks, crops,
                                    mesh_crops, mesh_to_image))
             out.send(Finished(i))
+        except DecodeError as e:
+            out.send(Failed(i, str(e)))
         except StreamBroken as e:
             out.send(Broken(i, str(e)))
-        except Exception as e:
-            out.send(Broken(i, f"decoding stopped: {type(e).__name__}: {e}"))
+        except Exception as e:  # anything else the decoder throws is still this file's failure, not the batch's
+            out.send(Broken(i, f"decoding stopped: {type(e).__name__}: {e}") if opened
+                     else Failed(i, f"cannot decode: {type(e).__name__}: {e}"))
 
 
 def _read_exact(fd: int, n: int) -> bytes:

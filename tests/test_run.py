@@ -18,7 +18,9 @@ from affextract.cli import app
 from affextract.features import open_features
 from affextract.schema import AU
 from affextract.store import FeatureStore, Provenance, check_format
-from conftest import alive, astronaut_frames, descendants, garble_second_half, noface_frames, write_video
+from affextract.video import find_sources
+from conftest import (alive, astronaut_frames, descendants, garble_second_half, noface_frames, read_all,
+                      truncate_download, write_video)
 
 runner = CliRunner()
 
@@ -44,6 +46,7 @@ def batch(tmp_path_factory):
     write_video(d / "sub" / "face2.avi", astronaut_frames(20, size=(256, 200)))
     write_video(d / "noface.mp4", noface_frames(12))
     garble_second_half(write_video(d / "garbled.mp4", astronaut_frames(40)))
+    truncate_download(write_video(d.parent / "whole.mp4", astronaut_frames(30)), d / "cut.mp4", 12)
     import cv2
     from skimage import data
     cv2.imwrite(str(d / "still.png"), data.astronaut()[:, :, ::-1])
@@ -61,7 +64,7 @@ def test_run_folder_end_to_end(batch, tmp_path):
     assert r.exit_code == 1, r.output  # two files failed
     assert "empty.mp4" in r.text and "text.mp4" in r.text and "partial" in r.text
     v = videos(out)
-    assert set(v) == {"face.mp4", "sub%2Fface2.avi", "noface.mp4", "garbled.mp4", "still.png"}
+    assert set(v) == {"face.mp4", "sub%2Fface2.avi", "noface.mp4", "garbled.mp4", "cut.mp4", "still.png"}
     face = v["face.mp4"]
     assert face["features"].shape == (26, 30) and face["features"].dtype == np.float32
     assert face["face"].mean() > 0.9
@@ -76,11 +79,13 @@ def test_run_folder_end_to_end(batch, tmp_path):
     assert np.isfinite(face["box"][ok]).all() and np.isfinite(face["landmarks"][ok]).all()
     assert face["attrs"]["width"] == 320 and face["attrs"]["frames_total"] == 30
     # Ranges alone hold for any weights: each stored row is what the shipped MMA gives on the face aligned from the
-    # stored landmarks of that frame (decoded independently, with OpenCV), and the astronaut smiles.
+    # stored landmarks of that frame (decoded independently, with OpenCV), its AU rows fused with the frame's stored
+    # blendshapes by the shipped fusion, and the astronaut smiles.
     import cv2
     import torch
 
     from affextract.align import align_faces
+    from affextract.fusion import load_fusion
     from affextract.model import load_weights
 
     cap = cv2.VideoCapture(str(batch / "face.mp4"))
@@ -90,6 +95,7 @@ def test_run_folder_end_to_end(batch, tmp_path):
     picks = [0, 11, 29]
     with torch.no_grad():
         direct = model.features(align_faces(decoded[picks], face["landmarks"][picks])).numpy()
+    direct = load_fusion()(direct, face["blendshapes"][:, picks].T, face["presence"][picks])  # stored (52, K)
     np.testing.assert_allclose(face["features"][:, picks].T, direct, atol=0.02)
     expr = face["features"][2:9, ok]
     assert (expr.argmax(0) == 4).mean() > 0.9, expr.mean(1)  # happiness (row 6 of 26)
@@ -98,8 +104,17 @@ def test_run_folder_end_to_end(batch, tmp_path):
     assert nf["features"].shape == (26, 12) and not nf["face"].any() and np.isnan(nf["features"]).all()
     assert np.isnan(nf["box"]).all() and np.isnan(nf["landmarks"]).all() and np.isnan(nf["score"]).all()
     assert np.isfinite(face["score"][ok]).all() and (face["score"][ok] > 0.5).all()
+    # Damaged files: decoded again wholly by PyAV, which keeps the same frames on every run (test_video.py).
     g = v["garbled.mp4"]
-    assert g["attrs"]["status"] == "partial" and 0 < g["features"].shape[1] < 40
+    kept = sum(len(c.frame) for c in read_all(find_sources([batch / "garbled.mp4"])[0][0])[1])
+    assert g["attrs"]["status"] == "partial" and g["attrs"]["decoder"] == "pyav" and 0 < kept < 40
+    assert np.array_equal(g["frame"], np.arange(kept)) and g["features"].shape == (26, kept)
+    cut = v["cut.mp4"]  # a download cut off after 12 of its 30 frames
+    assert cut["attrs"]["status"] == "partial" and cut["attrs"]["decoder"] == "pyav"
+    assert cut["attrs"]["frames_total"] == 30 and np.array_equal(cut["frame"], np.arange(12))
+    assert "stream broke at frame 12" in cut["attrs"]["error"] and "truncated" in cut["attrs"]["error"]
+    assert np.allclose(cut["time"], np.arange(12) / 25.0, atol=1e-3) and cut["face"].mean() > 0.9
+    assert not (out.parent / (out.name + ".parts")).exists()  # the void first try of garbled.mp4 left no shard
     assert v["still.png"]["face"].tolist() == [True]
     with open_features(out) as ff:
         rows = ff.summary()
@@ -114,17 +129,23 @@ def test_run_folder_end_to_end(batch, tmp_path):
 
     # rerun: finished videos skipped, failures retried (and fail again), nothing duplicated
     r2 = run_cli("run", batch, out, "--quiet")
-    assert r2.exit_code == 1 and "0 extracted, 5 already done" in r2.text
+    assert r2.exit_code == 1 and "0 extracted, 6 already done" in r2.text
     assert videos(out).keys() == v.keys()
 
-    # a changed file is re-extracted, a new one appended
-    os.utime(batch / "face.mp4", (time.time(), time.time() + 5))
+    # a touched file (the same contents) is skipped; a changed one is re-extracted, a new one appended
+    os.utime(batch / "noface.mp4", (time.time(), time.time() + 5))
+    write_video(batch / "face.mp4", astronaut_frames(31))  # the same 30 frames and one more
     write_video(batch / "new.mp4", astronaut_frames(5))
     r3 = run_cli("run", batch, out, "--quiet")
-    assert "2 extracted, 4 already done" in r3.text, r3.output
+    assert "2 extracted, 5 already done" in r3.text, r3.output
     v3 = videos(out)
-    assert "new.mp4" in v3 and np.array_equal(v3["face.mp4"]["features"], v["face.mp4"]["features"], equal_nan=True)
+    assert "new.mp4" in v3 and v3["face.mp4"]["features"].shape == (26, 31)
+    again, before = v3["face.mp4"]["features"][:, :30], v["face.mp4"]["features"]
+    assert np.allclose(again[:AU.start], before[:AU.start], atol=1e-5, equal_nan=True)
+    # fused AU rows: the logit of tiny blendshape coefficients turns float noise into ~1e-4 (see the kill -9 test)
+    assert np.allclose(again[AU], before[AU], atol=1e-3, equal_nan=True)
     (batch / "new.mp4").unlink()
+    write_video(batch / "face.mp4", astronaut_frames(30))  # as the other tests expect it
 
 
 def test_other_weights_refused_without_touching_file(batch, weights, other_weights, tmp_path):
@@ -162,6 +183,45 @@ def test_concurrent_run_fails_fast(batch, weights, tmp_path):
         r = run_cli("run", batch / "face.mp4", out, "--weights", weights, "-q")
         assert time.monotonic() - t0 < 30
     assert r.exit_code == 2 and "being written by another affextract run" in r.text
+
+
+def test_identical_copy_is_skipped_other_contents_refused_unless_replace(weights, tmp_path):
+    videos_dir, api, other = tmp_path / "videos", tmp_path / "api" / "videos", tmp_path / "other"
+    for d in (videos_dir, api, other):
+        d.mkdir(parents=True)
+    write_video(videos_dir / "a.mp4", astronaut_frames(6))
+    write_video(videos_dir / "b.mp4", noface_frames(5))
+    out = tmp_path / "out.h5"
+    opts = ("--weights", weights, "--no-movement", "--workers", "1", "-q")
+    assert run_cli("run", videos_dir, out, *opts).exit_code == 0
+    before = videos(out)
+    assert len(before["a.mp4"]["attrs"]["sha256"]) == 64
+
+    # `cp -r videos/ api/videos/`: the same contents, new times
+    for name in ("a.mp4", "b.mp4"):
+        (api / name).write_bytes((videos_dir / name).read_bytes())
+        os.utime(api / name, (time.time() + 60, time.time() + 60))
+    r = run_cli("run", api, out, *opts)
+    assert r.exit_code == 0 and "0 extracted, 2 already done" in r.text, r.output
+    # files written before the checksum was recorded: the stored source, still there and unchanged, is hashed
+    with h5py.File(out, "a") as f:
+        del f["videos/a.mp4"].attrs["sha256"]
+    assert "0 extracted, 1 already done" in run_cli("run", api / "a.mp4", out, *opts).text
+
+    # another video under the same name is refused, and the file is left as it was
+    write_video(other / "a.mp4", astronaut_frames(9))
+    untouched = out.read_bytes()
+    r = run_cli("run", other, out, *opts)
+    assert r.exit_code == 2 and "already holds a different video under the same name: 'a.mp4'" in r.text
+    assert "other contents" in r.text and "--replace" in r.text and out.read_bytes() == untouched
+
+    r = run_cli("run", other, out, *opts, "--replace")
+    assert r.exit_code == 0 and "1 extracted" in r.text and "replaced" in r.text and "a.mp4" in r.text, r.output
+    after = videos(out)
+    assert after["a.mp4"]["frame"].tolist() == list(range(9)) and after["a.mp4"]["attrs"]["path"] == str(other / "a.mp4")
+    for name, array in before["b.mp4"].items():  # the other video is untouched
+        if name != "attrs":
+            assert np.array_equal(after["b.mp4"][name], array, equal_nan=True), name
 
 
 def _cli(*args):

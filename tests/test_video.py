@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from affextract.video import DecodeError, StreamBroken, find_sources, open_video, sample_indices
-from conftest import astronaut_frames, garble_second_half, write_video
+from conftest import astronaut_frames, garble_second_half, read_all, truncate_download, write_video
 
 
 def decode_all(src, fps=None, batch=8):
@@ -16,6 +16,10 @@ def decode_all(src, fps=None, batch=8):
     except StreamBroken as e:
         broken = e
     return info, got, broken
+
+
+def frames_of(chunks):
+    return np.concatenate([c.frames for c in chunks]), np.concatenate([c.frame for c in chunks])
 
 
 def test_find_sources_keys_and_ignored(tmp_path):
@@ -78,13 +82,71 @@ def test_unreadable_files_raise_decode_error(tmp_path, content, why):
         open_video(find_sources([p])[0][0], None, 8)
 
 
-def test_stream_broken_part_way_keeps_decoded_frames(tmp_path):
+def test_stream_broken_part_way_keeps_the_same_frames_every_time(tmp_path):
+    good = write_video(tmp_path / "good.mp4", astronaut_frames(40))
+    _, intact, _ = decode_all(find_sources([good])[0][0])
+    intact, _ = frames_of(intact)
     p = garble_second_half(write_video(tmp_path / "g.mp4", astronaut_frames(40)))
-    info, chunks, broken = decode_all(find_sources([p])[0][0])
-    kept = sum(len(c.frame) for c in chunks)
-    assert broken is not None and "stream broke at frame" in str(broken) and "/github" not in str(broken)
-    assert 0 < kept < 40
-    assert np.array_equal(np.concatenate([c.frame for c in chunks]), np.arange(kept))
+    whole = sum(1 for pos, n in packet_spans(p) if pos + n <= p.stat().st_size // 2)  # frames before the noise
+    runs = [read_all(find_sources([p])[0][0]) for _ in range(3)]
+    info, chunks, broken = runs[0]
+    frames, index = frames_of(chunks)
+    kept = len(index)
+    assert info.decoder == "pyav" and whole <= kept < 40
+    assert np.array_equal(index, np.arange(kept)) and np.array_equal(frames[:whole], intact[:whole])
+    assert f"stream broke at frame {kept}: Invalid data found when processing input (AVERROR_INVALIDDATA)" in str(broken)
+    assert "truncated or damaged" in str(broken) and "/github" not in str(broken)
+    for info2, chunks2, broken2 in runs[1:]:  # decord's reading-ahead thread once made each run keep other frames
+        frames2, index2 = frames_of(chunks2)
+        assert np.array_equal(index2, index) and np.array_equal(frames2, frames) and str(broken2) == str(broken)
+
+
+def packet_spans(path):
+    import av
+
+    with av.open(str(path)) as c:
+        return [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+
+
+@pytest.mark.parametrize("mid_frame", [False, True])
+def test_truncated_download_keeps_its_frames(tmp_path, mid_frame):
+    good = write_video(tmp_path / "good.mp4", astronaut_frames(30))
+    _, intact, _ = decode_all(find_sources([good])[0][0])
+    intact, _ = frames_of(intact)
+    src = find_sources([truncate_download(good, tmp_path / "cut.mp4", 12, mid_frame)])[0][0]
+    with pytest.raises(DecodeError, match="truncated|cannot decode"):
+        open_video(src, None, 8)  # decord alone: the cut stops it opening, or it finds fewer frames than listed
+    info, chunks, broken = read_all(src, batch=5)
+    frames, index = frames_of(chunks)
+    # A frame cut in half may still decode (damaged: FFmpeg conceals what is missing); frames 0-11 are whole.
+    assert info.decoder == "pyav" and info.frames_total == 30 and len(index) == 12 + (mid_frame and len(index) > 12)
+    assert np.array_equal(index, np.arange(len(index))) and np.array_equal(frames[:12], intact[:12])
+    assert f"stream broke at frame {len(index)}" in str(broken) and "re-download" in str(broken)
+
+
+@pytest.mark.parametrize("name,fps", [("v.mp4", None), ("v.mp4", 5), ("v.avi", 7)])
+def test_pyav_decodes_good_files_as_decord_does(tmp_path, carphone, name, fps):
+    sources = [find_sources([write_video(tmp_path / name, astronaut_frames(23))])[0][0], find_sources([carphone])[0][0]]
+    for src in sources:
+        info_d, chunks_d, _ = decode_all(src, fps)
+        info_p, chunks_p, broken = decode_all_with(src, fps, "pyav")
+        assert broken is None and info_p.decoder == "pyav"
+        assert [getattr(info_p, f) for f in ("fps", "frames_total", "width", "height", "frames_analysed")] == \
+            [getattr(info_d, f) for f in ("fps", "frames_total", "width", "height", "frames_analysed")]
+        assert [len(c.frame) for c in chunks_p] == [len(c.frame) for c in chunks_d]
+        for a, b in zip(chunks_p, chunks_d):
+            assert np.array_equal(a.frame, b.frame) and np.array_equal(a.time, b.time)
+            assert np.array_equal(a.frames, b.frames)
+
+
+def decode_all_with(src, fps, decoder, batch=8):
+    info, chunks = open_video(src, fps, batch, decoder=decoder)
+    got, broken = [], None
+    try:
+        got.extend(chunks)
+    except StreamBroken as e:
+        broken = e
+    return info, got, broken
 
 
 def test_still_image_is_one_frame_video(tmp_path):
@@ -108,3 +170,6 @@ def test_decoder_errors_keep_their_first_line_not_the_stack_trace():
     error = RuntimeError("[12:00:00] /github/workspace/src/video/video_reader.cc:83: ERROR opening: x.mp4, Invalid data "
                          "found when processing input\n\nStack trace:\n  [bt] (0) /usr/lib/libdecord.so(+0x1f2a3) [0x7f]\n")
     assert _first_line(error) == "ERROR opening: x.mp4, Invalid data found when processing input"
+    raw = RuntimeError("[12:00:00] /github/workspace/src/video/video_reader.cc:151: av_read_frame failed with 1094995529")
+    assert _first_line(raw) == ("av_read_frame failed with 1094995529: Invalid data found when processing input "
+                                "(AVERROR_INVALIDDATA)")
