@@ -21,7 +21,7 @@ console = CliConsole(stderr=True)
 
 def _version(value: bool) -> None:
     if value:
-        from affextract import __version__
+        from affextract.version import __version__
 
         print(f"affextract {__version__}")
         raise typer.Exit()

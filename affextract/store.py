@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from affextract import __version__
+from affextract.version import __version__
 from affextract.schema import (BLENDSHAPE_NAMES, FEATURE_NAMES, FORMAT, FORMAT_VERSION, GAZE_NAMES, MESH_POINTS,
                                POSE_NAMES)
 

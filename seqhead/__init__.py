@@ -1,6 +1,7 @@
 """seqhead: sequence heads (masked GRU + routing, pooling heads) on affextract's cached per-frame features."""
 
-__version__ = "0.1.0"
+# One distribution, one version: seqhead ships with affextract and reports its version.
+from affextract.version import __version__
 
 # Imported eagerly (functions share their submodules' names, see affextract/__init__.py); none of these modules
 # loads torch at import, so `seqhead --help` and a wrong path answer before it loads.

@@ -21,7 +21,7 @@ out_console = CliConsole()
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from affextract.version import __version__
 
         print(f"seqhead {__version__}")
         raise typer.Exit()

@@ -46,8 +46,8 @@ import pandas as pd
 
 from affextract.schema import BLENDSHAPE_NAMES
 from affextract.store import MOVEMENT_OFF, FeatureWriter, Provenance, dumps
+from affextract.version import __version__
 
-from . import __version__
 from .data import HUME_ID, HUME_TARGETS
 
 HUME_SIZES = (15806, 4657, 4604)  # train, val, test videos of Hume-Reaction

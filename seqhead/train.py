@@ -26,8 +26,8 @@ import numpy as np
 
 from affextract.schema import FEATURE_NAMES, FORMAT_VERSION
 from affextract.store import file_sha256
+from affextract.version import __version__
 
-from . import __version__
 from .config import HEADS, ModelConfig
 from .data import (DataError, Labels, Video, find_labels, match, read_features, read_labels, read_provenance,
                    split_indices)

@@ -98,14 +98,10 @@ def test_the_walk_sees_the_graph():
 @pytest.mark.xfail(strict=True, reason=(
     "affextract.store <-> affextract.features (store imports VideoFeatures under TYPE_CHECKING; the format's shared "
     "parts belong in a format.py); affextract.evaluate <-> affextract.fusion (each imports the other in a function); "
-    "seqhead.fit <-> seqhead.train (fit imports train's helpers, train imports fit lazily); and the imports into a "
-    "package __init__ (next test), which close loops through it"))
+    "seqhead.fit <-> seqhead.train (fit imports train's helpers, train imports fit lazily)"))
 def test_no_import_cycles():
     assert _cycles(_graph()) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "__version__ read from the package __init__ by affextract.store and affextract.cli (affextract.version holds it) "
-    "and by seqhead.cli, seqhead.simulate and seqhead.train"))
 def test_no_module_imports_its_own_package_init():
     assert _into_own_init(_graph()) == []
