@@ -284,7 +284,9 @@ def train(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from affextract.datasets import DatasetError, load_spec
-    from affextract.train import AUGMENT_PRESETS, CalibrateOptions, TrainOptions, train as run_training
+    from affextract.training.augment import AUGMENT_PRESETS
+    from affextract.training.calibrate import CalibrateOptions
+    from affextract.training.train import TrainOptions, train as run_training
 
     try:
         if augment not in AUGMENT_PRESETS:

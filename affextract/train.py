@@ -1,5 +1,6 @@
-"""The training names at their earlier path: the command line and the shipped weights' record
-(`reproduce_calibration`) import them from here. They live in affextract.training."""
+"""The training names at their earlier path, kept only for the shipped weights' record: its `reproduce_calibration`
+(affextract/weights/mma_ferplus_small.json, whose SHA-256 is pinned, so it is not edited) names
+`affextract.train.calibrate_weights`. The code lives in affextract.training; import from there."""
 
 from affextract.training.augment import AUGMENT_PRESETS, Augment, augment_batch
 from affextract.training.calibrate import CalibrateOptions, calibrate, calibrate_weights
