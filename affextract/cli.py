@@ -239,7 +239,7 @@ def merge(path: Path = typer.Argument(..., dir_okay=False, help="The output .h5 
 
   emotionet:aus.csv[:IMAGE_ROOT]   manifest:list.csv[:raw]
 
-Example (the shipped default weights, see README, "Model card"):
+Example (the shipped default weights, see their model card, affextract/weights/mma_ferplus_small.md):
 
   affextract train --data ferplus:ferplus.h5:train --val ferplus:ferplus.h5:valid --derive-va --select acc_expr
 

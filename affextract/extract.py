@@ -42,7 +42,7 @@ class ExtractOptions:
     # Seconds of video between full face detections; the frames in between only re-fit the tracked face (one O-Net
     # pass) and a face lost there is detected again at once. In time, so --fps does not stretch the gaps. 0.4 s is
     # every 10th frame of 25 fps video: about 2.5 px of landmark error (faces 150-250 px wide) for twice the speed of
-    # detecting every frame (README, "Performance"). 0 = detect on every frame.
+    # detecting every frame (docs/performance.md). 0 = detect on every frame.
     detect_interval: float = 0.4
     device: str = "auto"  # "cpu", "cuda", "cuda:N" or "auto" (cuda when available; cuda:LOCAL_RANK under torchrun)
     batch_size: int = 64  # frames decoded, detected and run through the model together

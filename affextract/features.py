@@ -9,8 +9,9 @@
         df = ff.dataframe()                   # every video: video, frame, time, face + 26 columns (+ movement)
 
 Arrays are frame-major, (K, 26), the transpose of the file's `features` dataset (26, K), so that rows line up with
-`frame`, `time` and `face` and with the rows of the DataFrame. This is the one reader of the format: seqhead and the
-examples read through it, and `affextract.store.FeatureWriter` writes what it returns.
+`frame`, `time` and `face` and with the rows of the DataFrame. seqhead and the examples read the format through this
+module; affextract.store opens files itself only to check one before appending to it, list what it holds and merge
+parts, and `affextract.store.FeatureWriter` writes what this module returns.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from affextract.store import (DATASETS, NAME_MAJOR, FormatError, Provenance, _st
 
 @dataclass(frozen=True)
 class VideoFeatures:
-    """Everything stored for one video (format v1, see README, "The feature file").
+    """Everything stored for one video (format v1, see docs/format.md).
 
     A video read with `FeatureFile.read(key, datasets)` has None for the datasets that were not asked for.
     """

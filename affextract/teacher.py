@@ -1,7 +1,8 @@
 """Teacher AUs from measured facial movement: MediaPipe blendshape coefficients -> the 17 AUs (AUS order).
 
-The correspondence is ARKit's FACS reading (DESIGN.md, "Measured facial movement"); left/right pairs take the
-larger side. AU25 (lips part) is jawOpen less mouthClose: a jaw drop with the lips pressed shut is not AU25.
+The correspondence is ARKit's FACS reading (model card affextract/weights/mma_ferplus_small.md, "AU teacher");
+left/right pairs take the larger side. AU25 (lips part) is jawOpen less mouthClose: a jaw drop with the lips pressed
+shut is not AU25.
 AU11 and AU23 have no counterpart and stay NaN, so training keeps the Table-1 prior (L_DM) for them.
 
 A coefficient is not a probability: how one becomes the other is `TeacherOptions.calibration`, one logistic
@@ -50,7 +51,7 @@ class TeacherOptions:
 
     # AU -> (centre, slope): p = sigmoid(slope * (coefficient - centre)); an AU not listed uses its coefficient as
     # the probability. Default: fitted on FER+ train, faces where the AU is obvious against neutral faces
-    # (tools/fit_teacher_calibration.py; README, "AU teacher").
+    # (tools/fit_teacher_calibration.py; model card, "AU teacher").
     calibration: dict[int, tuple[float, float]] = field(default_factory=lambda: dict(FERPLUS_CALIBRATION))
     # AUs whose teacher is not trusted (AUROC below 0.70 on FER+ valid, obvious against neutral faces): left NaN,
     # so they keep the prior like AU11/AU23.
@@ -98,8 +99,9 @@ def with_teacher(fs, teacher: np.ndarray):
 
 # ------------------------------------------------------------------------------------ measuring small native faces
 
-# Where MTCNN's 5 points sit on FER+ faces (median over 341 FER+ valid faces, in FER+ pixels; README, "Model card",
-# "Crop"): FER+ faces are framed alike, so one fixed set of points places the mesh crop of every image.
+# Where MTCNN's 5 points sit on FER+ faces (median over 341 FER+ valid faces, in FER+ pixels; model card
+# affextract/weights/mma_ferplus_small.md, "Crop"): FER+ faces are framed alike, so one fixed set of points places
+# the mesh crop of every image.
 FERPLUS_POINTS = np.array([[15.1, 18.7], [32.9, 18.4], [23.9, 28.6], [16.5, 37.6], [31.8, 37.2]])
 INNER_LIPS = (13, 14)  # mesh points of the upper and lower inner lip, on the midline
 EYE_CORNERS = (33, 263)  # mesh points of the outer eye corners
