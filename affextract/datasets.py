@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from affextract.pixels import LUMA, to_pixels, to_unit
 from affextract.schema import AUS, EXPRESSIONS
 
 FRAMINGS = ("aligned", "native", "raw")
@@ -567,7 +568,7 @@ def prepare_inputs(fs: FaceSet, model, batch_size: int = 256) -> torch.Tensor:
             x = torch.from_numpy(np.ascontiguousarray(imgs)).float()
             x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
             if c.grayscale and x.shape[1] == 3:
-                x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+                x = (x * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
             elif not c.grayscale and x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             z = to_input(x, c.input_size)
@@ -580,9 +581,9 @@ def prepare_inputs(fs: FaceSet, model, batch_size: int = 256) -> torch.Tensor:
                 if imgs.shape[1:] != (112, 112, 3):
                     where = fs.origin[idx[0]] if fs.origin else fs.name
                     raise DatasetError(f"{where}: aligned images must be 112x112 RGB, got {imgs.shape[1:]}")
-                x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                x = to_unit(torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2))
             with torch.no_grad():
-                z = (model.preprocess(x.to(model._theta.device)).cpu() + 1.0) * 127.5
+                z = to_pixels(model.preprocess(x.to(model._theta.device)).cpu())
         out.append(z.round().clamp(0, 255).to(torch.uint8))
     return torch.cat(out)
 

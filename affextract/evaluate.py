@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from affextract.pixels import to_unit
 from affextract.schema import AU, AU_NAMES, AU_PRIOR, EXPR, EXPRESSIONS, VA
 
 
@@ -154,7 +155,7 @@ def predict_inputs(model, inputs: torch.Tensor, batch_size: int = 512, device: s
     model.eval().to(device)
     out = []
     for s in range(0, len(inputs), batch_size):
-        z = inputs[s : s + batch_size].to(device).float() / 127.5 - 1.0
+        z = to_unit(inputs[s : s + batch_size].to(device))
         out.append(activate(model.infer(z)).float().cpu())
     return torch.cat(out).numpy()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from affextract.fusion import au_source
+from affextract.pixels import to_unit
 from affextract.schema import DEFAULT_WEIGHTS, WEIGHTS_DIR
 from affextract.store import (MOVEMENT_DATASETS, MOVEMENT_OFF, FeatureStore, Provenance, ShardWriter, StoredVideo, dumps,
                               file_sha256)
@@ -400,7 +401,7 @@ class _Features:
 
         out = np.full((len(faces.face), 26), np.nan, np.float32)
         if len(faces.crops):
-            x = torch.from_numpy(faces.crops).to(self.device, non_blocking=True).float() / 127.5 - 1.0
+            x = to_unit(torch.from_numpy(faces.crops).to(self.device, non_blocking=True))
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.dtype,
                                                          enabled=self.dtype is not None):
                 out[faces.face] = self.model.features(x).float().cpu().numpy()

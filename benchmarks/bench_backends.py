@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from affextract import movement as mv
+from affextract.pixels import to_unit
 from bench_extract import cpu_seconds  # this script's folder is on sys.path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -183,7 +184,7 @@ def per_face(tflite: Path, onnx_path: Path, model, faces, crops, to_image, threa
     with torch.inference_mode():
         image_mesh = mv.mesh_to_image(stage.mesh(x)[0], torch.from_numpy(to_image).float())
         points = image_mesh[:, list(mv.BLENDSHAPE_LANDMARKS), :2].contiguous()
-    mma_in = torch.from_numpy(faces).float().div_(127.5).sub_(1.0)
+    mma_in = to_unit(torch.from_numpy(faces))
     crops_t = torch.from_numpy(crops)
     k16, k64 = min(16, len(crops)), min(64, len(crops))
     cases = {
@@ -213,7 +214,7 @@ def parity(tflite: Path, onnx_path: Path, model, faces, crops, to_image) -> dict
     with torch.inference_mode():
         a, b = mv.Movement("cpu")(torch.from_numpy(crops), to_image), litert_movement(tflite, 1)(
             torch.from_numpy(crops), to_image)
-        x = torch.from_numpy(faces).float().div_(127.5).sub_(1.0)
+        x = to_unit(torch.from_numpy(faces))
         f = model.features(x).numpy()
     g = OrtMMA(onnx_path, 1)(x.numpy())
     return {"mesh_px": float(np.abs(a.mesh[..., :2] - b.mesh[..., :2]).max()),

@@ -22,6 +22,7 @@ import torch
 from affextract.datasets import align_raw, load_ferplus, load_folder, prepare_inputs
 from affextract.evaluate import predict_inputs, score
 from affextract.model import MMA, load_weights
+from affextract.pixels import to_pixels
 from affextract.training.train import expression_prior
 
 CROPS = {"tighter (16, 24, 96, 104)": (16.0, 24.0, 96.0, 104.0), "whole 112": (0.0, 0.0, 112.0, 112.0),
@@ -46,7 +47,7 @@ def main() -> None:
         fv = predict_inputs(model, prepare_inputs(val, model))
         rv = score(fv, val.va, val.expr, val.au)
         with torch.no_grad():
-            z = ((model.preprocess(aligned) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            z = to_pixels(model.preprocess(aligned)).round().clamp(0, 255).to(torch.uint8)
         fp = predict_inputs(model, z)
         groups = np.asarray(posed.groups)
         rp = score(fp, posed.va, posed.expr, posed.au)

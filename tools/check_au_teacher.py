@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from affextract.datasets import load_ferplus, load_spec, prepare_inputs  # noqa: E402
 from affextract.evaluate import partial_correlation, predict_inputs  # noqa: E402
 from affextract.model import load_weights  # noqa: E402
+from affextract.pixels import to_unit  # noqa: E402
 from affextract.schema import AU, AUS, EXPR, EXPRESSIONS  # noqa: E402
 from affextract.teacher import TeacherOptions, load_cached  # noqa: E402
 
@@ -110,7 +111,7 @@ def main() -> None:
     print("\n## (c) clips: r(AU, lip gap), partial r given the expressions; expression constancy")
     for clip in args.clip:
         crops, gap = clip_measures(clip)
-        x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = to_unit(torch.from_numpy(crops).permute(0, 3, 1, 2))
         for k, m in models.items():
             with torch.no_grad():
                 f = m.features(x).numpy()
