@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from affextract.console import CliConsole, plural
+from affextract.runtime import ranks
 
 app = typer.Typer(
     help="Per-frame facial-affect features (valence/arousal, 7 expressions, 17 AUs) from video.",
@@ -85,14 +85,14 @@ def run(
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
     except Interrupted as stop:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if ranks().rank == 0:
             r = stop.report
             console.print(f"interrupted: {plural(r.stored, 'video')} safe in {output} "
                           f"({len(r.written)} finished in this run); the video(s) in progress are redone. "
                           "Rerun the same command to continue: finished videos are skipped.",
                           soft_wrap=True, highlight=False, markup=False)
         raise typer.Exit(130)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if ranks().rank == 0:
         _render_report(report)
     if report.failed:
         raise typer.Exit(1)
@@ -278,7 +278,6 @@ def train(
         _train_fusion(data, fusion, out, init, fusion_rule)
         return
     import json as _json
-    import os
     import sys
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -315,7 +314,7 @@ def train(
     except (DatasetError, FileNotFoundError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
-    show = int(os.environ.get("RANK", 0)) == 0
+    show = ranks().rank == 0
     progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[losses]}"), TimeRemainingColumn(), console=console, disable=not show)
     task = None

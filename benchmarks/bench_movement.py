@@ -1,7 +1,7 @@
 """Cost per face of the movement stage's models against LiteRT (XNNPACK) in the same process.
 
     python benchmarks/bench_movement.py [--threads 1] [--repeats 3] [--tflite ../shared/models/mediapipe]
-        [--device cuda]
+        [--device auto|cpu|cuda|cuda:N]
 
 Prints ms per face of the face mesh and the blendshapes model at batch 1, 16 and 64: torch (channels-first and
 channels-last) and LiteRT (one face per call: the .tflite has a fixed batch of 1), with the torch/LiteRT ratio;
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from affextract import movement as mv
+from affextract.runtime import resolve_device
 
 
 def per_face_ms(fn, n_faces: int, min_seconds: float = 1.0) -> float:
@@ -34,7 +35,7 @@ def per_face_ms(fn, n_faces: int, min_seconds: float = 1.0) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (auto: the GPU when there is one)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all cases; medians are printed")
     ap.add_argument("--tflite", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared" / "models" / "mediapipe")
@@ -48,7 +49,7 @@ def main() -> None:
     points = get_detector("mtcnn").detect(image[None])[0].landmarks[:1]
     m = mv.roi_from_points(points)
     crop = mv.crop_faces(image[None], m)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}")
 
