@@ -148,7 +148,7 @@ def info(
     from rich.table import Table
 
     from affextract.features import open_features
-    from affextract.store import FormatError, parts_folder
+    from affextract.format import FormatError, parts_folder
 
     try:
         with open_features(path) as ff:
@@ -219,7 +219,8 @@ def merge(path: Path = typer.Argument(..., dir_okay=False, help="The output .h5 
           ) -> None:
     """Merge the finished videos a stopped run left in OUTPUT.parts/ into OUTPUT (creating it if needed), as
     rerunning the run would, without extracting anything."""
-    from affextract.store import FormatError, IncompatibleError, LockedError, merge_parts, parts_folder
+    from affextract.format import FormatError, parts_folder
+    from affextract.store import IncompatibleError, LockedError, merge_parts
 
     try:
         n = merge_parts(path)
@@ -457,7 +458,7 @@ def plot(
     --crops adds frames sampled along the whole video, each with its tracked face and aligned crop (or marked as
     having no face)."""
     from affextract.plot import PlotOptions, plot_timeline
-    from affextract.store import FormatError
+    from affextract.format import FormatError
 
     opts = PlotOptions(crops=n_crops if crops else 0, video_path=video_path, root=root)
     try:
@@ -482,7 +483,7 @@ def export(
 ) -> None:
     """Export one row per frame (video, frame, timestamp, success, confidence, 26 features), OpenFace-style."""
     from affextract.export import ExportOptions, export as export_table
-    from affextract.store import FormatError
+    from affextract.format import FormatError
 
     try:
         opts = ExportOptions(format=format.lower(), videos=tuple(video) if video else None, geometry=geometry)

@@ -23,8 +23,8 @@ import numpy as np
 from affextract.fusion import au_source
 from affextract.pixels import to_unit
 from affextract.schema import DEFAULT_WEIGHTS, WEIGHTS_DIR
-from affextract.store import (MOVEMENT_DATASETS, MOVEMENT_OFF, FeatureStore, Provenance, ShardWriter, StoredVideo, dumps,
-                              file_sha256)
+from affextract.format import MOVEMENT_DATASETS, MOVEMENT_OFF, Provenance, dumps
+from affextract.store import FeatureStore, ShardWriter, StoredVideo, file_sha256
 from affextract.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, VideoInfo, find_sources
 from affextract.workers import Broken, FaceChunk, Failed, Finished, Opened, WorkerSpec, analyse
 
@@ -288,7 +288,7 @@ def _weights_identity(weights: Path | str | None) -> tuple[str, str]:
 
 
 def movement_datasets(options: ExtractOptions) -> tuple[str, ...]:
-    """The per-frame movement datasets a run with these options stores (store.MOVEMENT_DATASETS)."""
+    """The per-frame movement datasets a run with these options stores (format.MOVEMENT_DATASETS)."""
     if not options.movement:
         return ()
     return tuple(d for d in MOVEMENT_DATASETS if d != "mesh" or options.mesh)

@@ -25,8 +25,8 @@ import h5py
 import numpy as np
 
 from affextract.schema import AU, BLENDSHAPE_NAMES, EXPR, FEATURE_NAMES, GAZE_NAMES, POSE_NAMES, VA
-from affextract.store import (DATASETS, NAME_MAJOR, FormatError, Provenance, _str, check_format, escape_key,
-                              parts_folder, pending_parts, unescape_key)
+from affextract.format import (DATASETS, NAME_MAJOR, FormatError, Provenance, _str, check_format, escape_key,
+                               parts_folder, pending_parts, unescape_key)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from affextract.features import FeatureFile, open_features
 from affextract.schema import FEATURE_NAMES, GROUPS, MOVEMENT_GROUPS
-from affextract.store import FormatError, escape_key, unescape_key  # noqa: F401 (unescape_key re-exported: Video.key is escaped)
+from affextract.format import FormatError, escape_key, unescape_key  # noqa: F401 (unescape_key re-exported: Video.key is escaped)
 
 # The Hume-Reaction layout (ABAW 2023 / MuSe 2022 Emotional Reactions).
 HUME_ID = "File_ID"

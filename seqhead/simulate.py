@@ -45,7 +45,8 @@ import numpy as np
 import pandas as pd
 
 from affextract.schema import BLENDSHAPE_NAMES
-from affextract.store import MOVEMENT_OFF, FeatureWriter, Provenance, dumps
+from affextract.format import MOVEMENT_OFF, Provenance, dumps
+from affextract.store import FeatureWriter
 from affextract.version import __version__
 
 from .data import HUME_ID, HUME_TARGETS

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from affextract.schema import FEATURE_NAMES
-from affextract.store import FeatureStore, FormatError, Provenance
+from affextract.format import FormatError, Provenance
+from affextract.store import FeatureStore
 
 
 def synthetic_video(k: int, seed: int, gaps: list[tuple[int, int]] = ()) -> dict[str, np.ndarray]:

@@ -13,7 +13,8 @@ from affextract.cli import app
 from affextract.features import open_features
 from affextract.plot import (PlotOptions, SourceNotFound, find_source, plot_timeline, read_frames, sample_crops,
                              timeline_figure)
-from affextract.store import MOVEMENT_OFF, FeatureWriter
+from affextract.format import MOVEMENT_OFF
+from affextract.store import FeatureWriter
 from conftest import astronaut_frames, noface_frames, write_video
 
 

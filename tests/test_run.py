@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from affextract.cli import app
 from affextract.features import open_features
 from affextract.schema import AU
-from affextract.store import FeatureStore, Provenance, check_format
+from affextract.format import Provenance, check_format
+from affextract.store import FeatureStore
 from affextract.video import find_sources
 from conftest import (alive, astronaut_frames, descendants, garble_second_half, noface_frames, read_all,
                       truncate_download, write_video)

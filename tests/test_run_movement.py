@@ -15,7 +15,8 @@ from affextract.cli import app
 from affextract.export import ExportOptions, export, openface_gaze, openface_pose
 from affextract.features import open_features
 from affextract.schema import BLENDSHAPE_NAMES, FEATURE_NAMES, GAZE_NAMES, POSE_NAMES
-from affextract.store import MOVEMENT_OFF, FeatureWriter
+from affextract.format import MOVEMENT_OFF
+from affextract.store import FeatureWriter
 from conftest import astronaut_frames, noface_frames, write_video
 from seqhead.data import DataError, read_features
 

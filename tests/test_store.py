@@ -4,8 +4,8 @@ import pytest
 
 from affextract.schema import FEATURE_NAMES
 from affextract.features import open_features
-from affextract.store import (FeatureStore, FeatureWriter, FormatError, IncompatibleError, LockedError, Provenance,
-                              escape_key, unescape_key)
+from affextract.format import FormatError, Provenance, escape_key, unescape_key
+from affextract.store import FeatureStore, FeatureWriter, IncompatibleError, LockedError
 
 PROV = Provenance(model="m", model_sha256="0" * 64, detector='{"name": "mtcnn"}', alignment="arcface",
                   sampling='{"fps": null}')

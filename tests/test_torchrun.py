@@ -47,7 +47,8 @@ def test_torchrun_two_ranks_equal_single_process(weights, tmp_path):
 
 
 def test_torchrun_fails_fast_on_every_rank_when_the_file_is_locked(weights, tmp_path):
-    from affextract.store import FeatureStore, Provenance
+    from affextract.format import Provenance
+    from affextract.store import FeatureStore
 
     d = tmp_path / "videos"
     d.mkdir()

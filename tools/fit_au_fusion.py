@@ -72,7 +72,7 @@ def posed(path: Path):
     """Faces of the posed h5: (source (N,), class index (N,), CNN AU rows (N, 17), evidence (N, 17), lip gap (N,))."""
     import h5py
 
-    from affextract.store import unescape_key
+    from affextract.format import unescape_key
 
     src, cls, cnn, blend, gap = [], [], [], [], []
     with h5py.File(path, "r") as f:
