@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import signal
+import subprocess
+import threading
 from pathlib import Path
 
 import cv2
@@ -162,3 +165,36 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+# A seqhead small enough to train in a second or two: one member, two epochs.
+TINY = dict(hidden=8, fc=4, epochs=2, batch_size=8, threads=1, members=1)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    """A small simulated features file (seqhead's simulator), made once per test module."""
+    from seqhead import SimulateOptions, simulate
+
+    d = tmp_path_factory.mktemp("sim")
+    return simulate(SimulateOptions(d / "out.h5", scale=0.004, max_len=40, min_len=8, seed=5))
+
+
+def signal_after(p: subprocess.Popen, line_start: str, sig: int = signal.SIGINT, timeout: float = 300) -> str:
+    """Read p's stderr until a line starts with `line_start`, check p is still running, send `sig`, wait for p to
+    end; return all it wrote to stderr."""
+    lines = []
+    watchdog = threading.Timer(timeout, p.kill)  # never hang the suite
+    watchdog.start()
+    try:
+        for line in p.stderr:
+            lines.append(line)
+            if line.startswith(line_start):
+                break
+        assert p.poll() is None, "the process ended before it could be interrupted: " + "".join(lines)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        p.kill()
+    return "".join(lines) + (err or "")

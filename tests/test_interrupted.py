@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from typer.testing import CliRunner
 
 from affextract.cli import app
 from affextract.features import open_features
-from conftest import astronaut_frames, write_video
+from conftest import astronaut_frames, signal_after, write_video
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -41,31 +40,11 @@ def _start(videos: Path, out: Path, weights: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
 
-def _signal_after(p: subprocess.Popen, line_start: str, sig: int) -> list[str]:
-    """Read stderr until a line starts with `line_start`, check the run is still going, send `sig`."""
-    lines = []
-    watchdog = threading.Timer(300, p.kill)  # never hang the suite
-    watchdog.start()
-    try:
-        for line in p.stderr:
-            lines.append(line)
-            if line.startswith(line_start):
-                break
-        assert p.poll() is None, "the run ended before it could be interrupted: " + "".join(lines)
-        p.send_signal(sig)
-        p.wait(timeout=120)
-    finally:
-        watchdog.cancel()
-        p.kill()
-    return lines
-
-
 def test_ctrl_c_says_how_many_videos_are_safe_and_how_to_continue(weights, tmp_path):
     videos = _videos(tmp_path / "videos", [12, 600])  # the long one is still running when Ctrl-C comes
     out = tmp_path / "out.h5"
     p = _start(videos, out, weights)
-    lines = _signal_after(p, "progress: 1/2 videos", signal.SIGINT)
-    err = " ".join(("".join(lines) + p.stderr.read()).split())
+    err = " ".join(signal_after(p, "progress: 1/2 videos", signal.SIGINT).split())
     assert p.returncode == 130, err
     assert "interrupted: 1 video safe in" in err and "Rerun the same command to continue" in err, err
     assert "Traceback" not in err
@@ -78,7 +57,7 @@ def test_kill_9_before_the_first_merge_info_says_where_the_videos_wait_and_merge
     videos = _videos(tmp_path / "videos", [10, 10, 600])
     out = tmp_path / "out.h5"
     p = _start(videos, out, weights)
-    _signal_after(p, "progress: 2/3 videos", signal.SIGKILL)
+    signal_after(p, "progress: 2/3 videos", signal.SIGKILL)
     assert not out.exists() and len(list((tmp_path / "out.h5.parts").glob("*.h5"))) == 2
 
     r = runner.invoke(app, ["info", str(out)])

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from seqhead.data import DataError
 from seqhead.predict import load_run
 from seqhead.sweep import parse_grid
 from seqhead.train import pearson, pearson_loss
+from conftest import signal_after
 from test_features_api import synthetic_video, write_features
 
 ROOT = Path(__file__).parents[1]
@@ -134,21 +133,7 @@ def test_ctrl_c_before_the_first_epoch_ends_keeps_nothing(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "seqhead.cli", "train", str(h5), "--labels", str(labels),
                              "--out", str(run), "--batch-size", "2", "--epochs", "5"],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    watchdog = threading.Timer(120, proc.kill)  # never hang the suite
-    watchdog.start()
-    lines = []
-    try:
-        for line in proc.stderr:
-            lines.append(line)
-            if line.startswith("epoch 1/5: step"):
-                break
-        assert proc.poll() is None, "".join(lines)  # still in its first epoch when interrupted
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        watchdog.cancel()
-        proc.kill()
-    err = "".join(lines) + err
+    err = signal_after(proc, "epoch 1/5: step")  # still in its first epoch when interrupted
     assert not any(s.startswith("epoch 1/5: 100 steps") for s in err.splitlines()), err  # the epoch never ended
     assert proc.returncode == 130, err
     assert "interrupted before the first epoch ended: nothing kept in" in " ".join(err.split()), err

@@ -5,7 +5,6 @@ import json
 import h5py
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -16,13 +15,7 @@ from seqhead.data import read_features
 from seqhead.model import ModelConfig, SeqHead
 from seqhead.train import WeightAverage
 
-TINY = dict(hidden=8, fc=4, epochs=2, batch_size=8, threads=1, members=1)
-
-
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sim")
-    return simulate(SimulateOptions(d / "out.h5", scale=0.004, max_len=40, min_len=8, seed=5))
+from conftest import TINY
 
 
 def test_an_ensemble_is_one_run_that_predict_averages(sim, tmp_path):

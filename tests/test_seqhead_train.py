@@ -14,17 +14,10 @@ from seqhead import (EvaluateOptions, PredictOptions, SweepOptions, TrainOptions
 from seqhead.cli import app
 from seqhead.data import read_features
 from seqhead.predict import load_run, windows
-from seqhead.simulate import SimulateOptions, simulate
 from seqhead.sweep import PRESETS, parse_grid
 from seqhead.train import fit_calibration, pearson
 
-TINY = dict(hidden=8, fc=4, epochs=2, batch_size=8, threads=1, members=1)
-
-
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sim")
-    return simulate(SimulateOptions(d / "out.h5", scale=0.004, max_len=40, min_len=8, seed=5))
+from conftest import TINY, signal_after
 
 
 def test_calibration_recovers_the_labels_scale():
@@ -190,10 +183,8 @@ def test_cuda_without_cuda_is_one_clear_line(sim, tmp_path):
 def test_ctrl_c_keeps_the_best_epoch_and_progress_is_plain_text(sim, tmp_path):
     """A real `seqhead train` process, interrupted by SIGINT after its second epoch began; stderr is a pipe."""
     import os
-    import signal
     import subprocess
     import sys
-    import threading
     from pathlib import Path
 
     run = tmp_path / "run"
@@ -203,20 +194,7 @@ def test_ctrl_c_keeps_the_best_epoch_and_progress_is_plain_text(sim, tmp_path):
                              "--hidden", "8", "--fc", "4", "--batch-size", "8", "--epochs", "100000", "--seeds", "1",
                              "--patience", "100000"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
-    lines = []
-    watchdog = threading.Timer(300, proc.kill)  # never hang the suite
-    watchdog.start()
-    try:
-        for line in proc.stderr:
-            lines.append(line)
-            if line.startswith("epoch 3"):
-                break
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        watchdog.cancel()
-        proc.kill()
-    err = "".join(lines) + err
+    err = signal_after(proc, "epoch 3")
     assert proc.returncode == 130, err
     assert "holds the best epoch so far" in err and "seqhead predict" in err, err
     # Progress: steps within an epoch and seconds per epoch, as plain lines.

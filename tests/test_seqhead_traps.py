@@ -12,18 +12,13 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from seqhead import PredictOptions, SimulateOptions, TrainOptions, predict, simulate, train
+from seqhead import PredictOptions, SimulateOptions, TrainOptions, predict, train
 from seqhead.cli import app
 from seqhead.data import DataError
 
-TINY = dict(hidden=8, fc=4, epochs=2, batch_size=8, threads=1, members=1)
+from conftest import TINY
+
 ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sim")
-    return simulate(SimulateOptions(d / "out.h5", scale=0.004, max_len=40, min_len=8, seed=5))
 
 
 def test_a_run_is_never_replaced_without_overwrite(sim, tmp_path):
