@@ -43,6 +43,8 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
   affextract run videos/ out.h5 --device cuda:1 --batch-size 256
 
+  affextract run list.txt out/ --shards --ray         a manifest of paths, on Ray, into a folder of shards
+
 Rerunning the same command skips finished, unchanged videos and retries failed ones.""")
 def run(
     inputs: list[Path] = typer.Argument(..., metavar="INPUTS", help="Video/image files or folders (searched recursively)."),
@@ -64,6 +66,10 @@ def run(
     fusion_weights: Optional[Path] = typer.Option(None, help="AU fusion parameters (.safetensors, from `affextract train --fusion`). Default: the shipped au_fusion."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
     replace: bool = typer.Option(False, "--replace", help="Replace a stored video whose name now holds a file with other contents (refused without it; identical copies are skipped either way)."),
+    shards: bool = typer.Option(False, "--shards", help="Write OUTPUT as a folder: one shard file per video and manifest.h5, read as one file by info, export and seqhead (no merge copies the data)."),
+    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster (the ray extra): --ray-address, else RAY_ADDRESS, else a local cluster started for the run."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: the cluster's address, HOST:6379 or ray://HOST:10001."),
+    ray_actors: int = typer.Option(1, min=1, help="With --ray: actors running the model and movement (one GPU each where the cluster has GPUs)."),
 ) -> None:
     """Extract per-frame affect features (26 values per frame) and measured facial movement of videos into an HDF5 file."""
     from affextract.extract import ExtractOptions, Interrupted, extract
@@ -72,14 +78,17 @@ def run(
         raise typer.BadParameter("--detect-every was replaced by --detect-interval SECONDS: key frames are spaced in "
                                  "time, so --fps does not stretch them (--detect-every 10 at 25 fps is "
                                  "--detect-interval 0.4)")
-    if output.suffix.lower() not in (".h5", ".hdf5"):
+    if output.suffix.lower() not in (".h5", ".hdf5") and not shards:
         raise typer.BadParameter(f"the last path is the output file and must end in .h5 (got {output})")
     try:
+        from affextract.cluster import RayOptions
+
+        cluster = RayOptions(address=ray_address, actors=ray_actors) if ray else None
         opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
                               detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
                               fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every,
                               movement=movement, mesh=mesh, au_fusion=au_fusion, fusion_weights=fusion_weights,
-                              replace=replace)
+                              replace=replace, shards=shards, ray=cluster)
         report = extract(inputs, output, opts)
     except (OSError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
@@ -137,7 +146,7 @@ INFO_FIRST = 20  # videos `affextract info` lists without --all
 
   affextract info out.h5 --json > info.json      everything, machine-readable""")
 def info(
-    path: Path = typer.Argument(..., dir_okay=False, help="An affextract .h5 file."),
+    path: Path = typer.Argument(..., help="An affextract .h5 file (or a --shards folder)."),
     all_videos: bool = typer.Option(False, "--all", help=f"List every video (default: the first {INFO_FIRST})."),
     as_json: bool = typer.Option(False, "--json", help="Print the provenance, totals and every video as JSON on stdout."),
 ) -> None:
@@ -148,7 +157,7 @@ def info(
     from rich.table import Table
 
     from affextract.features import open_features
-    from affextract.format import FormatError, parts_folder
+    from affextract.format import FormatError, index_file, parts_folder
 
     try:
         with open_features(path) as ff:
@@ -184,7 +193,7 @@ def info(
               f"{plural(frames, 'frame')}, {face}")
     if pending:
         out.print(f"[yellow]{plural(pending, 'finished video')} {'waits' if pending == 1 else 'wait'} in "
-                  f"{escape(str(parts_folder(path)))}/ to be merged: by the run writing the file, or, if it stopped, "
+                  f"{escape(str(parts_folder(index_file(path))))}/ to be merged: by the run writing the file, or, if it stopped, "
                   f"by `affextract merge {escape(str(path))}` (or by rerunning it)[/yellow]")
     for k in ("format", "format_version", "affextract_version", "model", "model_sha256", "detector", "alignment",
               "sampling", "movement", "au_source", "created", "updated"):
@@ -215,11 +224,11 @@ def _train_fusion(data: list[str], cache: Path, out: Path, init: Optional[Path],
                   + " ".join(f"AU{a}" for a in fusion.fused))
 
 @app.command()
-def merge(path: Path = typer.Argument(..., dir_okay=False, help="The output .h5 file of a stopped `affextract run`.")
+def merge(path: Path = typer.Argument(..., help="The output .h5 file (or --shards folder) of a stopped `affextract run`.")
           ) -> None:
     """Merge the finished videos a stopped run left in OUTPUT.parts/ into OUTPUT (creating it if needed), as
     rerunning the run would, without extracting anything."""
-    from affextract.format import FormatError, parts_folder
+    from affextract.format import FormatError, index_file, parts_folder
     from affextract.store import IncompatibleError, LockedError, merge_parts
 
     try:
@@ -228,7 +237,7 @@ def merge(path: Path = typer.Argument(..., dir_okay=False, help="The output .h5 
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)
     if n == 0:
-        console.print(f"nothing to merge: {escape(str(parts_folder(path)))}/ holds no finished video", soft_wrap=True)
+        console.print(f"nothing to merge: {escape(str(parts_folder(index_file(path))))}/ holds no finished video", soft_wrap=True)
     else:
         console.print(f"merged {plural(n, 'finished video')} into {escape(str(path))}; `affextract info "
                       f"{escape(str(path))}` lists them", soft_wrap=True)
@@ -445,7 +454,7 @@ def _render_scores(out: CliConsole, report, title: str) -> None:
 
   affextract plot out.h5 sub/clip.mp4 -o timeline.png --crops --root videos/""")
 def plot(
-    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An affextract .h5 file."),
+    path: Path = typer.Argument(..., exists=True, help="An affextract .h5 file (or a --shards folder)."),
     video: str = typer.Argument(..., help="The video: its key (path relative to the input root, see `affextract info`) or a unique file name."),
     output: Path = typer.Option(..., "--output", "-o", help="PNG file to write."),
     crops: bool = typer.Option(False, "--crops", help="Add a contact sheet of the tracked and aligned faces (re-decodes the source video)."),
@@ -475,7 +484,7 @@ def plot(
 
   affextract export out.h5 --format parquet -o frames.parquet --geometry""")
 def export(
-    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="An affextract .h5 file."),
+    path: Path = typer.Argument(..., exists=True, help="An affextract .h5 file (or a --shards folder)."),
     format: str = typer.Option("csv", "--format", "-f", help="csv or parquet (parquet needs pyarrow: pip install pyarrow, or from a clone: pip install -e \".\\[parquet]\")."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write. Default: the .h5 path with .csv/.parquet."),
     video: Optional[list[str]] = typer.Option(None, "--video", help="Export only this video (repeatable). Default: all."),

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from affextract.cluster import RayOptions
 from affextract.fusion import au_source
 from affextract.pixels import to_unit
 from affextract.schema import DEFAULT_WEIGHTS, WEIGHTS_DIR
@@ -59,6 +60,9 @@ class ExtractOptions:
     fusion_weights: Path | None = None  # AU fusion parameters (.safetensors); None = the shipped au_fusion
     # Extract again a stored video whose name now holds a file with other contents (a clash, refused without it).
     replace: bool = False
+    # Write the output as a folder: one shard file per video and a manifest read as one file (docs/format.md).
+    shards: bool = False
+    ray: RayOptions | None = None  # run on a Ray cluster (affextract.cluster); None = worker processes on this machine
 
     def __post_init__(self):
         for name, low in (("detect_interval", 0), ("batch_size", 1), ("workers", 0), ("commit_every", 0),
@@ -183,7 +187,8 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             movement=_movement_identity(options),
             au_source=au_source(options.movement and options.au_fusion, options.fusion_weights),
         )
-        store = FeatureStore(output, provenance, merge=dist.rank == 0, datasets=movement_datasets(options))
+        store = FeatureStore(output, provenance, merge=dist.rank == 0, datasets=movement_datasets(options),
+                             links=options.shards)
         opened: Exception | None = None
         if dist.rank == 0:
             try:
@@ -200,7 +205,11 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             todo = _plan(sources, store.stored(), report, options.replace)
             mine = todo[dist.rank::dist.world]
             if mine:
-                _run(mine, store, provenance, options, dist.rank == 0, report)
+                if options.ray is not None:  # the same plan, store and resume rules; the stages run on Ray
+                    from affextract.cluster import run_on_ray as run
+                else:
+                    run = _run
+                run(mine, store, provenance, options, dist.rank == 0, report)
         except KeyboardInterrupt:
             interrupted = True  # the finished videos are merged below, before the interrupt goes on
         finally:

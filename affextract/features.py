@@ -26,7 +26,7 @@ import numpy as np
 
 from affextract.schema import AU, BLENDSHAPE_NAMES, EXPR, FEATURE_NAMES, GAZE_NAMES, POSE_NAMES, VA
 from affextract.format import (DATASETS, NAME_MAJOR, FormatError, Provenance, _str, check_format, escape_key,
-                               parts_folder, pending_parts, unescape_key)
+                               index_file, parts_folder, pending_parts, unescape_key)
 
 
 @dataclass(frozen=True)
@@ -157,18 +157,19 @@ class FeatureFile:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.exists():
-            waiting = len(pending_parts(self.path))
+        index = index_file(self.path)  # a --shards folder is read through its manifest
+        if not index.exists():
+            waiting = len(pending_parts(index))
             if waiting:
                 raise FileNotFoundError(
                     f"{self.path} does not exist yet, but {waiting} finished video(s) wait in "
-                    f"{parts_folder(self.path)}/: the run writing it stopped before its first merge. "
+                    f"{parts_folder(index)}/: the run writing it stopped before its first merge. "
                     f"`affextract merge {self.path}` merges them now; rerunning the same `affextract run` command "
                     "also merges them, then continues")
             raise FileNotFoundError(
                 f"{self.path}: no such feature file (make one with `affextract run VIDEOS/ {self.path.name}`)")
         try:
-            self._f = h5py.File(self.path, "r")
+            self._f = h5py.File(index, "r")
         except OSError as e:
             raise FormatError(f"{self.path} is not an HDF5 file ({e})") from None
         try:
@@ -191,7 +192,7 @@ class FeatureFile:
         videos = self._f.get("videos", {})
         self.keys: list[str] = sorted(unescape_key(n) for n in videos)  # videos stored with features
         # Finished videos waiting in the parts folder to be merged (by the run writing the file, or `affextract merge`).
-        self.pending: int = len(pending_parts(self.path))
+        self.pending: int = len(pending_parts(index))
         failed = self._f.get("failed", {})
         # Videos that could not be decoded at all: key -> error (they are retried by the next `affextract run`).
         self.failed: dict[str, str] = {unescape_key(n): _str(g.attrs.get("error", "")) for n, g in failed.items()}

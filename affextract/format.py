@@ -101,6 +101,18 @@ MOVEMENT_DATASETS: dict[str, tuple[type, tuple[int, ...]]] = {
 NAME_MAJOR = ("features", "blendshapes", "pose", "gaze")
 
 
+# A --shards output is a folder: MANIFEST, an HDF5 file laid out as out.h5 whose videos/<key> are external links
+# into the shard files of SHARDS/ (one finished video each), and the files beside MANIFEST while a run is going.
+MANIFEST = "manifest.h5"
+SHARDS = "shards"
+
+
+def index_file(path: Path | str) -> Path:
+    """The HDF5 file to open for `path`: the file itself, or the manifest of a --shards output folder."""
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() else path
+
+
 def parts_folder(path: Path | str) -> Path:
     """Where a run writing `path` keeps finished videos until it merges them: out.h5 -> out.h5.parts/."""
     path = Path(path)

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from affextract.format import (DATASETS, MOVEMENT_DATASETS, MOVEMENT_OFF, NAME_MAJOR, FormatError, Provenance, _str,
-                               check_format, escape_key, parts_folder, pending_parts, unescape_key)
+from affextract.format import (DATASETS, MANIFEST, MOVEMENT_DATASETS, MOVEMENT_OFF, NAME_MAJOR, SHARDS, FormatError,
+                               Provenance, _str, check_format, escape_key, parts_folder, pending_parts, unescape_key)
 from affextract.schema import BLENDSHAPE_NAMES, FEATURE_NAMES, FORMAT, FORMAT_VERSION, GAZE_NAMES, POSE_NAMES
 from affextract.version import __version__
 
@@ -229,11 +229,13 @@ class FeatureStore:
     """
 
     def __init__(self, path: Path | str, provenance: Provenance, merge: bool = True, attrs: dict | None = None,
-                 datasets: tuple[str, ...] = ()):
+                 datasets: tuple[str, ...] = (), links: bool = False):
         """`merge=False`: only write shards (the other ranks of a torchrun job); the merging process owns the lock.
         `attrs`: file attributes beyond format v1's, written when the file is created. `datasets`: the extra
-        per-frame datasets (of MOVEMENT_DATASETS) every video carries."""
-        self.path = Path(path)
+        per-frame datasets (of MOVEMENT_DATASETS) every video carries. `links`: `path` is a folder whose manifest
+        links to the shards, kept in its shards/ folder, instead of one file they are copied into (--shards)."""
+        self.folder = Path(path) if links else None
+        self.path = self.folder / MANIFEST if links else Path(path)
         self.datasets = tuple(datasets)
         self.merge = merge
         self.provenance = provenance
@@ -248,7 +250,12 @@ class FeatureStore:
     def open(self) -> FeatureStore:
         """Lock the file, check it is a feature file of this provenance, merge what a crashed run left."""
         if self.path.is_dir():
-            raise FormatError(f"{self.path} is a folder, not a feature file; give a file name ending in .h5")
+            raise FormatError(f"{self.path} is a folder, not a feature file; give a file name ending in .h5"
+                              + (" (or add --shards to continue a --shards output)"
+                                 if (self.path / MANIFEST).exists() else ""))
+        if self.folder is not None and self.folder.exists() and not self.folder.is_dir():
+            raise FormatError(f"{self.folder} is a file; --shards writes a folder: drop --shards to continue that "
+                              "file, or give a new folder name")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
@@ -368,6 +375,7 @@ class FeatureStore:
         tmp = self.path.with_name(self.path.name + ".tmp")
         if self.path.exists():
             shutil.copyfile(self.path, tmp)
+        replaced: list[Path] = []  # shard files of a --shards folder that no link names any more
         with h5py.File(tmp, "a" if self.path.exists() else "w") as f:
             if "format" not in f.attrs:
                 write_root(f, self.provenance, self.attrs)
@@ -379,22 +387,49 @@ class FeatureStore:
                         for name in s.get(grp, {}):
                             for other in ("videos", "failed"):  # a retried failure or a changed video replaces the old entry
                                 if name in f[other]:
+                                    old = f[other].get(name, getlink=True)
+                                    if isinstance(old, h5py.ExternalLink) and Path(old.filename).name != shard.name:
+                                        replaced.append(self.path.parent / old.filename)
                                     del f[other][name]
-                            s.copy(s[grp][name], f[grp], name=name)
+                            if grp == "videos" and self.folder is not None:
+                                f[grp][name] = h5py.ExternalLink(f"{SHARDS}/{shard.name}", f"/videos/{name}")
+                            else:
+                                s.copy(s[grp][name], f[grp], name=name)
             f.attrs["updated"] = _now()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        if self.folder is not None:
+            self._keep(shards)
         os.replace(tmp, self.path)
         for shard in shards:
             shard.unlink()
+        for old in replaced:
+            old.unlink(missing_ok=True)
         self.last_commit_s = time.perf_counter() - t0
         return len(shards)
+
+
+    def _keep(self, shards: list[Path]) -> None:
+        """Give the shards holding videos a second name in the folder's shards/, before the manifest that links to
+        them replaces the old one: a kill at any point leaves every linked shard in place and every unlinked one
+        still pending."""
+        kept = self.folder / SHARDS
+        kept.mkdir(exist_ok=True)
+        for shard in shards:
+            with h5py.File(shard, "r") as s:
+                if not len(s.get("videos", {})):
+                    continue
+            try:
+                os.link(shard, kept / shard.name)
+            except FileExistsError:  # linked before a kill, the manifest not yet replaced
+                pass
 
 
 def merge_parts(path: Path | str) -> int:
     """Merge the finished videos a stopped run left in `path`'s parts folder into `path` (created if missing), as the
     next `affextract run` would; returns how many. Refuses shards of other settings than the file's."""
-    path = Path(path)
+    folder = Path(path) if Path(path).is_dir() else None  # a --shards output
+    path = Path(path) / MANIFEST if folder else Path(path)
     shards = pending_parts(path)
     if not shards:
         return 0
@@ -408,7 +443,8 @@ def merge_parts(path: Path | str) -> int:
                 raise FormatError(f"{shards[0]} does not record the settings it was made with (written by an older "
                                   "affextract): rerun the `affextract run` command that wrote it; it merges them")
             provenance = Provenance.read(s.attrs)
-    FeatureStore(path, provenance).open().close()  # opening merges them (under the run's lock), closing unlocks
+    # Opening merges them (under the run's lock), closing unlocks.
+    FeatureStore(folder or path, provenance, links=folder is not None).open().close()
     return len(shards)
 
 

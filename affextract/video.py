@@ -17,6 +17,8 @@ VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .avi .mkv .webm .flv .wmv .mpg .mpeg .ts .mts .m2ts .3gp .ogv .asf .vob .divx".split()
 )
 IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .bmp .tif .tiff .webp".split())
+# Inputs that list videos rather than hold one: a text file, one path a line, or a CSV file with a `path` column.
+MANIFEST_EXTENSIONS = frozenset({".txt", ".csv"})
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,12 @@ DAMAGED = "the file looks truncated or damaged: re-download it, or re-encode it,
 
 
 def find_sources(inputs: list[Path] | tuple[Path, ...]) -> tuple[list[Source], list[Path]]:
-    """Expand files and folders (searched recursively) into sources; also return the files of folders that were skipped.
+    """Expand files, folders (searched recursively) and manifests (MANIFEST_EXTENSIONS) into sources; also return the
+    files of folders that were skipped.
 
-    A file named explicitly is always tried, whatever its extension; inside folders only video and image extensions count.
+    A file named explicitly is always tried, whatever its extension; inside folders only video and image extensions
+    count. A manifest's relative paths are read from its folder and keep that relative path as their key, so a
+    manifest inside a folder names its videos as a run on the folder does.
     """
     sources: dict[str, Source] = {}
     ignored: list[Path] = []
@@ -84,6 +89,13 @@ def find_sources(inputs: list[Path] | tuple[Path, ...]) -> tuple[list[Source], l
         root = Path(raw).expanduser().absolute()
         if not root.exists():
             raise FileNotFoundError(f"input not found: {raw}")
+        if root.is_file() and root.suffix.lower() in MANIFEST_EXTENSIONS:
+            for where, path in _manifest_paths(root):
+                if not path.is_file():
+                    raise FileNotFoundError(f"{where}: no such file {path} (relative paths are read from the "
+                                            "manifest's folder): fix or remove that line")
+                add(path, _manifest_key(root.parent, path))
+            continue
         if root.is_file():
             add(root, root.name)
             continue
@@ -97,6 +109,33 @@ def find_sources(inputs: list[Path] | tuple[Path, ...]) -> tuple[list[Source], l
                     continue
                 add(path, path.relative_to(root).as_posix())
     return sorted(sources.values(), key=lambda s: s.key), ignored
+
+
+def _manifest_paths(manifest: Path) -> Iterator[tuple[str, Path]]:
+    """("list.txt line N", absolute path) of each video a manifest names; blank lines and '#' comments are skipped."""
+    import csv
+
+    with open(manifest, newline="") as f:
+        if manifest.suffix.lower() == ".csv":
+            rows = csv.DictReader(f)
+            if "path" not in (rows.fieldnames or ()):
+                raise ValueError(f"{manifest}: a CSV manifest names its videos in a `path` column; its columns are "
+                                 f"{', '.join(rows.fieldnames or ()) or 'none'}")
+            entries = ((rows.line_num, row["path"] or "") for row in rows)
+        else:
+            entries = enumerate((line.rstrip("\r\n") for line in f), start=1)
+        for n, text in entries:
+            text = text.strip()
+            if text and not text.startswith("#"):
+                yield f"{manifest} line {n}", Path(os.path.normpath(manifest.parent / Path(text).expanduser()))
+
+
+def _manifest_key(folder: Path, path: Path) -> str:
+    """The key of a manifest's entry: its path relative to the manifest's folder (absolute when outside it)."""
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return path.as_posix().lstrip("/")
 
 
 class FrameSampler:

@@ -211,15 +211,7 @@ def serve(events_fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle; it stops the workers
     out = Connection(events_fd, readable=False)
     try:
-        import torch
-
-        from affextract.align import warp_faces
-        from affextract.detectors import get_detector
-        from affextract.movement import crop_faces, invert_affine, roi_from_points
-        from affextract.tracking import PrimaryFaceStream
-
-        torch.set_num_threads(spec.threads)
-        detector = get_detector(spec.detector, device=spec.device, **spec.detector_options)
+        detector = setup(spec)
     except Exception as e:
         out.send(_SetupFailed(f"the face detector could not be set up in a worker process: "
                               f"{type(e).__name__}: {' '.join(str(e).split())}"))
@@ -230,34 +222,56 @@ def serve(events_fd: int) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     for i in indices:
-        opened = False
-        try:
-            digest = file_sha256(sources[i].path)
-            for item in read_video(sources[i], spec.fps, spec.batch_size):
-                if isinstance(item, VideoInfo):
-                    out.send(Opened(i, item, digest))
-                    opened = True
-                    stream = PrimaryFaceStream(detector, detect_interval=spec.detect_interval)
-                    continue
-                p = stream(item.frames, item.time)
-                frames, marks = item.frames[p.face], p.landmarks[p.face]
-                mesh_crops = mesh_to_image = None
-                with torch.inference_mode():
-                    crops = warp_faces(frames, marks, device=spec.device).cpu().numpy()
-                    if spec.movement:
-                        roi = roi_from_points(marks)
-                        mesh_crops = crop_faces(frames, roi, device=spec.device).cpu().numpy()
-                        mesh_to_image = invert_affine(roi).astype(np.float32)
-                out.send(FaceChunk(i, item.frame, item.time, p.face, p.boxes, p.scores, p.landmarks, crops,
-                                   mesh_crops, mesh_to_image))
-            out.send(Finished(i))
-        except DecodeError as e:
-            out.send(Failed(i, str(e)))
-        except StreamBroken as e:
-            out.send(Broken(i, str(e)))
-        except Exception as e:  # anything else the decoder throws is still this file's failure, not the batch's
-            out.send(Broken(i, f"decoding stopped: {type(e).__name__}: {e}") if opened
-                     else Failed(i, f"cannot decode: {type(e).__name__}: {e}"))
+        for event in video_events(i, sources[i], spec, detector):
+            out.send(event)
+
+
+def setup(spec: WorkerSpec):
+    """The face detector a worker (or a Ray task, affextract.cluster) analyses its videos with."""
+    import torch
+
+    from affextract.detectors import get_detector
+
+    torch.set_num_threads(spec.threads)
+    return get_detector(spec.detector, device=spec.device, **spec.detector_options)
+
+
+def video_events(i: int, source: Source, spec: WorkerSpec, detector) -> Iterator[VideoEvent]:
+    """The events of video `i`: Opened, FaceChunks, then Finished, Broken or Failed (never an exception of the file's)."""
+    import torch
+
+    from affextract.align import warp_faces
+    from affextract.movement import crop_faces, invert_affine, roi_from_points
+    from affextract.tracking import PrimaryFaceStream
+
+    opened = False
+    try:
+        digest = file_sha256(source.path)
+        for item in read_video(source, spec.fps, spec.batch_size):
+            if isinstance(item, VideoInfo):
+                yield Opened(i, item, digest)
+                opened = True
+                stream = PrimaryFaceStream(detector, detect_interval=spec.detect_interval)
+                continue
+            p = stream(item.frames, item.time)
+            frames, marks = item.frames[p.face], p.landmarks[p.face]
+            mesh_crops = mesh_to_image = None
+            with torch.inference_mode():
+                crops = warp_faces(frames, marks, device=spec.device).cpu().numpy()
+                if spec.movement:
+                    roi = roi_from_points(marks)
+                    mesh_crops = crop_faces(frames, roi, device=spec.device).cpu().numpy()
+                    mesh_to_image = invert_affine(roi).astype(np.float32)
+            yield FaceChunk(i, item.frame, item.time, p.face, p.boxes, p.scores, p.landmarks, crops, mesh_crops,
+                            mesh_to_image)
+        yield Finished(i)
+    except DecodeError as e:
+        yield Failed(i, str(e))
+    except StreamBroken as e:
+        yield Broken(i, str(e))
+    except Exception as e:  # anything else the decoder throws is still this file's failure, not the batch's
+        yield (Broken(i, f"decoding stopped: {type(e).__name__}: {e}") if opened
+               else Failed(i, f"cannot decode: {type(e).__name__}: {e}"))
 
 
 def _read_exact(fd: int, n: int) -> bytes:
