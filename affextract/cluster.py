@@ -162,8 +162,8 @@ class _Video:
 def run_on_ray(sources: list[Source], store: FeatureStore, provenance: Provenance, options: ExtractOptions,
                merges: bool, report: ExtractReport) -> None:
     """Extract `sources` into `store` on the Ray cluster of `options.ray` (extract's `_run`, on Ray)."""
-    ray = _import_ray()
-    started = _connect(ray, options.ray)
+    ray = import_ray()
+    started = connect(ray, options.ray.address)
     try:
         _Driver(ray, sources, store, provenance, options, merges, report).run()
     finally:
@@ -171,7 +171,8 @@ def run_on_ray(sources: list[Source], store: FeatureStore, provenance: Provenanc
             ray.shutdown()
 
 
-def _import_ray():
+def import_ray():
+    """The ray module, or RayMissing naming the extra."""
     try:
         import ray
     except ImportError:
@@ -179,15 +180,16 @@ def _import_ray():
     return ray
 
 
-def _connect(ray, ro: RayOptions) -> bool:
-    """Join the cluster (or start a local one); True when this call did, so the run leaves it after."""
+def connect(ray, address: str | None) -> bool:
+    """Join the cluster at `address`, else RAY_ADDRESS, else start a local one; True when this call connected, so the
+    caller disconnects after (ray.shutdown), which also stops a local cluster it started."""
     if ray.is_initialized():  # the caller's own connection (a script, the tests): used as it is
         return False
     import logging
     import os
 
     quiet = dict(log_to_driver=False, configure_logging=False, logging_level="ERROR")
-    address = ro.address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **quiet)
     else:

@@ -270,6 +270,11 @@ def sweep(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     workers: Annotated[int, typer.Option(help="Parallel processes.")] = 1,
     devices: Annotated[Optional[str], typer.Option(help="Devices dealt round-robin, e.g. cuda:0,cuda:1.")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Run each configuration as a task on a Ray cluster (the ray extra): "
+                                                    "--ray-address, else RAY_ADDRESS, else a local cluster.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="With --ray: the cluster's address.")] = None,
+    gpus_per_run: Annotated[Optional[float], typer.Option(help="With --ray: GPU share of each run (default 0.25 on a "
+                                                               "cluster with GPUs).")] = None,
     labels: Labels = None,
     id_column: IdColumn = None,
     split_column: SplitColumn = None,
@@ -290,6 +295,7 @@ def sweep(
 ):
     """Train a grid or preset of configurations × seeds; rank them by mean validation Pearson."""
     from .sweep import PRESETS, SweepOptions, parse_grid, sweep as run_sweep
+    from affextract.cluster import RayMissing
     from .train import TrainOptions
 
     try:
@@ -303,11 +309,14 @@ def sweep(
                             features=features, no_face=no_face, t=t, head=head, epochs=epochs, patience=patience,
                             batch_size=batch_size, lr=lr, device=device, threads=threads, max_batches=max_batches,
                             members=1)  # seeds are the sweep's own axis: each run is one seed
+        from .cluster import RaySweep
+
         opts = SweepOptions(base, out, variants, tuple(int(s) for s in seeds.split(",")), workers,
-                            tuple(devices.split(",")) if devices else ())
+                            tuple(devices.split(",")) if devices else (),
+                            RaySweep(ray_address, gpus_per_run) if ray else None)
         res = run_sweep(opts, progress=lambda name, seed, row: console.print(
             f"{name} seed {seed}: val mean Pearson {row['val_mean_pearson']:.4f} ({row['seconds']:.0f}s)"))
-    except (DataError, ValueError) as e:
+    except (DataError, ValueError, RayMissing) as e:
         _fail(e)
     except KeyboardInterrupt:
         console.print(f"interrupted: finished runs are kept in {out}; the same command resumes", soft_wrap=True)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from affextract.runtime import resolve_device
 
+from .cluster import RaySweep
 from .train import Prepared, TrainOptions, _options_json, prepare, train
 
 
@@ -38,6 +39,7 @@ class SweepOptions:
     seeds: tuple[int, ...] = (0,)  # each configuration runs once per seed
     workers: int = 1  # parallel processes (1 = in this process)
     devices: tuple[str, ...] = ()  # devices dealt to runs round-robin, e.g. ("cuda:0", "cuda:1"); () = base.device
+    ray: RaySweep | None = None  # run each configuration as a task on a Ray cluster (seqhead.cluster); None = here
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def _done(run_dir: Path, opts: TrainOptions) -> dict | None:
 
 def sweep(opts: SweepOptions, progress=None) -> SweepResult:
     """Run every variant × seed not already finished; `progress(name, seed, row)` is called after each run."""
-    for d in opts.devices or (opts.base.device,):
+    for d in () if opts.ray else opts.devices or (opts.base.device,):  # on Ray, the devices are the nodes'
         resolve_device(d)  # a missing GPU is a one-line error before anything trains
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +213,16 @@ def sweep(opts: SweepOptions, progress=None) -> SweepResult:
                 reused += 1
             else:
                 jobs.append((row, o))
-    if opts.workers <= 1:
+    if opts.ray is not None:
+        from .cluster import run_on_ray
+
+        finished: dict[int, dict] = {}
+        for i, result in run_on_ray([o for _, o in jobs], opts.ray):
+            finished[i] = {**jobs[i][0], **result}
+            if progress:
+                progress(jobs[i][0]["config"], jobs[i][0]["seed"], finished[i])
+        rows += [finished[i] for i in range(len(jobs))]
+    elif opts.workers <= 1:
         for row, o in jobs:
             rows.append({**row, **_run(o)})
             if progress:
