@@ -47,7 +47,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 Rerunning the same command skips finished, unchanged videos and retries failed ones.""")
 def run(
-    inputs: list[Path] = typer.Argument(..., metavar="INPUTS", help="Video/image files or folders (searched recursively)."),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUTS", help="Video/image files or folders (searched recursively), or manifests: list.txt (a path a line) or list.csv (a `path` column), relative paths read from the manifest's folder."),
     output: Path = typer.Argument(..., metavar="OUTPUT", help="The output .h5 file (created, or continued when it exists)."),
     weights: Optional[Path] = typer.Option(None, help="MMA weights (.safetensors). Default: the weights shipped with affextract."),
     detector: str = typer.Option("mtcnn", help="Face detector: mtcnn (offline, default) or scrfd."),

@@ -220,7 +220,7 @@ class _Driver:
         # Detection runs on the tasks' CPUs; the actors hold the GPUs.
         self.spec = WorkerSpec(options.fps, options.batch_size, options.detector, _detector_options(options),
                                float(options.detect_interval), "cpu", threads, options.movement)
-        spare = res.get("CPU", 1) - (0 if gpus else actor_cpus * ro.actors)
+        spare = res.get("CPU", 1) - actor_cpus * ro.actors
         self.limit = ro.tasks or max(1, int(spare // ro.cpus_per_task))
         analyser = ray.remote(max_restarts=-1, max_task_retries=2)(_Analyser)
         self.actors = [analyser.options(num_cpus=actor_cpus, num_gpus=gpus).remote(options, provenance,
@@ -244,7 +244,9 @@ class _Driver:
         try:
             with self.ui:
                 while self.todo or self.live:
-                    while self.todo and len(self.live) < self.limit:
+                    # A task's CPU is free once it has sent its video's last event, while the actors may still be
+                    # on its last chunks: the next video starts then.
+                    while self.todo and sum(v.end is None for v in self.live.values()) < self.limit:
                         self._start(_Video(self.todo.popleft()))
                     self._step()
         finally:

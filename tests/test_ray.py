@@ -155,6 +155,7 @@ def test_ray_workers_killed_mid_run_lose_nothing_and_write_nothing_twice(cluster
     with h5py.File(out / "manifest.h5", "r") as f:
         linked = sorted(Path(f["videos"].get(n, getlink=True).filename).name for n in f["videos"])
     assert sorted(p.name for p in (out / "shards").iterdir()) == linked  # no stray shard of a killed attempt
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.h5", "shards"]  # nor a part-written one
     # The folder reads as one file for the readers: seqhead, `affextract info` and `export`.
     from typer.testing import CliRunner
 
