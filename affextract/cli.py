@@ -81,15 +81,15 @@ def run(
     if output.suffix.lower() not in (".h5", ".hdf5") and not shards:
         raise typer.BadParameter(f"the last path is the output file and must end in .h5 (got {output})")
     try:
-        from affextract.cluster import RayOptions
+        from affextract.cluster import RayOptions, extract_on_ray
 
         cluster = RayOptions(address=ray_address, actors=ray_actors) if ray else None
         opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
                               detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
                               fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every,
                               movement=movement, mesh=mesh, au_fusion=au_fusion, fusion_weights=fusion_weights,
-                              replace=replace, shards=shards, ray=cluster)
-        report = extract(inputs, output, opts)
+                              replace=replace, shards=shards)
+        report = extract(inputs, output, opts) if cluster is None else extract_on_ray(inputs, output, opts, cluster)
     except (OSError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)

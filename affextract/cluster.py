@@ -21,6 +21,8 @@ import importlib.util
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -111,8 +113,14 @@ class _Analyser:
         from affextract.model import load_weights
         from affextract.runtime import resolve_device
 
+        from affextract.runtime import gpu_paths
+
         torch.set_num_threads(threads)
         device = resolve_device(options.device)
+        # On a GPU the chunks of a call go through the models as one batch. The CPU kernels' results depend on the
+        # batch's make-up (blendshapes moved by up to 1e-5 when chunks of two videos were merged), so on a CPU each
+        # chunk is its own batch, as in a single-process run, and the file stays bit-identical to one.
+        self.merge = gpu_paths(device)
         model, winfo = load_weights(options.weights, device=device)
         if winfo.sha256 != provenance.model_sha256:
             raise RuntimeError(f"the weights file {options.weights} changed while the run started; run again")
@@ -122,16 +130,18 @@ class _Analyser:
 
     def analyse(self, *chunks: FaceChunk):
         """One _Analysed per chunk (a single one for a single chunk, as Ray's num_returns=1 wants)."""
-        merged = _concat(chunks)
-        rows, moved = self.features(merged), self.movement(merged) if self.movement else {}
-        if self.fusion is not None:
-            rows = self.fusion(rows, moved["blendshapes"], moved["presence"])
-        out, start = [], 0
-        for c in chunks:
-            s = slice(start, start + len(c.frame))
-            start = s.stop
-            out.append(_Analysed(rows[s], c.face, c.frame, c.time, c.boxes, c.landmarks,
-                                 np.where(c.face, c.scores, np.nan), {d: v[s] for d, v in moved.items()}))
+        out = []
+        for batch in [chunks] if self.merge else [[c] for c in chunks]:
+            merged = _concat(batch)
+            rows, moved = self.features(merged), self.movement(merged) if self.movement else {}
+            if self.fusion is not None:
+                rows = self.fusion(rows, moved["blendshapes"], moved["presence"])
+            start = 0
+            for c in batch:
+                s = slice(start, start + len(c.frame))
+                start = s.stop
+                out.append(_Analysed(rows[s], c.face, c.frame, c.time, c.boxes, c.landmarks,
+                                     np.where(c.face, c.scores, np.nan), {d: v[s] for d, v in moved.items()}))
         return out[0] if len(out) == 1 else out
 
 
@@ -159,13 +169,22 @@ class _Video:
     ahead: bool = False  # the next ref of `gen` is a FaceChunk for an actor
 
 
-def run_on_ray(sources: list[Source], store: FeatureStore, provenance: Provenance, options: ExtractOptions,
-               merges: bool, report: ExtractReport) -> None:
-    """Extract `sources` into `store` on the Ray cluster of `options.ray` (extract's `_run`, on Ray)."""
+def extract_on_ray(inputs: Path | str | list[Path | str], output: Path | str, options: ExtractOptions,
+                   cluster: RayOptions | None = None) -> ExtractReport:
+    """`affextract.extract` with its videos analysed on the Ray cluster of `cluster` (default: RayOptions()): the
+    same plan, output, resume rules and report."""
+    from affextract.extract import extract
+
+    return extract(inputs, output, options, runner=partial(_run_on_ray, cluster or RayOptions()))
+
+
+def _run_on_ray(cluster: RayOptions, sources: list[Source], store: FeatureStore, provenance: Provenance,
+                options: ExtractOptions, merges: bool, report: ExtractReport) -> None:
+    """Extract `sources` into `store` on the cluster (extract's `_run`, on Ray)."""
     ray = import_ray()
-    started = connect(ray, options.ray.address)
+    started = connect(ray, cluster.address)
     try:
-        _Driver(ray, sources, store, provenance, options, merges, report).run()
+        _Driver(ray, cluster, sources, store, provenance, options, merges, report).run()
     finally:
         if started:
             ray.shutdown()
@@ -206,13 +225,13 @@ def connect(ray, address: str | None) -> bool:
 
 
 class _Driver:
-    def __init__(self, ray, sources, store, provenance, options, merges, report):
+    def __init__(self, ray, cluster: RayOptions, sources, store, provenance, options, merges, report):
         from affextract.extract import _detector_options, _Progress
         from affextract.workers import WorkerSpec
 
         self.ray, self.sources, self.store, self.options, self.merges, self.report = (
             ray, sources, store, options, merges, report)
-        ro: RayOptions = options.ray
+        self.cluster = ro = cluster
         res = ray.cluster_resources()
         gpus = ro.gpus_per_actor if ro.gpus_per_actor is not None else (1.0 if res.get("GPU", 0) >= 1 else 0.0)
         actor_cpus = 1.0
@@ -263,7 +282,7 @@ class _Driver:
 
     def _step(self) -> None:
         """Wait for the next thing to do (a task's next event, an actor's result or a finished call) and do it."""
-        reading = self.queued_frames < 4 * self.options.ray.batch_frames * len(self.actors)
+        reading = self.queued_frames < 4 * self.cluster.batch_frames * len(self.actors)
         gens = [v.gen for v in self.live.values() if v.end is None] if reading else []
         self._flush(force=not gens)  # a part batch only when no task can add to it now
         heads = {v.results[0]: v for v in self.live.values() if v.results}
@@ -323,7 +342,7 @@ class _Driver:
 
         self._drop(v)
         self._cancel(v)
-        if v.attempt < self.options.ray.attempts:
+        if v.attempt < self.cluster.attempts:
             self._start(_Video(v.index, v.attempt + 1))
             return
         v.end = Failed(v.index, f"the Ray task analysing this file died {v.attempt} time(s) ({why})")
@@ -336,9 +355,7 @@ class _Driver:
             v.writer.abort()
             v.writer = None
         v.results.clear()
-        for i, (w, _, n) in enumerate(list(self.queue)):
-            if w is v:
-                self.queued_frames -= n
+        self.queued_frames -= sum(n for w, _, n in self.queue if w is v)
         self.queue = deque(q for q in self.queue if q[0] is not v)
 
     def _cancel(self, v: _Video) -> None:
@@ -348,14 +365,17 @@ class _Driver:
             pass
 
     def _flush(self, force: bool) -> bool:
-        """Send queued chunks to the least busy actor: a full batch, or (force) whatever waits. True if sent."""
+        """Send queued chunks to the least busy actor: a full batch, or whatever waits when that actor is idle (a batch
+        grows only while the actors are busy) or when `force`d. True if sent."""
         sent = False
-        while self.queue and (force or self.queued_frames >= self.options.ray.batch_frames):
+        while self.queue:
             a = min(self.busy, key=self.busy.get)
+            if not (force or self.busy[a] == 0 or self.queued_frames >= self.cluster.batch_frames):
+                break
             if self.busy[a] >= 2:
                 break
             batch, frames = [], 0
-            while self.queue and (not batch or frames + self.queue[0][2] <= self.options.ray.batch_frames):
+            while self.queue and (not batch or frames + self.queue[0][2] <= self.cluster.batch_frames):
                 v, ref, n = self.queue.popleft()
                 batch.append((v, ref))
                 frames += n

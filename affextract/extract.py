@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from affextract.cluster import RayOptions
 from affextract.fusion import au_source
 from affextract.pixels import to_unit
 from affextract.schema import DEFAULT_WEIGHTS, WEIGHTS_DIR
@@ -62,7 +61,6 @@ class ExtractOptions:
     replace: bool = False
     # Write the output as a folder: one shard file per video and a manifest read as one file (docs/format.md).
     shards: bool = False
-    ray: RayOptions | None = None  # run on a Ray cluster (affextract.cluster); None = worker processes on this machine
 
     def __post_init__(self):
         for name, low in (("detect_interval", 0), ("batch_size", 1), ("workers", 0), ("commit_every", 0),
@@ -156,8 +154,12 @@ class _Dist:
 
 
 def extract(inputs: Path | str | list[Path | str], output: Path | str,
-            options: ExtractOptions = ExtractOptions()) -> ExtractReport:
+            options: ExtractOptions = ExtractOptions(), runner=None) -> ExtractReport:
     """Extract per-frame features of every video/image under `inputs` into the HDF5 file `output`.
+
+    `runner` analyses the videos left to do once the plan is made, with `_run`'s arguments: this machine's worker
+    processes by default; `affextract.cluster.extract_on_ray` passes its Ray driver, so the plan, the store and the
+    resume rules stay these.
 
     Under torchrun each rank takes every WORLD_SIZE-th video still to do and writes its own shard files; rank 0 merges
     them into `output`, so the result (and resuming it) is the same as a single-process run.
@@ -205,11 +207,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             todo = _plan(sources, store.stored(), report, options.replace)
             mine = todo[dist.rank::dist.world]
             if mine:
-                if options.ray is not None:  # the same plan, store and resume rules; the stages run on Ray
-                    from affextract.cluster import run_on_ray as run
-                else:
-                    run = _run
-                run(mine, store, provenance, options, dist.rank == 0, report)
+                (runner or _run)(mine, store, provenance, options, dist.rank == 0, report)
         except KeyboardInterrupt:
             interrupted = True  # the finished videos are merged below, before the interrupt goes on
         finally:

@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from affextract.cluster import RayOptions
+from affextract.cluster import RayOptions, extract_on_ray
 from affextract.extract import ExtractOptions, extract
 from affextract.video import find_sources
 
@@ -72,10 +72,13 @@ def main() -> None:
                  "cluster_start_s": start, "pairs": []}
     for r in range(a.rounds):
         times = {}
-        for name, opts in (("plain", ExtractOptions(**base)), ("ray", ExtractOptions(**base, ray=RayOptions(actors=a.actors)))):
+        for name in ("plain", "ray"):
             out = work / f"{name}{r}.h5"
             t = time.perf_counter()
-            report = extract(clips, out, opts)
+            if name == "plain":
+                report = extract(clips, out, ExtractOptions(**base))
+            else:
+                report = extract_on_ray(clips, out, ExtractOptions(**base), RayOptions(actors=a.actors))
             times[name] = time.perf_counter() - t
             times[f"{name}_frames"] = report.frames
         times["ratio"] = times["ray"] / times["plain"]

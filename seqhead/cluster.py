@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 if TYPE_CHECKING:
     from .train import TrainOptions
@@ -33,11 +33,11 @@ class RaySweep:
             raise ValueError("RaySweep: cpus_per_run must be > 0 and gpus_per_run >= 0")
 
 
-def run_on_ray(runs: list[TrainOptions], options: RaySweep) -> Iterator[tuple[int, dict]]:
-    """(position in `runs`, the sweep's result row) of each run, as the runs finish."""
+def run_on_ray(train: Callable[[TrainOptions], dict], runs: list[TrainOptions], options: RaySweep
+               ) -> Iterator[tuple[int, dict]]:
+    """(position in `runs`, train(run)) of each run, as the runs finish; `train` is the sweep's function that trains
+    one run (it runs in the cluster's worker processes)."""
     from affextract.cluster import connect, import_ray
-
-    from .sweep import _run
 
     ray = import_ray()
     started = connect(ray, options.address)
@@ -45,7 +45,7 @@ def run_on_ray(runs: list[TrainOptions], options: RaySweep) -> Iterator[tuple[in
         gpus = options.gpus_per_run
         if gpus is None:
             gpus = 0.25 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-        task = ray.remote(num_cpus=options.cpus_per_run, num_gpus=gpus, max_retries=2)(_run)
+        task = ray.remote(num_cpus=options.cpus_per_run, num_gpus=gpus, max_retries=2)(train)
         pending = {task.remote(o): i for i, o in enumerate(runs)}
         try:
             while pending:

@@ -15,14 +15,17 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from affextract.runtime import resolve_device
 
-from .cluster import RaySweep
 from .train import Prepared, TrainOptions, _options_json, prepare, train
+
+if TYPE_CHECKING:
+    from .cluster import RaySweep
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,7 @@ def sweep(opts: SweepOptions, progress=None) -> SweepResult:
         from .cluster import run_on_ray
 
         finished: dict[int, dict] = {}
-        for i, result in run_on_ray([o for _, o in jobs], opts.ray):
+        for i, result in run_on_ray(_run, [o for _, o in jobs], opts.ray):
             finished[i] = {**jobs[i][0], **result}
             if progress:
                 progress(jobs[i][0]["config"], jobs[i][0]["seed"], finished[i])

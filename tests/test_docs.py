@@ -110,7 +110,7 @@ def test_readme_is_a_front_door():
     lines = README.read_text().splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines; move detail to docs/"
     ci = README.read_text().split("<!-- ci:begin -->")[1].split("<!-- ci:end -->")[0]
-    assert 'pip install "torch==2.13.0" -e ".[test]"' in ci and "python -m pytest -q" in ci
+    assert 'pip install "torch==2.13.0" -e ".[test,ray]"' in ci and "python -m pytest -q" in ci
 
 
 def _code(text: str) -> list[str]:

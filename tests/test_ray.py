@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from affextract.cluster import RayOptions
+from affextract.cluster import RayOptions, extract_on_ray
 from affextract.extract import ExtractOptions, extract
 from affextract.features import open_features
 from conftest import astronaut_frames, descendants, noface_frames, signal_after, write_video
@@ -101,14 +101,14 @@ def test_ray_run_of_a_manifest_equals_the_single_process_run_of_its_folder_bit_f
     manifest.write_text(f"# the clips\na.mp4\nb.mp4\n\n{videos / 'sub' / 'c.mp4'}\nz_long.mp4\nbroken.mp4\n")
     out = tmp_path / "ray.h5"
     try:
-        report = extract(manifest, out, _options(weights, ray=RayOptions()))
+        report = extract_on_ray(manifest, out, _options(weights))
     finally:
         manifest.unlink()
     assert sorted(report.written) == ["a.mp4", "b.mp4", "sub/c.mp4", "z_long.mp4"]
     assert [k for k, _ in report.failed] == ["broken.mp4"]
     assert_same_file(out, reference)
     # Resuming from the folder finds every video stored: nothing left to do (the broken file is retried).
-    again = extract(videos, out, _options(weights, ray=RayOptions()))
+    again = extract_on_ray(videos, out, _options(weights))
     assert again.written == [] and len(again.skipped) == 4 and [k for k, _ in again.failed] == ["broken.mp4"]
 
 
@@ -131,8 +131,8 @@ def test_ray_workers_killed_mid_run_lose_nothing_and_write_nothing_twice(cluster
     the retried video is: the run retries both, and the folder of shards it writes equals the single-process file."""
     out = tmp_path / "out"
     done: dict = {}
-    run = threading.Thread(target=lambda: done.setdefault("report", extract(
-        videos, out, _options(weights, ray=RayOptions(), shards=True, commit_every=0))))
+    run = threading.Thread(target=lambda: done.setdefault("report", extract_on_ray(
+        videos, out, _options(weights, shards=True, commit_every=0))))
     run.start()
     parts = out / "manifest.h5.parts"
     killed = []
@@ -181,7 +181,7 @@ def test_driver_killed_mid_run_then_rerun_gives_the_full_file(cluster, videos, w
     assert p.returncode == -signal.SIGKILL, err
     assert not out.exists() and len(list((tmp_path / "out.h5.parts").glob("*.h5"))) == 4, err
     # The rerun (in this process, on the same cluster) merges the four and does the long video only.
-    report = extract(videos, out, _options(weights, ray=RayOptions()))
+    report = extract_on_ray(videos, out, _options(weights))
     assert report.written == ["z_long.mp4"] and [k for k, _ in report.failed] == ["broken.mp4"]
     assert_same_file(out, reference)
 
@@ -193,7 +193,7 @@ def test_seqhead_sweep_on_ray_gives_what_one_process_gives_and_resumes(cluster, 
     from conftest import TINY
 
     base = TrainOptions(h5=sim.h5, out=tmp_path, **TINY)
-    variants = parse_grid(["head=mean,ridge"])
+    variants = parse_grid(["head=mean,ridge"])  # ridge: no network to train, so the second task is quick
     here = sweep(SweepOptions(base, tmp_path / "here", variants))
     first = sweep(SweepOptions(base, tmp_path / "ray", variants, ray=RaySweep()))
     assert first.n_run == 2 and first.n_reused == 0
