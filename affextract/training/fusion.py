@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from affextract.fusion import (CNN_EPS, EVIDENCE_EPS, FUSION_WEIGHTS, INPUTS, MIN_PRESENCE, AUFusion, load_fusion, logit,
-                               save_fusion)
+from affextract.fusion import (CNN_EPS, EVIDENCE_EPS, FUSION_WEIGHTS, INPUTS, MIN_PRESENCE, AUFusion, load_fusion,
+                               logit, save_fusion)
 from affextract.schema import AU, AU_PRIOR, AUS, EXPRESSIONS
 
 # Candidate rules of the model card ("AU fusion"): what the per-AU logistic is fitted to, and on which inputs.
