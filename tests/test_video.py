@@ -30,9 +30,10 @@ def test_find_sources_keys_and_ignored(tmp_path):
     sources, ignored = find_sources([tmp_path])
     assert [s.key for s in sources] == ["a/b/x.mp4", "pic.PNG"]
     assert ignored == [tmp_path / "notes.txt"]
-    # a file named explicitly is tried whatever its extension
-    sources, _ = find_sources([tmp_path / "notes.txt"])
-    assert [s.key for s in sources] == ["notes.txt"]
+    # a file named explicitly is tried whatever its extension (but .txt and .csv, which list videos: manifests)
+    (tmp_path / "notes.dat").write_text("hi")
+    sources, _ = find_sources([tmp_path / "notes.dat"])
+    assert [s.key for s in sources] == ["notes.dat"]
 
 
 def test_find_sources_errors(tmp_path):
