@@ -109,11 +109,8 @@ class _Analyser:
     def __init__(self, options: ExtractOptions, provenance: Provenance, threads: int):
         import torch
 
-        from affextract.extract import _Features, _fusion, _Movement, movement_datasets
-        from affextract.model import load_weights
-        from affextract.runtime import resolve_device
-
-        from affextract.runtime import gpu_paths
+        from affextract.extract import _Features, _fusion, _model, _Movement, movement_datasets
+        from affextract.runtime import gpu_paths, resolve_device
 
         torch.set_num_threads(threads)
         device = resolve_device(options.device)
@@ -121,12 +118,13 @@ class _Analyser:
         # batch's make-up (blendshapes moved by up to 1e-5 when chunks of two videos were merged), so on a CPU each
         # chunk is its own batch, as in a single-process run, and the file stays bit-identical to one.
         self.merge = gpu_paths(device)
-        model, winfo = load_weights(options.weights, device=device)
-        if winfo.sha256 != provenance.model_sha256:
-            raise RuntimeError(f"the weights file {options.weights} changed while the run started; run again")
-        self.features = _Features(model, device)
+        self.features = _Features(_model(options, provenance, device), device)
         self.movement = _Movement(device, movement_datasets(options)) if options.movement else None
         self.fusion = _fusion(provenance.au_source, options.fusion_weights)
+
+    def ready(self) -> bool:
+        """Returns once the actor is set up (its constructor's error, if any, reaches the caller)."""
+        return True
 
     def analyse(self, *chunks: FaceChunk):
         """One _Analysed per chunk (a single one for a single chunk, as Ray's num_returns=1 wants)."""
@@ -153,6 +151,12 @@ def _concat(chunks) -> FaceChunk:
 
     parts = {f.name: [getattr(c, f.name) for c in chunks] for f in fields(FaceChunk) if f.name != "index"}
     return FaceChunk(-1, **{k: None if v[0] is None else np.concatenate(v) for k, v in parts.items()})
+
+
+def _cause(e: Exception) -> str:
+    """The last line of a Ray error's text: the exception raised on the cluster, without Ray's traceback."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
 
 
 # -- the driver -------------------------------------------------------------------------------------------------------
@@ -245,6 +249,7 @@ class _Driver:
         self.actors = [analyser.options(num_cpus=actor_cpus, num_gpus=gpus).remote(options, provenance,
                                                                                     max(1, int(actor_cpus)))
                        for _ in range(ro.actors)]
+        self.ready = [a.ready.remote() for a in self.actors]
         self.busy = {i: 0 for i in range(ro.actors)}  # calls in flight per actor
         self.calls: dict = {}  # last result ref of each call in flight -> its actor
         # Chunks are read from a task only while few wait: a task then stops at its backpressure limit, so memory
@@ -262,6 +267,9 @@ class _Driver:
     def run(self) -> None:
         try:
             with self.ui:
+                while self.todo and sum(v.end is None for v in self.live.values()) < self.limit:
+                    self._start(_Video(self.todo.popleft()))
+                self._check_actors()
                 while self.todo or self.live:
                     # A task's CPU is free once it has sent its video's last event, while the actors may still be
                     # on its last chunks: the next video starts then.
@@ -274,6 +282,14 @@ class _Driver:
                 self._cancel(v)
             for a in self.actors:
                 self.ray.kill(a)
+
+    def _check_actors(self) -> None:
+        """Wait for the actors to be set up (the first tasks run meanwhile): a model that cannot load is the run's
+        error, not every video's."""
+        try:
+            self.ray.get(self.ready)
+        except self.ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"the Ray actor running the model could not start: {_cause(e)}") from None
 
     def _start(self, v: _Video) -> None:
         src = self.sources[v.index]

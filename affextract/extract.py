@@ -314,13 +314,10 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
     """Extract `sources` into `store` (this rank's share)."""
     import torch
 
-    from affextract.model import load_mma
     from affextract.runtime import resolve_device
 
     device = resolve_device(options.device)
-    model, winfo = load_mma(options.weights, device=device)
-    if winfo.sha256 != provenance.model_sha256:
-        raise RuntimeError(f"the weights file {options.weights} changed while the run started; run again")
+    model = _model(options, provenance, device)
     workers = options.workers or default_workers()
     spec = WorkerSpec(options.fps, options.batch_size, options.detector, _detector_options(options),
                       float(options.detect_interval), str(device), _cpu_threads(workers), options.movement)
@@ -374,6 +371,16 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
         torch.set_num_threads(threads_before)
         for writer in writers.values():  # interrupted videos: their shards are dropped, the videos redone
             writer.abort()
+
+
+def _model(options: ExtractOptions, provenance: Provenance, device):
+    """The run's MMA on `device`, checked against the weights the provenance names."""
+    from affextract.model import load_mma
+
+    model, winfo = load_mma(options.weights, device=device)
+    if winfo.sha256 != provenance.model_sha256:
+        raise RuntimeError(f"the weights file {options.weights} changed while the run started; run again")
+    return model
 
 
 def _fusion(source: str, path: Path | None):

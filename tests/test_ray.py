@@ -201,3 +201,11 @@ def test_seqhead_sweep_on_ray_gives_what_one_process_gives_and_resumes(cluster, 
     assert first.runs[cols].equals(here.runs[cols])  # the same runs, in the same order, with the same scores
     again = sweep(SweepOptions(base, tmp_path / "ray", variants, ray=RaySweep()))
     assert again.n_run == 0 and again.n_reused == 2
+
+
+def test_an_actor_that_cannot_start_is_the_runs_one_error(cluster, videos, weights, tmp_path):
+    """A GPU asked for on a cluster without one: the model's actor cannot start; the run says why, once, and writes
+    nothing."""
+    with pytest.raises(RuntimeError, match="actor running the model could not start: .*sees no CUDA GPU"):
+        extract_on_ray(videos, tmp_path / "out.h5", _options(weights, device="cuda"))
+    assert not (tmp_path / "out.h5").exists()
