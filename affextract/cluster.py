@@ -170,7 +170,7 @@ class _Video:
     writer: ShardWriter | None = None
     results: deque = field(default_factory=deque)  # refs of the actors' _Analysed, in the video's order
     end: object = None  # the Finished/Broken/Failed event, once the task sent it
-    ahead: bool = False  # the next ref of `gen` is a FaceChunk for an actor
+    ahead: int | None = None  # frames of the FaceChunk the next ref of `gen` is (handed to an actor unread)
 
 
 def extract_on_ray(inputs: Path | str | list[Path | str], output: Path | str, options: ExtractOptions,
@@ -267,14 +267,10 @@ class _Driver:
     def run(self) -> None:
         try:
             with self.ui:
-                while self.todo and sum(v.end is None for v in self.live.values()) < self.limit:
-                    self._start(_Video(self.todo.popleft()))
+                self._fill()
                 self._check_actors()
                 while self.todo or self.live:
-                    # A task's CPU is free once it has sent its video's last event, while the actors may still be
-                    # on its last chunks: the next video starts then.
-                    while self.todo and sum(v.end is None for v in self.live.values()) < self.limit:
-                        self._start(_Video(self.todo.popleft()))
+                    self._fill()
                     self._step()
         finally:
             for v in self.live.values():  # interrupted: their shards are dropped, the videos redone by a rerun
@@ -290,6 +286,12 @@ class _Driver:
             self.ray.get(self.ready)
         except self.ray.exceptions.RayActorError as e:
             raise RuntimeError(f"the Ray actor running the model could not start: {_cause(e)}") from None
+
+    def _fill(self) -> None:
+        """Start videos while tasks are fewer than the limit. A task's CPU is free once it has sent its video's last
+        event, while the actors may still be on its last chunks: the next video starts then."""
+        while self.todo and sum(v.end is None for v in self.live.values()) < self.limit:
+            self._start(_Video(self.todo.popleft()))
 
     def _start(self, v: _Video) -> None:
         src = self.sources[v.index]
@@ -321,7 +323,7 @@ class _Driver:
         ray = self.ray
         try:
             ref = next(v.gen)
-            item = None if v.ahead else ray.get(ref)
+            item = None if v.ahead is not None else ray.get(ref)  # a chunk stays in the object store for the actor
         except StopIteration:  # cannot happen while the task lives: its last event ends the video first
             self._crashed(v, "the task ended without its last event")
             return
@@ -332,14 +334,14 @@ class _Driver:
         except ray.exceptions.RayError as e:  # the task's process or node died
             self._crashed(v, f"{type(e).__name__}")
             return
-        if v.ahead:
-            v.ahead = False
-            self.queue.append((v, ref, self._frames))
-            self.queued_frames += self._frames
+        if v.ahead is not None:
+            self.queue.append((v, ref, v.ahead))
+            self.queued_frames += v.ahead
+            v.ahead = None
             return
         match item:
             case _Ahead(frames=frames):
-                v.ahead, self._frames = True, frames
+                v.ahead = frames
             case Opened(info=info, sha256=sha256):
                 from affextract.extract import _video_attrs
 
@@ -380,10 +382,9 @@ class _Driver:
         except Exception:  # already ended, or its process is gone
             pass
 
-    def _flush(self, force: bool) -> bool:
+    def _flush(self, force: bool) -> None:
         """Send queued chunks to the least busy actor: a full batch, or whatever waits when that actor is idle (a batch
-        grows only while the actors are busy) or when `force`d. True if sent."""
-        sent = False
+        grows only while the actors are busy) or when `force`d."""
         while self.queue:
             a = min(self.busy, key=self.busy.get)
             if not (force or self.busy[a] == 0 or self.queued_frames >= self.cluster.batch_frames):
@@ -402,8 +403,6 @@ class _Driver:
                 v.results.append(r)
             self.busy[a] += 1
             self.calls[refs[-1]] = a  # ready once the whole call is done
-            sent = True
-        return sent
 
     def _write(self, v: _Video) -> None:
         """Append the video's next analysed chunk."""
