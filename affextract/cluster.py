@@ -243,8 +243,12 @@ class _Driver:
         # Detection runs on the tasks' CPUs; the actors hold the GPUs.
         self.spec = WorkerSpec(options.fps, options.batch_size, options.detector, _detector_options(options),
                                float(options.detect_interval), "cpu", threads, options.movement)
-        spare = res.get("CPU", 1) - actor_cpus * ro.actors
-        self.limit = ro.tasks or max(1, int(spare // ro.cpus_per_task))
+        spare = res.get("CPU", 0) - actor_cpus * ro.actors
+        if spare < ro.cpus_per_task:  # no task could ever be scheduled
+            raise ValueError(f"{ro.actors} actor(s) of {actor_cpus:g} CPU each leave no CPU for the decode-detect-align "
+                             f"tasks on this Ray cluster ({res.get('CPU', 0):g} CPUs): use fewer actors "
+                             "(--ray-actors) or a larger cluster")
+        self.limit = ro.tasks or int(spare // ro.cpus_per_task)
         analyser = ray.remote(max_restarts=-1, max_task_retries=2)(_Analyser)
         self.actors = [analyser.options(num_cpus=actor_cpus, num_gpus=gpus).remote(options, provenance,
                                                                                     max(1, int(actor_cpus)))
