@@ -261,7 +261,7 @@ def end_to_end(clips: list[Path], copies: int, pairs: int, tflite: Path, onnx_pa
                                               else (OrtFeatures, LiteRTMovementStage))
                 before = cpu_seconds()
                 rep = ex.extract([folder], work / f"{name}_{p}.h5",
-                                 ex.ExtractOptions(device="cpu", workers=1, progress=False))
+                                 ex.ExtractOptions(device="cpu", workers=1))
                 main_ms, worker_ms = (1e3 * (y - x) / rep.frames for x, y in zip(before, cpu_seconds()))
                 runs[name].append({"frames": rep.frames, "seconds": rep.seconds, "fps": rep.frames / rep.seconds,
                                    "main_cpu_ms_per_frame": main_ms, "worker_cpu_ms_per_frame": worker_ms})

@@ -268,7 +268,7 @@ def main() -> None:
     for i, m in enumerate(a.movement.split(",")):  # repeat them (off,on,off,on) to see the machine's noise
         out = work / f"movement_{m}_{i}.h5"
         opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, workers=a.workers,
-                              fps=a.fps, progress=False, movement=m != "off", au_fusion=m == "on")
+                              fps=a.fps, movement=m != "off", au_fusion=m == "on")
         before = cpu_seconds()
         with GpuSampler(device) as gpu:
             rep = extract([clips], out, opts)
@@ -296,7 +296,7 @@ def main() -> None:
     for k in every:
         out = work / f"every{k}.h5"
         opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, detect_interval=k,
-                              workers=a.workers, fps=a.fps, progress=False, movement=False)
+                              workers=a.workers, fps=a.fps, movement=False)
         with GpuSampler(device) as gpu:
             rep = extract([clips], out, opts)
         fps = rep.frames / rep.seconds

@@ -148,7 +148,7 @@ def test_extract_with_gpu_branches_matches_cpu_branches(carphone, tmp_path, monk
 
     frames = decord.VideoReader(str(carphone)).get_batch(list(range(40))).asnumpy()
     clip = write_video(tmp_path / "carphone.avi", frames)
-    opts = ExtractOptions(device="cpu", workers=1, progress=False)
+    opts = ExtractOptions(device="cpu", workers=1)
     out = {}
     for on in ("0", "1"):
         monkeypatch.setenv(GPU_PATHS_ENV, on)
