@@ -29,8 +29,9 @@ from affextract.store import FeatureStore, ShardWriter, StoredVideo, file_sha256
 from affextract.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, VideoInfo, find_sources
 from affextract.workers import Broken, FaceChunk, Failed, Finished, Opened, WorkerSpec, analyse
 
-# The alignment in the files' provenance. affextract.align computes it without insightface (the same transform, to
-# float64 rounding); the text is left as files made before say it, so that they can still be continued.
+# The alignment and the mesh crop in the files' provenance. affextract.align computes the alignment without insightface
+# (the same transform, to float64 rounding) and now holds roi_from_points too; the texts are left as files made before
+# say them, so that those can still be continued.
 ALIGNMENT = "arcface-5pt similarity (insightface.utils.face_align.estimate_norm) to 112x112 RGB in [-1, 1]"
 MESH_CROP = ("MediaPipe's face crop placed from the tracked face's 5 points (movement.roi_from_points: eyes level, "
              "POINTS_TEMPLATE fitted by least squares), 192x192 RGB, bilinear, black beyond the frame")

@@ -202,7 +202,8 @@ def measure_set(fs, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     from affextract.datasets import raw_points, read_image
-    from affextract.movement import Movement, crop_faces, invert_affine, roi_from_points
+    from affextract.align import crop_faces, invert_affine, roi_from_points
+    from affextract.movement import Movement
     from affextract.teacher import measure_native
 
     if fs.framing == "native":

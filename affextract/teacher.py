@@ -129,12 +129,13 @@ def measure_native(images: np.ndarray, points: np.ndarray = FERPLUS_POINTS, upsc
     """(N, H, W) uint8 grey (or (N, H, W, 3) RGB) face images framed alike -> their blendshapes and mesh measures.
 
     Each image is upscaled `upscale` times (bicubic; MediaPipe's mesh wants a crop of 192 pixels) and the mesh crop
-    is placed from the fixed 5 `points` (H x W pixels) with movement.roi_from_points. `on_chunk(done, total)` is
+    is placed from the fixed 5 `points` (H x W pixels) with align.roi_from_points. `on_chunk(done, total)` is
     called after each chunk of `chunk` images."""
     import cv2
     import torch
 
-    from affextract.movement import Movement, crop_faces, invert_affine, roi_from_points
+    from affextract.align import crop_faces, invert_affine, roi_from_points
+    from affextract.movement import Movement
 
     mv = movement or Movement("cpu")
     imgs = np.asarray(images)
