@@ -212,15 +212,21 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
         reports = dist.gather(report)
     finally:
         dist.close()
-    for other in reports[1:] if dist.rank == 0 else ():
+    _combine(report, reports, dist.rank)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _combine(report: ExtractReport, reports: list[ExtractReport], rank: int) -> None:
+    """Every rank's report (`reports`, in rank order) into this rank's: rank 0 reports the whole job; every other rank
+    takes the job's failures, so that all end with the same verdict and torchrun's exit status is the run's."""
+    for other in reports[1:] if rank == 0 else ():
         report.written += other.written
         report.failed += other.failed
         report.partial += other.partial
         report.frames += other.frames
-    if dist.rank != 0:  # every rank ends with the same verdict, so torchrun's exit status is the run's
+    if rank != 0:
         report.failed = [f for r in reports for f in r.failed]
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _plan(sources: list[Source], stored: dict[str, StoredVideo], report: ExtractReport,
