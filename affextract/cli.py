@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -73,6 +74,7 @@ def run(
 ) -> None:
     """Extract per-frame affect features (26 values per frame) and measured facial movement of videos into an HDF5 file."""
     from affextract.extract import ExtractOptions, Interrupted, extract
+    from affextract.progress import RunProgress
 
     if detect_every is not None:
         raise typer.BadParameter("--detect-every was replaced by --detect-interval SECONDS: key frames are spaced in "
@@ -86,10 +88,14 @@ def run(
         cluster = RayOptions(address=ray_address, actors=ray_actors) if ray else None
         opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
                               detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
-                              fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every,
-                              movement=movement, mesh=mesh, au_fusion=au_fusion, fusion_weights=fusion_weights,
-                              replace=replace, shards=shards)
-        report = extract(inputs, output, opts) if cluster is None else extract_on_ray(inputs, output, opts, cluster)
+                              fps=fps, commit_every=commit_every, movement=movement, mesh=mesh, au_fusion=au_fusion,
+                              fusion_weights=fusion_weights, replace=replace, shards=shards)
+        progress = None if quiet or ranks().rank != 0 else RunProgress(progress_every)  # rank 0 speaks for the job
+        with progress or nullcontext():
+            if cluster is None:
+                report = extract(inputs, output, opts, on_event=progress)
+            else:
+                report = extract_on_ray(inputs, output, opts, cluster, on_event=progress)
     except (OSError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)

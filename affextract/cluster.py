@@ -23,12 +23,12 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from affextract.extract import ExtractOptions, ExtractReport
+    from affextract.extract import ExtractEvent, ExtractOptions, ExtractReport
     from affextract.format import Provenance
     from affextract.store import FeatureStore, ShardWriter
     from affextract.video import Source
@@ -174,21 +174,23 @@ class _Video:
 
 
 def extract_on_ray(inputs: Path | str | list[Path | str], output: Path | str, options: ExtractOptions,
-                   cluster: RayOptions | None = None) -> ExtractReport:
+                   cluster: RayOptions | None = None, on_event: Callable[[ExtractEvent], None] | None = None
+                   ) -> ExtractReport:
     """`affextract.extract` with its videos analysed on the Ray cluster of `cluster` (default: RayOptions()): the
-    same plan, output, resume rules and report."""
+    same plan, output, resume rules, progress events (`on_event`, at the driver) and report."""
     from affextract.extract import extract
 
-    return extract(inputs, output, options, runner=partial(_run_on_ray, cluster or RayOptions()))
+    return extract(inputs, output, options, on_event, runner=partial(_run_on_ray, cluster or RayOptions()))
 
 
 def _run_on_ray(cluster: RayOptions, sources: list[Source], store: FeatureStore, provenance: Provenance,
-                options: ExtractOptions, merges: bool, report: ExtractReport) -> None:
+                options: ExtractOptions, merges: bool, report: ExtractReport,
+                emit: Callable[[ExtractEvent], None]) -> None:
     """Extract `sources` into `store` on the cluster (extract's `_run`, on Ray)."""
     ray = import_ray()
     started = connect(ray, cluster.address)
     try:
-        _Driver(ray, cluster, sources, store, provenance, options, merges, report).run()
+        _Driver(ray, cluster, sources, store, provenance, options, merges, report, emit).run()
     finally:
         if started:
             ray.shutdown()
@@ -229,8 +231,8 @@ def connect(ray, address: str | None) -> bool:
 
 
 class _Driver:
-    def __init__(self, ray, cluster: RayOptions, sources, store, provenance, options, merges, report):
-        from affextract.extract import _detector_options, _Progress
+    def __init__(self, ray, cluster: RayOptions, sources, store, provenance, options, merges, report, emit):
+        from affextract.extract import _detector_options
         from affextract.workers import WorkerSpec
 
         self.ray, self.sources, self.store, self.options, self.merges, self.report = (
@@ -264,24 +266,29 @@ class _Driver:
         self.queued_frames = 0
         self.todo = deque(range(len(sources)))
         self.live: dict[int, _Video] = {}
-        self.ui = _Progress(options.progress and merges, [s.size_bytes for s in sources], options.progress_every)
+        self.emit = emit
         self.last_commit = time.monotonic()
 
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self) -> None:
+        from affextract.extract import RunEnded, RunStarted
+
+        self.emit(RunStarted(tuple(s.size_bytes for s in self.sources)))
+        complete = False
         try:
-            with self.ui:
+            self._fill()
+            self._check_actors()
+            while self.todo or self.live:
                 self._fill()
-                self._check_actors()
-                while self.todo or self.live:
-                    self._fill()
-                    self._step()
+                self._step()
+            complete = True
         finally:
             for v in self.live.values():  # interrupted: their shards are dropped, the videos redone by a rerun
                 self._drop(v)
                 self._cancel(v)
             for a in self.actors:
                 self.ray.kill(a)
+            self.emit(RunEnded(complete))
 
     def _check_actors(self) -> None:
         """Wait for the actors to be set up (the first tasks run meanwhile): a model that cannot load is the run's
@@ -347,13 +354,13 @@ class _Driver:
             case _Ahead(frames=frames):
                 v.ahead = frames
             case Opened(info=info, sha256=sha256):
-                from affextract.extract import _video_attrs
+                from affextract.extract import VideoOpened, _video_attrs
 
                 self._drop(v)  # decoding starts over (video.read_video): what came before is void
                 src = self.sources[v.index]
                 v.writer = self.store.begin_video(src.key, _video_attrs(src, info) | {"sha256": sha256},
                                                   info.frames_analysed)
-                self.ui.opened(v.index, info.frames_analysed)
+                self.emit(VideoOpened(v.index, info.frames_analysed))
             case Finished() | Broken() | Failed():
                 v.end = item
                 self._end_if_done(v)
@@ -410,6 +417,8 @@ class _Driver:
 
     def _write(self, v: _Video) -> None:
         """Append the video's next analysed chunk."""
+        from affextract.extract import FramesAnalysed
+
         ray = self.ray
         ref = v.results.popleft()
         try:
@@ -419,11 +428,11 @@ class _Driver:
             return
         v.writer.append(a.rows, a.face, a.frame, a.time, a.boxes, a.landmarks, a.scores, **a.moved)
         self.report.frames += len(a.frame)
-        self.ui.analysed(v.index, len(a.frame))
+        self.emit(FramesAnalysed(v.index, len(a.frame)))
         self._end_if_done(v)
 
     def _end_if_done(self, v: _Video) -> None:
-        from affextract.extract import _source_attrs
+        from affextract.extract import VideoEnded, _source_attrs
         from affextract.workers import Broken, Failed, Finished
 
         if v.end is None or v.results or any(q[0] is v for q in self.queue):
@@ -444,7 +453,7 @@ class _Driver:
                 self.report.failed.append((src.key, error))
         v.writer = None
         del self.live[v.index]
-        self.ui.ended(v.index)
+        self.emit(VideoEnded(v.index, isinstance(v.end, Failed)))
         if self.merges and time.monotonic() - self.last_commit > max(self.options.commit_every,
                                                                       20 * self.store.last_commit_s):
             self.store.commit()

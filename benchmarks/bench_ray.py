@@ -67,7 +67,7 @@ def main() -> None:
              logging_level="ERROR")
     start = time.perf_counter() - t
     print(f"{len(list(clips.iterdir()))} videos, {os.cpu_count()} CPUs; local cluster started in {start:.1f} s")
-    base = dict(progress=False, movement=not a.no_movement)
+    base = dict(movement=not a.no_movement)
     res: dict = {"cpus": os.cpu_count(), "videos": len(list(clips.iterdir())), "movement": not a.no_movement,
                  "cluster_start_s": start, "pairs": []}
     for r in range(a.rounds):

@@ -50,7 +50,7 @@ def videos(tmp_path_factory) -> Path:
 
 
 def _options(weights, **kw) -> ExtractOptions:
-    return ExtractOptions(weights=weights, workers=1, progress=False, **kw)
+    return ExtractOptions(weights=weights, workers=1, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +100,21 @@ def test_ray_run_of_a_manifest_equals_the_single_process_run_of_its_folder_bit_f
     manifest = videos / "list.txt"
     manifest.write_text(f"# the clips\na.mp4\nb.mp4\n\n{videos / 'sub' / 'c.mp4'}\nz_long.mp4\nbroken.mp4\n")
     out = tmp_path / "ray.h5"
+    events = []
     try:
-        report = extract_on_ray(manifest, out, _options(weights))
+        report = extract_on_ray(manifest, out, _options(weights), on_event=events.append)
     finally:
         manifest.unlink()
     assert sorted(report.written) == ["a.mp4", "b.mp4", "sub/c.mp4", "z_long.mp4"]
     assert [k for k, _ in report.failed] == ["broken.mp4"]
     assert_same_file(out, reference)
+    # The driver's progress, as a plain run reports it: every video ends once, the failure marked, every frame counted.
+    from affextract.extract import FramesAnalysed, RunEnded, RunStarted, VideoEnded
+
+    assert isinstance(events[0], RunStarted) and len(events[0].sizes) == 5 and events[-1] == RunEnded(True)
+    assert sorted((e.index, e.failed) for e in events if isinstance(e, VideoEnded)) == [
+        (0, False), (1, False), (2, True), (3, False), (4, False)]  # sorted keys: a, b, broken, sub/c, z_long
+    assert sum(e.frames for e in events if isinstance(e, FramesAnalysed)) == report.frames == 24 + 24 + 30 + 160
     # Resuming from the folder finds every video stored: nothing left to do (the broken file is retried).
     again = extract_on_ray(videos, out, _options(weights))
     assert again.written == [] and len(again.skipped) == 4 and [k for k, _ in again.failed] == ["broken.mp4"]
@@ -179,6 +187,7 @@ def test_driver_killed_mid_run_then_rerun_gives_the_full_file(cluster, videos, w
     # Four videos ended (the broken file among them): the long one is the one in progress.
     err = signal_after(p, "progress: 4/5 videos", signal.SIGKILL)
     assert p.returncode == -signal.SIGKILL, err
+    assert "progress: 4/5 videos (1 failed), " in err, err  # the driver's one view: videos, failures, frames, rate
     assert not out.exists() and len(list((tmp_path / "out.h5.parts").glob("*.h5"))) == 4, err
     # The rerun (in this process, on the same cluster) merges the four and does the long video only.
     report = extract_on_ray(videos, out, _options(weights))
