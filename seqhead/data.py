@@ -1,12 +1,14 @@
 """Cached features (affextract HDF5 format v1), video-level labels, splits and padding.
 
 Everything a head needs from disk goes through here: `read_features` (one record per video, with the no-face policy
-applied), `read_labels` (validated id + numeric targets + split), `match` (labels ↔ videos) and `pad_batch`.
+applied), `read_labels` (validated id + numeric targets + split), `match` (labels ↔ videos); and what turns videos
+into batches: `batches` (an epoch's plan) and `pad_batch`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -427,7 +429,24 @@ def split_indices(labels: Labels, rows: list[int], val_fraction: float, seed: in
     return np.sort(tr), np.sort(va)
 
 
-# ---------------------------------------------------------------------------------------------------------- padding
+# ---------------------------------------------------------------------------------------------------------- batches
+
+
+def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: bool) -> list[np.ndarray]:
+    """Index batches for one epoch; a final batch of one video joins the previous one (Pearson needs ≥ 2)."""
+    order = rng.permutation(len(lengths))
+    if bucket:  # sort by length inside chunks of 50 batches, then shuffle the batches
+        chunk = 50 * batch_size
+        order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                                for c in np.array_split(order, max(1, math.ceil(len(order) / chunk)))])
+    out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(out) > 1 and len(out[-1]) < 2:  # a batch of one has no Pearson correlation: join it to the one before
+        last = out.pop()
+        out[-1] = np.concatenate([out[-1], last])
+    if bucket:
+        out = [out[i] for i in rng.permutation(len(out))]
+    return out
+
 
 
 def pad_batch(seqs: list[np.ndarray], t: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ from seqhead import EvaluateOptions, PredictOptions, SimulateOptions, TrainOptio
 from seqhead.cli import app
 from seqhead.data import read_features
 from seqhead.model import ModelConfig, SeqHead
-from seqhead.train import WeightAverage
+from seqhead.fit import WeightAverage
 
 from conftest import TINY
 

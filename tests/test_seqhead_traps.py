@@ -124,6 +124,7 @@ def test_the_command_line_checks_its_arguments_before_loading_torch(tmp_path):
     r = _python(f"""
 import sys
 import seqhead, seqhead.cli, seqhead.train, seqhead.predict, seqhead.sweep, seqhead.evaluate
+import seqhead.infer, seqhead.metrics
 assert 'torch' not in sys.modules, 'importing the command line loaded torch'
 try:
     seqhead.cli.app(['train', {str(tmp_path / 'x.h5')!r}, '--labels', {str(tmp_path / 'missing.csv')!r}])
