@@ -340,6 +340,8 @@ def simulate(
                                               "its own feature group).")]
     = "episode",
     label_noise: Annotated[float, typer.Option(help="Standard deviation of noise added to the written labels.")] = 0.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT and its labels file if they exist (otherwise an "
+                                                 "existing one is refused).")] = False,
 ):
     """Write a Hume-Reaction-shaped simulated features file and labels CSV."""
     from .simulate import SimulateOptions, simulate as run_simulate
@@ -351,7 +353,7 @@ def simulate(
     try:
         res = run_simulate(SimulateOptions(out, labels, scale=scale, max_len=max_len, signal=signal,
                                            nuisance=nuisance, frame_noise=frame_noise, seed=seed, setting=setting,
-                                           label_noise=label_noise), plan=plan)
+                                           label_noise=label_noise, overwrite=overwrite), plan=plan)
     except ValueError as e:
         _fail(e)
     console.print(f"{plural(sum(res.n_videos), 'video')} (train/val/test {'/'.join(map(str, res.n_videos))}), "
