@@ -173,7 +173,8 @@ def train(
                             targets=tuple(targets.split(",")) if targets else None, split_column=split_column,
                             group_column=group_column, val_fraction=val_fraction, allow_unmatched=allow_unmatched,
                             features=features, no_face=no_face, stride=stride, t=t, head=head, mask=mask, rnn=rnn,
-                            layers=layers, conv_blocks=conv_blocks, hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
+                            layers=layers, conv_blocks=conv_blocks, hidden=hidden, fc=fc, dropout=dropout, loss=loss,
+                            batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, clip=clip, epochs=epochs, patience=patience, seed=seed,
                             skip_padding=skip_padding, bucket=bucket, device=device, threads=threads,
                             max_batches=max_batches, members=seeds, ema=ema, overwrite=overwrite)
@@ -183,6 +184,11 @@ def train(
     except KeyboardInterrupt:
         console.print(f"interrupted before the first epoch ended: nothing kept in {out}", soft_wrap=True)
         raise typer.Exit(130)
+    _show_trained(res, head)
+
+
+def _show_trained(res, head: str) -> None:
+    """How the ids matched, warnings, the validation table and where the run is; exit 130 when Ctrl-C ended it."""
     console.print("ids matched by " + ", ".join(f"{f} ({n} rows)" for f, n in res.id_forms.items()), soft_wrap=True,
                   highlight=False)
     for w in res.warnings:
