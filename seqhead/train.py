@@ -187,6 +187,7 @@ def _options_json(opts: TrainOptions) -> dict:
 
 # --------------------------------------------------------------------------------------------------- run directory
 
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
