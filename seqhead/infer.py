@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from affextract.store import file_sha256
+from affextract.weights import file_sha256
 
 from .config import ModelConfig
 from .data import DataError, pad_batch
