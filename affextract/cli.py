@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -67,6 +68,7 @@ def run(
 ) -> None:
     """Extract per-frame affect features (26 values per frame) and measured facial movement of videos into an HDF5 file."""
     from affextract.extract import ExtractOptions, Interrupted, extract
+    from affextract.progress import RunProgress
 
     if detect_every is not None:
         raise typer.BadParameter("--detect-every was replaced by --detect-interval SECONDS: key frames are spaced in "
@@ -77,10 +79,11 @@ def run(
     try:
         opts = ExtractOptions(weights=weights, detector=detector, detector_model=detector_model,
                               detect_interval=detect_interval, device=device, batch_size=batch_size, workers=workers,
-                              fps=fps, commit_every=commit_every, progress=not quiet, progress_every=progress_every,
-                              movement=movement, mesh=mesh, au_fusion=au_fusion, fusion_weights=fusion_weights,
-                              replace=replace)
-        report = extract(inputs, output, opts)
+                              fps=fps, commit_every=commit_every, movement=movement, mesh=mesh, au_fusion=au_fusion,
+                              fusion_weights=fusion_weights, replace=replace)
+        progress = None if quiet or ranks().rank != 0 else RunProgress(progress_every)  # rank 0 speaks for the job
+        with progress or nullcontext():
+            report = extract(inputs, output, opts, on_event=progress)
     except (OSError, ValueError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True, highlight=False)
         raise typer.Exit(2)

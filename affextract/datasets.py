@@ -25,6 +25,7 @@ import torch
 
 from affextract.pixels import LUMA, to_pixels, to_unit
 from affextract.schema import AUS, EXPRESSIONS
+from affextract.video import IMAGE_EXTENSIONS
 
 FRAMINGS = ("aligned", "native", "raw")
 
@@ -464,9 +465,6 @@ def load_manifest(csv_path: str | Path, aligned: bool = True) -> FaceSet:
 
 # --- Labelled image folders ---------------------------------------------------------------------------
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
-
-
 def load_folder(root: str | Path) -> FaceSet:
     """Photos sorted into class folders named after the expressions: root/<expression>/*.jpg, or
     root/<source>/<expression>/*.jpg (several sources, e.g. jaffe/, kdef/; scores can then be split
@@ -490,13 +488,13 @@ def load_folder(root: str | Path) -> FaceSet:
             if d.name not in EXPRESSIONS:
                 raise DatasetError(f"{d}: folder name is not one of the expressions {list(EXPRESSIONS)}; rename or move it")
             for p in sorted(d.iterdir()):
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
                     paths.append(p)
                     codes.append(EXPRESSIONS.index(d.name))
                     groups.append(source or root.name)
     n = len(paths)
     if n == 0:
-        raise DatasetError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DatasetError(f"{root}: the class folders hold no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return FaceSet(
         name=f"folder:{root.name}", framing="raw", images=paths, va=_nan(n, 2), expr=_one_hot(codes),
         au=_nan(n, len(AUS)), origin=[str(p) for p in paths], groups=groups if len(sources) > 1 else [],

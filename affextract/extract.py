@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from affextract.fusion import au_source
 from affextract.pixels import to_unit
+from affextract.runtime import RankGroup
 from affextract.schema import DEFAULT_WEIGHTS, WEIGHTS_DIR
 from affextract.format import MOVEMENT_DATASETS, MOVEMENT_OFF, Provenance, dumps
 from affextract.store import FeatureStore, ShardWriter, StoredVideo
@@ -29,8 +30,9 @@ from affextract.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, VideoIn
 from affextract.weights import file_sha256, weights_path
 from affextract.workers import Broken, FaceChunk, Failed, Finished, Opened, WorkerSpec, analyse
 
-# The alignment in the files' provenance. affextract.align computes it without insightface (the same transform, to
-# float64 rounding); the text is left as files made before say it, so that they can still be continued.
+# The alignment and the mesh crop in the files' provenance. affextract.align computes the alignment without insightface
+# (the same transform, to float64 rounding) and now holds roi_from_points too; the texts are left as files made before
+# say them, so that those can still be continued.
 ALIGNMENT = "arcface-5pt similarity (insightface.utils.face_align.estimate_norm) to 112x112 RGB in [-1, 1]"
 MESH_CROP = ("MediaPipe's face crop placed from the tracked face's 5 points (movement.roi_from_points: eyes level, "
              "POINTS_TEMPLATE fitted by least squares), 192x192 RGB, bilinear, black beyond the frame")
@@ -51,8 +53,6 @@ class ExtractOptions:
     workers: int = 0  # processes that decode, detect and align, each on its own videos; 0 = half the cores, at most 8
     fps: float | None = None  # analyse frames at this rate (by timestamp); None = every frame
     commit_every: float = 60.0  # seconds between merges of finished videos into the output file
-    progress: bool = True  # progress on stderr: a live display on a terminal, a plain line now and then otherwise
-    progress_every: float = 30.0  # seconds between plain progress lines (stderr not a terminal, e.g. a log file)
     movement: bool = True  # measure movement: MediaPipe blendshapes, head pose, gaze, face presence per frame
     mesh: bool = False  # also store the 478 face mesh points per frame (float16; needs movement)
     # With movement: AU rows fused with the frame's blendshapes (affextract.fusion); False keeps the CNN's rows.
@@ -62,8 +62,7 @@ class ExtractOptions:
     replace: bool = False
 
     def __post_init__(self):
-        for name, low in (("detect_interval", 0), ("batch_size", 1), ("workers", 0), ("commit_every", 0),
-                          ("progress_every", 0)):
+        for name, low in (("detect_interval", 0), ("batch_size", 1), ("workers", 0), ("commit_every", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"ExtractOptions.{name} must be >= {low}, got {getattr(self, name)}")
         if self.fps is not None and self.fps <= 0:
@@ -103,58 +102,56 @@ class KeyClashError(ValueError):
     """An input would replace a different video stored under the same key."""
 
 
-class _Dist:
-    """The process group when started by torchrun (WORLD_SIZE > 1): videos are sharded by rank; rank 0 merges."""
+# -- events: this process's progress, for `extract`'s on_event ----------------------------------------------------
+@dataclass(frozen=True)
+class RunStarted:
+    """The process starts on its videos (none when every video is already stored: then no event comes at all)."""
 
-    def __init__(self):
-        from affextract.runtime import ranks
+    sizes: tuple[int, ...]  # bytes of each of its videos, in the order the other events' `index` counts them
 
-        r = ranks()
-        self.world, self.rank = r.world, r.rank
-        if self.world > 1:
-            import datetime
 
-            import torch.distributed as dist
+@dataclass(frozen=True)
+class VideoOpened:
+    """A video was opened. Sent again when decoding starts over with another decoder: its frames come again."""
 
-            # gloo: only barriers and small objects cross ranks. Ranks finish their shares at different times, so the
-            # timeout is long.
-            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    index: int  # position in RunStarted.sizes
+    frames: int  # frames it will bring (a broken stream brings fewer)
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
 
-            dist.barrier()
+@dataclass(frozen=True)
+class FramesAnalysed:
+    index: int  # position in RunStarted.sizes
+    frames: int  # frames of this video analysed and written since its last event
 
-    def broadcast(self, obj):
-        """Rank 0's `obj` on every rank."""
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
 
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+@dataclass(frozen=True)
+class VideoEnded:
+    """A video is done: complete, partial or failed (ExtractReport says which)."""
 
-    def gather(self, obj):
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
+    index: int  # position in RunStarted.sizes
 
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
 
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
+@dataclass(frozen=True)
+class RunEnded:
+    """The last event, after RunStarted, however the run ends."""
 
-            dist.destroy_process_group()
+    complete: bool  # every video ended; False when an error or Ctrl-C stopped the run
+
+
+ExtractEvent = RunStarted | VideoOpened | FramesAnalysed | VideoEnded | RunEnded
+
+
+def _ignore(event: ExtractEvent) -> None:
+    pass
 
 
 def extract(inputs: Path | str | list[Path | str], output: Path | str,
-            options: ExtractOptions = ExtractOptions()) -> ExtractReport:
+            options: ExtractOptions = ExtractOptions(),
+            on_event: Callable[[ExtractEvent], None] | None = None) -> ExtractReport:
     """Extract per-frame features of every video/image under `inputs` into the HDF5 file `output`.
+
+    `on_event` receives this process's progress as it happens (`ExtractEvent`s), e.g. to draw it (the command line's
+    affextract.progress); nothing is printed here.
 
     Under torchrun each rank takes every WORLD_SIZE-th video still to do and writes its own shard files; rank 0 merges
     them into `output`, so the result (and resuming it) is the same as a single-process run.
@@ -163,7 +160,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
 
     t0 = time.perf_counter()
     interrupted = False
-    dist = _Dist()
+    dist = RankGroup()
     report = ExtractReport(output=Path(output))
     try:
         roots = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
@@ -201,7 +198,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             todo = _plan(sources, store.stored(), report, options.replace)
             mine = todo[dist.rank::dist.world]
             if mine:
-                _run(mine, store, provenance, options, dist.rank == 0, report)
+                _run(mine, store, provenance, options, dist.rank == 0, report, on_event or _ignore)
         except KeyboardInterrupt:
             interrupted = True  # the finished videos are merged below, before the interrupt goes on
         finally:
@@ -216,15 +213,21 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
         reports = dist.gather(report)
     finally:
         dist.close()
-    for other in reports[1:] if dist.rank == 0 else ():
+    _combine(report, reports, dist.rank)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _combine(report: ExtractReport, reports: list[ExtractReport], rank: int) -> None:
+    """Every rank's report (`reports`, in rank order) into this rank's: rank 0 reports the whole job; every other rank
+    takes the job's failures, so that all end with the same verdict and torchrun's exit status is the run's."""
+    for other in reports[1:] if rank == 0 else ():
         report.written += other.written
         report.failed += other.failed
         report.partial += other.partial
         report.frames += other.frames
-    if dist.rank != 0:  # every rank ends with the same verdict, so torchrun's exit status is the run's
+    if rank != 0:
         report.failed = [f for r in reports for f in r.failed]
-    report.seconds = time.perf_counter() - t0
-    return report
 
 
 def _plan(sources: list[Source], stored: dict[str, StoredVideo], report: ExtractReport,
@@ -303,7 +306,7 @@ def _movement_identity(options: ExtractOptions) -> str:
 
 
 def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, options: ExtractOptions, merges: bool,
-         report: ExtractReport) -> None:
+         report: ExtractReport, emit: Callable[[ExtractEvent], None]) -> None:
     """Extract `sources` into `store` (this rank's share)."""
     import torch
 
@@ -324,49 +327,51 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
     threads_before = torch.get_num_threads()
     torch.set_num_threads(_cpu_threads(workers))
     last_commit = time.monotonic()
-    ui = _Progress(options.progress and merges, [s.size_bytes for s in sources], options.progress_every)
+    emit(RunStarted(tuple(s.size_bytes for s in sources)))
+    complete = False
     try:
-        with ui:
-            for event in analyse(sources, spec, workers):
-                src = sources[event.index]
-                match event:
-                    case Opened(info=info, sha256=sha256):
-                        if event.index in writers:  # decoding starts over (video.read_video): drop what came
-                            writers.pop(event.index).abort()
-                        attrs = _video_attrs(src, info) | {"sha256": sha256}
-                        writers[event.index] = store.begin_video(src.key, attrs, info.frames_analysed)
-                        ui.opened(event.index, info.frames_analysed)
-                    case FaceChunk():
-                        rows, moved = features(event), movement(event) if movement else {}
-                        if fusion is not None:
-                            rows = fusion(rows, moved["blendshapes"], moved["presence"])
-                        writers[event.index].append(rows, event.face, event.frame, event.time,
-                                                    event.boxes, event.landmarks,
-                                                    np.where(event.face, event.scores, np.nan), **moved)
-                        report.frames += len(event.frame)
-                        ui.analysed(event.index, len(event.frame))
-                    case Finished():
-                        writers.pop(event.index).finish("complete")
-                        report.written.append(src.key)
-                    case Broken(error=error):
-                        writers.pop(event.index).finish("partial", error)
-                        report.written.append(src.key)
-                        report.partial.append((src.key, error))
-                    case Failed(error=error):
-                        writer = writers.pop(event.index, None)
-                        if writer is not None:  # the worker crashed part-way through this video
-                            writer.abort()
-                        store.record_failure(src.key, _source_attrs(src), error)
-                        report.failed.append((src.key, error))
-                if event.ends:
-                    ui.ended(event.index)
-                    if merges and time.monotonic() - last_commit > max(options.commit_every, 20 * store.last_commit_s):
-                        store.commit()
-                        last_commit = time.monotonic()
+        for event in analyse(sources, spec, workers):
+            src = sources[event.index]
+            match event:
+                case Opened(info=info, sha256=sha256):
+                    if event.index in writers:  # decoding starts over (video.read_video): drop what came
+                        writers.pop(event.index).abort()
+                    attrs = _video_attrs(src, info) | {"sha256": sha256}
+                    writers[event.index] = store.begin_video(src.key, attrs, info.frames_analysed)
+                    emit(VideoOpened(event.index, info.frames_analysed))
+                case FaceChunk():
+                    rows, moved = features(event), movement(event) if movement else {}
+                    if fusion is not None:
+                        rows = fusion(rows, moved["blendshapes"], moved["presence"])
+                    writers[event.index].append(rows, event.face, event.frame, event.time,
+                                                event.boxes, event.landmarks,
+                                                np.where(event.face, event.scores, np.nan), **moved)
+                    report.frames += len(event.frame)
+                    emit(FramesAnalysed(event.index, len(event.frame)))
+                case Finished():
+                    writers.pop(event.index).finish("complete")
+                    report.written.append(src.key)
+                case Broken(error=error):
+                    writers.pop(event.index).finish("partial", error)
+                    report.written.append(src.key)
+                    report.partial.append((src.key, error))
+                case Failed(error=error):
+                    writer = writers.pop(event.index, None)
+                    if writer is not None:  # the worker crashed part-way through this video
+                        writer.abort()
+                    store.record_failure(src.key, _source_attrs(src), error)
+                    report.failed.append((src.key, error))
+            if event.ends:
+                emit(VideoEnded(event.index))
+                if merges and time.monotonic() - last_commit > max(options.commit_every, 20 * store.last_commit_s):
+                    store.commit()
+                    last_commit = time.monotonic()
+        complete = True
     finally:
         torch.set_num_threads(threads_before)
         for writer in writers.values():  # interrupted videos: their shards are dropped, the videos redone
             writer.abort()
+        emit(RunEnded(complete))
 
 
 def _fusion(source: str, path: Path | None):
@@ -450,102 +455,3 @@ def _cpu_threads(workers: int) -> int:
 def default_workers() -> int:
     """Half the cores, at most 8: detection dominates and scales better over processes than over threads."""
     return max(1, min(8, (os.cpu_count() or 1) // 2))
-
-
-# -- progress ---------------------------------------------------------------------------------------------------------
-class _Progress:
-    """Progress on stderr: a live display on a terminal, a plain line every `every` seconds otherwise (logs, jobs).
-
-    Work is counted in bytes of the videos to do, known before any video is opened, so the time left is sound from the
-    start. A video's frame count is known once it is opened; until every video has been, the frame total is a lower
-    bound, shown with "≥".
-    """
-
-    def __init__(self, enabled: bool, sizes: list[int], every: float):
-        self.enabled, self.sizes, self.every = enabled, sizes, every
-        self.total_bytes = max(sum(sizes), 1)
-        self.done_bytes = 0.0  # of videos that ended
-        self.ended_videos = 0
-        self.announced: dict[int, int] = {}  # frames each open video will bring
-        self.done: dict[int, int] = {}  # frames analysed of each open video
-        self.frames = 0  # analysed so far
-        self.frames_total = 0  # announced by the videos opened so far, less what broken videos did not bring
-        self.known = 0  # videos whose frame count is known (opened, or failed before opening)
-        self.t0 = time.monotonic()
-        self.printed = -float("inf")
-        self.last = ""
-        self.live = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.live = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), transient=False)
-            self.task = self.live.add_task(self._summary(), total=self.total_bytes)
-
-    def __enter__(self) -> _Progress:
-        if self.live is not None:
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.live is not None:
-            self.live.__exit__(*exc)
-        elif self.enabled and exc[0] is None:
-            self._print(force=True)
-
-    def opened(self, i: int, frames: int) -> None:
-        if i in self.announced:  # decoding starts over: its frames are analysed again
-            self.frames_total -= self.announced[i]
-            self.frames -= self.done[i]
-            self.known -= 1
-        self.announced[i], self.done[i] = frames, 0
-        self.frames_total += frames
-        self.known += 1
-        self._show()
-
-    def analysed(self, i: int, n: int) -> None:
-        self.done[i] += n
-        self.frames += n
-        self._show()
-
-    def ended(self, i: int) -> None:
-        if i in self.announced:
-            self.frames_total -= self.announced.pop(i) - self.done.pop(i)  # a broken stream brings fewer frames
-        else:
-            self.known += 1
-        self.ended_videos += 1
-        self.done_bytes += self.sizes[i]
-        self._show()
-
-    def _work(self) -> float:
-        """Bytes done, counting each open video's share of frames analysed."""
-        return self.done_bytes + sum(self.sizes[i] * self.done[i] / max(n, 1) for i, n in self.announced.items())
-
-    def _summary(self) -> str:
-        bound = "≥" if self.known < len(self.sizes) else ""
-        return f"{self.ended_videos}/{len(self.sizes)} videos, {self.frames:,}/{bound}{self.frames_total:,} frames"
-
-    def _show(self) -> None:
-        if self.live is not None:
-            self.live.update(self.task, completed=self._work(), description=self._summary())
-        elif self.enabled:
-            self._print()
-
-    def _print(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.printed < self.every:
-            return
-        elapsed = now - self.t0
-        work = self._work() / self.total_bytes
-        left = f", about {_clock(elapsed * (1 - work) / work)} left" if 0 < work < 1 else ""
-        line = (f"progress: {self._summary()}, {self.frames / max(elapsed, 1e-9):,.1f} frames/s, "
-                f"{_clock(elapsed)} elapsed{left}")
-        if force and line.split(", ")[:2] == self.last.split(", ")[:2]:
-            return  # nothing new since the last line
-        print(line, file=sys.stderr, flush=True)
-        self.printed, self.last = now, line
-
-
-def _clock(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

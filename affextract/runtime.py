@@ -1,5 +1,6 @@
 """Where a process runs: its rank under torchrun (`ranks`) and its torch device (`resolve_device`), as extraction,
-training and seqhead resolve them; `gpu_paths` says which branch device-dependent code takes."""
+training and seqhead resolve them; `gpu_paths` says which branch device-dependent code takes; `RankGroup`, the
+process group through which the ranks of a torchrun extraction agree."""
 
 from __future__ import annotations
 
@@ -23,6 +24,55 @@ class Ranks:
 def ranks() -> Ranks:
     env = os.environ
     return Ranks(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+
+
+class RankGroup:
+    """The process group when started by torchrun (WORLD_SIZE > 1), for the little that crosses ranks: barriers and
+    small objects. Alone (WORLD_SIZE 1) every call is a no-op on this process's own values."""
+
+    def __init__(self):
+        r = ranks()
+        self.world, self.rank = r.world, r.rank
+        if self.world > 1:
+            import datetime
+
+            import torch.distributed as dist
+
+            # gloo: only barriers and small objects cross ranks. Ranks finish their shares at different times, so the
+            # timeout is long.
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def resolve_device(device: str) -> torch.device:

@@ -129,12 +129,13 @@ def measure_native(images: np.ndarray, points: np.ndarray = FERPLUS_POINTS, upsc
     """(N, H, W) uint8 grey (or (N, H, W, 3) RGB) face images framed alike -> their blendshapes and mesh measures.
 
     Each image is upscaled `upscale` times (bicubic; MediaPipe's mesh wants a crop of 192 pixels) and the mesh crop
-    is placed from the fixed 5 `points` (H x W pixels) with movement.roi_from_points. `on_chunk(done, total)` is
+    is placed from the fixed 5 `points` (H x W pixels) with align.roi_from_points. `on_chunk(done, total)` is
     called after each chunk of `chunk` images."""
     import cv2
     import torch
 
-    from affextract.movement import Movement, crop_faces, invert_affine, roi_from_points
+    from affextract.align import crop_faces, invert_affine, roi_from_points
+    from affextract.movement import Movement
 
     mv = movement or Movement("cpu")
     imgs = np.asarray(images)
@@ -188,8 +189,9 @@ def measure_set(fs, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     evaluate scores the fused AU rows with (affextract.fusion)."""
     import torch
 
+    from affextract.align import crop_faces, invert_affine, roi_from_points
     from affextract.datasets import raw_points, read_image
-    from affextract.movement import Movement, crop_faces, invert_affine, roi_from_points
+    from affextract.movement import Movement
 
     if fs.framing == "native":
         m = measure_native(np.stack([read_image(fs, i) for i in range(len(fs))]))

@@ -23,12 +23,17 @@ import sys
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import ClassVar, Iterator
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 
 import numpy as np
 
-from affextract.video import DecodeError, Source, StreamBroken, VideoInfo, read_video
+from affextract.video import Chunk, DecodeError, Source, StreamBroken, VideoInfo, read_video
 from affextract.weights import file_sha256
+
+if TYPE_CHECKING:
+    import torch
+
+    from affextract.tracking import PrimaryFaceStream
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,32 @@ class _SetupFailed:
 
 class WorkerSetupError(RuntimeError):
     """A worker could not set itself up (detector model, device, weights): no video can be analysed."""
+
+
+def face_chunk(index: int, chunk: Chunk, stream: PrimaryFaceStream, device: str | torch.device, movement: bool,
+               lap: Callable[[str], None] = lambda stage: None) -> FaceChunk:
+    """The face stage on one decoded chunk of video `index`, as the workers run it: the primary face detected and
+    tracked (`stream`, kept across the video's chunks), warped onto the ArcFace template for the MMA and, with
+    `movement`, cut as MediaPipe's face crop for the mesh. `lap(stage)` is called as each stage ends ("detect+track",
+    "align", "mesh crop"), so that a benchmark can time them."""
+    import torch
+
+    from affextract.align import crop_faces, invert_affine, roi_from_points, warp_faces
+
+    p = stream(chunk.frames, chunk.time)
+    lap("detect+track")
+    frames, marks = chunk.frames[p.face], p.landmarks[p.face]
+    mesh_crops = mesh_to_image = None
+    with torch.inference_mode():
+        crops = warp_faces(frames, marks, device=device).cpu().numpy()
+        lap("align")
+        if movement:
+            roi = roi_from_points(marks)
+            mesh_crops = crop_faces(frames, roi, device=device).cpu().numpy()
+            mesh_to_image = invert_affine(roi).astype(np.float32)
+            lap("mesh crop")
+    return FaceChunk(index, chunk.frame, chunk.time, p.face, p.boxes, p.scores, p.landmarks, crops, mesh_crops,
+                     mesh_to_image)
 
 
 # -- the main process's side -----------------------------------------------------------------------------------------
@@ -213,9 +244,7 @@ def serve(events_fd: int) -> None:
     try:
         import torch
 
-        from affextract.align import warp_faces
         from affextract.detectors import get_detector
-        from affextract.movement import crop_faces, invert_affine, roi_from_points
         from affextract.tracking import PrimaryFaceStream
 
         torch.set_num_threads(spec.threads)
@@ -239,17 +268,7 @@ def serve(events_fd: int) -> None:
                     opened = True
                     stream = PrimaryFaceStream(detector, detect_interval=spec.detect_interval)
                     continue
-                p = stream(item.frames, item.time)
-                frames, marks = item.frames[p.face], p.landmarks[p.face]
-                mesh_crops = mesh_to_image = None
-                with torch.inference_mode():
-                    crops = warp_faces(frames, marks, device=spec.device).cpu().numpy()
-                    if spec.movement:
-                        roi = roi_from_points(marks)
-                        mesh_crops = crop_faces(frames, roi, device=spec.device).cpu().numpy()
-                        mesh_to_image = invert_affine(roi).astype(np.float32)
-                out.send(FaceChunk(i, item.frame, item.time, p.face, p.boxes, p.scores, p.landmarks, crops,
-                                   mesh_crops, mesh_to_image))
+                out.send(face_chunk(i, item, stream, spec.device, spec.movement))
             out.send(Finished(i))
         except DecodeError as e:
             out.send(Failed(i, str(e)))

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from affextract import align as al
 from affextract import movement as mv
 from affextract.pixels import to_unit
 from bench_extract import cpu_seconds  # this script's folder is on sys.path
@@ -166,10 +167,10 @@ def real_faces(clips: list[Path], n: int) -> tuple[np.ndarray, np.ndarray, np.nd
         found = detector.detect(frames)
         keep = [i for i, f in enumerate(found) if len(f)]
         points = np.stack([found[i].landmarks[int(np.argmax(found[i].areas))] for i in keep])
-        roi = mv.roi_from_points(points)
+        roi = al.roi_from_points(points)
         faces.append(warp_faces(frames[keep], points).numpy())
-        crops.append(mv.crop_faces(frames[keep], roi).numpy())
-        to_image.append(mv.invert_affine(roi))
+        crops.append(al.crop_faces(frames[keep], roi).numpy())
+        to_image.append(al.invert_affine(roi))
     return np.concatenate(faces)[:n], np.concatenate(crops)[:n], np.concatenate(to_image)[:n]
 
 
@@ -182,7 +183,7 @@ def per_face(tflite: Path, onnx_path: Path, model, faces, crops, to_image, threa
     ort_mma = OrtMMA(onnx_path, threads)
     x = torch.from_numpy(crops).float().div_(255).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        image_mesh = mv.mesh_to_image(stage.mesh(x)[0], torch.from_numpy(to_image).float())
+        image_mesh = al.mesh_to_image(stage.mesh(x)[0], torch.from_numpy(to_image).float())
         points = image_mesh[:, list(mv.BLENDSHAPE_LANDMARKS), :2].contiguous()
     mma_in = to_unit(torch.from_numpy(faces))
     crops_t = torch.from_numpy(crops)
@@ -261,7 +262,7 @@ def end_to_end(clips: list[Path], copies: int, pairs: int, tflite: Path, onnx_pa
                                               else (OrtFeatures, LiteRTMovementStage))
                 before = cpu_seconds()
                 rep = ex.extract([folder], work / f"{name}_{p}.h5",
-                                 ex.ExtractOptions(device="cpu", workers=1, progress=False))
+                                 ex.ExtractOptions(device="cpu", workers=1))
                 main_ms, worker_ms = (1e3 * (y - x) / rep.frames for x, y in zip(before, cpu_seconds()))
                 runs[name].append({"frames": rep.frames, "seconds": rep.seconds, "fps": rep.frames / rep.seconds,
                                    "main_cpu_ms_per_frame": main_ms, "worker_cpu_ms_per_frame": worker_ms})

@@ -29,14 +29,15 @@ import torch
 
 from affextract.align import align_faces
 from affextract.detectors import get_detector
-from affextract.extract import ExtractOptions, _cpu_threads, extract
+from affextract.extract import ExtractOptions, _cpu_threads, _Features, extract
 from affextract.features import open_features
 from affextract.fusion import load_fusion
 from affextract.model import load_mma
-from affextract.movement import Movement, MovementOptions, crop_faces, invert_affine, roi_from_points
+from affextract.movement import Movement, MovementOptions
 from affextract.runtime import gpu_paths, resolve_device
 from affextract.tracking import PrimaryFaceStream
 from affextract.video import find_sources, import_decord, open_video
+from affextract.workers import face_chunk
 
 
 def decode_only(sources) -> tuple[int, float]:
@@ -81,65 +82,61 @@ def stage_costs(source, model, detector, movement, device, interval: float, batc
         torch.set_num_threads(before)
 
 
+class _Laps:
+    """face_chunk's `lap`: seconds since the previous lap, per stage (the GPU's queued work counted in)."""
+
+    def __init__(self, sync):
+        self.sync, self.seconds, self.t = sync, {}, time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        self.sync()
+        now = time.perf_counter()
+        self.seconds[stage], self.t = now - self.t, now
+
+
 def _stage_costs(source, model, detector, movement, device, interval: float, batch: int) -> dict[str, float]:
     _, chunks = open_video(source, None, batch)
     t = time.perf_counter()
     chunk = next(chunks)
     decode = time.perf_counter() - t
-    stream = PrimaryFaceStream(detector, detect_interval=interval)
-    stream(chunk.frames, chunk.time)  # warm-up
-    stream = PrimaryFaceStream(detector, detect_interval=interval)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t = time.perf_counter()
-    prim = stream(chunk.frames, chunk.time)
-    sync()
-    detect = time.perf_counter() - t
-    t = time.perf_counter()
-    crops = align_faces(chunk.frames[prim.face], prim.landmarks[prim.face], device=device)
-    sync()
-    align = time.perf_counter() - t
-    model.features(crops)
-    sync()
-    t = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu_paths(device)):
-        model.features(crops).float().cpu()
-    mma = time.perf_counter() - t
-    # The movement stage: the face mesh's crop (in the workers), then in the main process the mesh alone and the
-    # whole stage (mesh, blendshapes, pose, gaze), so that the rest is their difference.
-    t = time.perf_counter()
-    roi = roi_from_points(prim.landmarks[prim.face])
-    mesh_crops = crop_faces(chunk.frames[prim.face], roi, device=device)
-    sync()
-    mesh_crop = time.perf_counter() - t
-    to_image = invert_affine(roi)
-    movement(mesh_crops, to_image)  # warm-up
-    sync()
-    t = time.perf_counter()
+    # The workers' face stage (detect + track, align, the face mesh's crop), after a warm-up pass.
+    face_chunk(0, chunk, PrimaryFaceStream(detector, detect_interval=interval), device, True)
+    laps = _Laps(sync)
+    faces = face_chunk(0, chunk, PrimaryFaceStream(detector, detect_interval=interval), device, True, laps)
+    # The main process's: the MMA, then the mesh alone and the whole movement stage (mesh, blendshapes, pose, gaze),
+    # so that the rest is their difference, then the AU fusion, each after a warm-up pass.
+    features = _Features(model, device)
+    mma, rows = _timed(lambda: features(faces), sync)
+    mesh_crops = torch.from_numpy(faces.mesh_crops)
     size = movement.options.batch_size
-    for s in range(0, len(mesh_crops), size):
-        x = mesh_crops[s:s + size].to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
-        movement.mesh(x)
-    sync()
-    mesh = time.perf_counter() - t
-    t = time.perf_counter()
-    measured = movement(mesh_crops, to_image)
-    sync()
-    whole = time.perf_counter() - t
-    # The AU fusion on the chunk's 26 rows (numpy, main process), as extract runs it.
-    rows = np.full((len(chunk.frame), 26), np.nan, np.float32)
-    rows[prim.face] = model.features(crops).float().cpu().numpy()
+
+    def mesh_alone():
+        for s in range(0, len(mesh_crops), size):
+            x = mesh_crops[s:s + size].to(device).float().div_(255).contiguous(memory_format=torch.channels_last)
+            movement.mesh(x)
+
+    mesh, _ = _timed(mesh_alone, sync)
+    whole, measured = _timed(lambda: movement(mesh_crops, faces.mesh_to_image), sync)
     blend = np.full((len(rows), measured.blendshapes.shape[1]), np.nan, np.float32)
     presence = np.full(len(rows), np.nan, np.float32)
-    blend[prim.face], presence[prim.face] = measured.blendshapes, measured.presence
+    blend[faces.face], presence[faces.face] = measured.blendshapes, measured.presence
     fusion = load_fusion()
-    fusion(rows, blend, presence)  # warm-up
-    t = time.perf_counter()
-    fusion(rows, blend, presence)
-    fuse = time.perf_counter() - t
+    fuse, _ = _timed(lambda: fusion(rows, blend, presence), sync)
     n = len(chunk.frame)
-    return {k: 1000 * v / n for k, v in (("decode", decode), ("detect+track", detect), ("align", align),
-                                          ("mesh crop", mesh_crop), ("mma", mma), ("face mesh", mesh),
-                                          ("blendshapes+pose+gaze", whole - mesh), ("au fusion", fuse))}
+    return {k: 1000 * v / n for k, v in (("decode", decode), *laps.seconds.items(), ("mma", mma),
+                                          ("face mesh", mesh), ("blendshapes+pose+gaze", whole - mesh),
+                                          ("au fusion", fuse))}
+
+
+def _timed(fn, sync):
+    """(seconds, result) of `fn` after a warm-up call."""
+    fn()
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -219,6 +216,33 @@ class GpuSampler:
 
 
 def main() -> None:
+    a = _parse_args()
+    device = resolve_device(a.device)
+    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    clips = _link_clips(a.inputs, work / "clips", a.copies)
+    sources = find_sources([clips])[0]
+    model, winfo = load_mma(a.weights, device=device)
+    detector = get_detector("mtcnn", device=str(device))
+    movement = Movement(device, MovementOptions(batch_size=256 if gpu_paths(device) else 16))
+    res: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                 "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "weights": winfo.name,
+                 "videos": len(sources), "batch_size": a.batch_size, "workers": a.workers}
+    print(f"{len(sources)} videos on {device} ({res['gpu'] or f'{os.cpu_count()} CPUs'}), weights {winfo.name}")
+    if not a.skip_baselines:
+        _baselines(res, sources, model, detector, device, a.naive_frames)
+    _movement_runs(res, a, clips, work, device)
+    intervals = _interval_runs(res, a, clips, work, device)
+    if not a.skip_baselines:
+        _stage_runs(res, a, sources, model, detector, movement, device, intervals)
+    if not a.skip_memory:
+        _memory(res, a, sources[0], work, device)
+    res["max_rss_mib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if a.json:
+        a.json.write_text(json.dumps(res, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", type=Path)
     ap.add_argument("--weights", type=Path, default=None)
@@ -235,44 +259,40 @@ def main() -> None:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--skip-baselines", action="store_true", help="only the pipeline runs (no decode-only/naive/stages)")
     ap.add_argument("--json", type=Path)
-    a = ap.parse_args()
+    return ap.parse_args()
 
-    device = resolve_device(a.device)
-    every = [float(x) for x in a.intervals.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
-    clips = work / "clips"
+
+def _link_clips(inputs: list[Path], clips: Path, copies: int) -> Path:
+    """A folder of `copies` links to each video under `inputs` (many videos in flight without copying them)."""
     clips.mkdir()
-    for s in find_sources(a.inputs)[0]:
+    for s in find_sources(inputs)[0]:
         if s.is_image:
             continue
-        for c in range(a.copies):
+        for c in range(copies):
             os.symlink(s.path, clips / f"{c:03d}_{Path(s.key).name}")
-    sources = find_sources([clips])[0]
-    model, winfo = load_mma(a.weights, device=device)
-    detector = get_detector("mtcnn", device=str(device))
-    movement = Movement(device, MovementOptions(batch_size=256 if gpu_paths(device) else 16))
-    res: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                 "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "weights": winfo.name,
-                 "videos": len(sources), "batch_size": a.batch_size, "workers": a.workers}
-    print(f"{len(sources)} videos on {device} ({res['gpu'] or f'{os.cpu_count()} CPUs'}), weights {winfo.name}")
+    return clips
 
-    if not a.skip_baselines:
-        n, t = decode_only(sources)
-        res["decode_only_fps"] = n / t
-        print(f"decode only          {n / t:8.1f} frames/s  ({n} frames)")
-        n, t = naive_loop(sources, model, detector, device, a.naive_frames)
-        res["naive_fps"] = n / t
-        print(f"naive per-frame loop {n / t:8.1f} frames/s  ({n} frames)")
 
+def _baselines(res: dict, sources, model, detector, device, naive_frames: int) -> None:
+    n, t = decode_only(sources)
+    res["decode_only_fps"] = n / t
+    print(f"decode only          {n / t:8.1f} frames/s  ({n} frames)")
+    n, t = naive_loop(sources, model, detector, device, naive_frames)
+    res["naive_fps"] = n / t
+    print(f"naive per-frame loop {n / t:8.1f} frames/s  ({n} frames)")
+
+
+def _movement_runs(res: dict, a: argparse.Namespace, clips: Path, work: Path, device) -> None:
+    """The pipeline at the default interval with movement off, on and with the CNN's AU rows, as --movement lists."""
     default_interval = ExtractOptions().detect_interval
     for i, m in enumerate(a.movement.split(",")):  # repeat them (off,on,off,on) to see the machine's noise
         out = work / f"movement_{m}_{i}.h5"
         opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, workers=a.workers,
-                              fps=a.fps, progress=False, movement=m != "off", au_fusion=m == "on")
+                              fps=a.fps, movement=m != "off", au_fusion=m == "on")
         before = cpu_seconds()
         with GpuSampler(device) as gpu:
             rep = extract([clips], out, opts)
-        main_cpu, worker_cpu = (1000 * (b - a) / rep.frames for a, b in zip(before, cpu_seconds()))
+        main_cpu, worker_cpu = (1000 * (after - was) / rep.frames for was, after in zip(before, cpu_seconds()))
         fps = rep.frames / rep.seconds
         res.setdefault(f"pipeline_movement_{m}_runs_fps", []).append(fps)
         res[f"pipeline_movement_{m}_fps"] = fps
@@ -292,11 +312,15 @@ def main() -> None:
         print("AU fusion: frames/s with / without, per pair: "
               + ", ".join(f"{on / cnn:.3f}" for on, cnn in pairs))
 
+
+def _interval_runs(res: dict, a: argparse.Namespace, clips: Path, work: Path, device) -> list[float]:
+    """The pipeline without movement at each --intervals value, and what key-frame detection costs in landmark
+    error against detecting every frame; returns the intervals."""
     runs = {}
-    for k in every:
+    for k in (float(x) for x in a.intervals.split(",")):
         out = work / f"every{k}.h5"
         opts = ExtractOptions(weights=a.weights, device=str(device), batch_size=a.batch_size, detect_interval=k,
-                              workers=a.workers, fps=a.fps, progress=False, movement=False)
+                              workers=a.workers, fps=a.fps, movement=False)
         with GpuSampler(device) as gpu:
             rep = extract([clips], out, opts)
         fps = rep.frames / rep.seconds
@@ -313,7 +337,12 @@ def main() -> None:
             res[f"interval{k}_vs_every_frame"] = c
             print(f"detect interval {k:<4g} s vs every frame: landmark error {c['landmark_err_px_mean']:.2f} px mean, "
                   f"{c['landmark_err_px_p95']:.2f} px p95; face rate {c['face_rate']:.3f} vs {c['face_rate_every_frame']:.3f}")
-    for k in runs if not a.skip_baselines else ():
+    return list(runs)
+
+
+def _stage_runs(res: dict, a: argparse.Namespace, sources, model, detector, movement, device,
+                intervals: list[float]) -> None:
+    for k in intervals:
         st = stage_costs(sources[0], model, detector, movement, device, k, a.batch_size, _cpu_threads(a.workers))
         res[f"stages_interval{k}_ms_per_frame"] = st
         print(f"stages (interval {k:g} s, ms/frame): " + ", ".join(f"{s} {v:.3f}" for s, v in st.items()))
@@ -323,21 +352,19 @@ def main() -> None:
             print(f"AU fusion: {st['au fusion']:.3f} ms/frame = {100 * share:.2f} % of a frame's time in the run with "
                   "movement on")
 
-    if not a.skip_memory:
-        # The same clip re-encoded once and five times over, so codec and resolution are equal.
-        short = make_long_video(sources[0].path, work / "x1.mp4", 1)
-        long = make_long_video(sources[0].path, work / "x5.mp4", 5)
-        common = ["--weights", str(a.weights)] if a.weights else []
-        common += ["--device", str(device), "-q"]
-        short_mb = peak_rss_of_run(["run", str(short), str(work / "m1.h5"), *common])
-        long_mb = peak_rss_of_run(["run", str(long), str(work / "m5.h5"), *common])
-        res["peak_rss_mib_short"], res["peak_rss_mib_5x_long"] = short_mb, long_mb
-        print(f"peak memory: {short_mb:.0f} MiB for {sources[0].key}, {long_mb:.0f} MiB for it 5x longer "
-              f"(ratio {long_mb / short_mb:.2f})")
-    res["max_rss_mib_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if a.json:
-        a.json.write_text(json.dumps(res, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+
+def _memory(res: dict, a: argparse.Namespace, source, work: Path, device) -> None:
+    """Peak memory of a run on a clip and on the same clip five times over (memory must not grow with length)."""
+    # The same clip re-encoded once and five times over, so codec and resolution are equal.
+    short = make_long_video(source.path, work / "x1.mp4", 1)
+    long = make_long_video(source.path, work / "x5.mp4", 5)
+    common = ["--weights", str(a.weights)] if a.weights else []
+    common += ["--device", str(device), "-q"]
+    short_mb = peak_rss_of_run(["run", str(short), str(work / "m1.h5"), *common])
+    long_mb = peak_rss_of_run(["run", str(long), str(work / "m5.h5"), *common])
+    res["peak_rss_mib_short"], res["peak_rss_mib_5x_long"] = short_mb, long_mb
+    print(f"peak memory: {short_mb:.0f} MiB for {source.key}, {long_mb:.0f} MiB for it 5x longer "
+          f"(ratio {long_mb / short_mb:.2f})")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from affextract import align as al
 from affextract import movement as mv
 from affextract.runtime import resolve_device
 
@@ -47,20 +48,34 @@ def main() -> None:
 
     image = data.astronaut()
     points = get_detector("mtcnn").detect(image[None])[0].landmarks[:1]
-    m = mv.roi_from_points(points)
-    crop = mv.crop_faces(image[None], m)
+    m = al.roi_from_points(points)
     device = resolve_device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"torch {torch.__version__}, {args.threads} thread(s), device {device}")
+    cases, x1, pts1 = _torch_cases(al.crop_faces(image[None], m), m, device)
+    cases |= _litert_cases(args.tflite, args.threads, x1, pts1)
+    frames, ms = np.repeat(image[None], 64, 0), np.repeat(m, 64, 0)
+    crops, inv = al.crop_faces(frames, ms, device), al.invert_affine(ms)
+    for size in (16, 64):
+        stage = mv.Movement(device, mv.MovementOptions(batch_size=size))
+        cases[("Movement", f"torch, batch_size {size}", 64)] = (lambda stage=stage: stage(crops, inv), 64)
+    _print_against_litert(cases, args.repeats)
+    warp = per_face_ms(lambda: al.crop_faces(frames, ms, device), 64)
+    print(f"\ncrop_faces (512x512 frames), 64 faces: {warp:.3f} ms/face")
 
+
+def _torch_cases(crop: torch.Tensor, m: np.ndarray, device: torch.device) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """(model, runtime, batch) -> (function, faces per call) of the mesh (channels-first and -last) and the
+    blendshapes at batch 1, 16 and 64; and the one face's inputs: the mesh's (1, 3, 192, 192) and the blendshapes'
+    (1, 146, 2)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     mesh_cf = mv.load_face_mesh().to(device)
     mesh_cl = mv.load_face_mesh().to(device).to(memory_format=torch.channels_last)
     blend = mv.load_blendshapes().to(device)
-    cases = {}  # (model, runtime, batch) -> (function, faces per call)
+    cases = {}
     with torch.inference_mode():
         x1 = crop.float().div(255).to(device)
         lm, _ = mesh_cf(x1)
-        image_mesh = mv.mesh_to_image(lm, torch.from_numpy(mv.invert_affine(m)).float().to(device))
+        image_mesh = al.mesh_to_image(lm, torch.from_numpy(al.invert_affine(m)).float().to(device))
         pts1 = image_mesh[:, list(mv.BLENDSHAPE_LANDMARKS), :2]
     for batch in (1, 16, 64):
         x = x1.repeat(batch, 1, 1, 1)
@@ -69,12 +84,18 @@ def main() -> None:
         cases[("mesh", "torch NCHW", batch)] = (lambda x=x: (mesh_cf(x), sync()), batch)
         cases[("mesh", "torch channels-last", batch)] = (lambda x=xl: (mesh_cl(x), sync()), batch)
         cases[("blendshapes", "torch", batch)] = (lambda p=p: (blend(p), sync()), batch)
+    return cases, x1, pts1
+
+
+def _litert_cases(tflite: Path, threads: int, x1: torch.Tensor, pts1: torch.Tensor) -> dict:
+    """The same models in LiteRT at batch 1 (the .tflite files' fixed batch), when it is installed."""
+    cases = {}
     try:
         from ai_edge_litert.interpreter import Interpreter
 
         for name, key, inp in (("face_landmarks_detector.tflite", "mesh", x1.permute(0, 2, 3, 1).cpu().numpy()),
                                ("face_blendshapes.tflite", "blendshapes", pts1.cpu().numpy())):
-            it = Interpreter(model_path=str(args.tflite / name), num_threads=args.threads)
+            it = Interpreter(model_path=str(tflite / name), num_threads=threads)
             it.allocate_tensors()
             index = it.get_input_details()[0]["index"]
 
@@ -85,33 +106,30 @@ def main() -> None:
             cases[(key, "LiteRT", 1)] = (run, 1)
     except (ImportError, ValueError) as e:
         print(f"LiteRT not measured: {e}")
-    frames, ms = np.repeat(image[None], 64, 0), np.repeat(m, 64, 0)
-    crops, inv = mv.crop_faces(frames, ms, device), mv.invert_affine(ms)
-    for size in (16, 64):
-        stage = mv.Movement(device, mv.MovementOptions(batch_size=size))
-        cases[("Movement", f"torch, batch_size {size}", 64)] = (lambda stage=stage: stage(crops, inv), 64)
-    # LiteRT's cost of the same work: the whole stage is compared with LiteRT's mesh plus blendshapes.
+    return cases
+
+
+def _print_against_litert(cases: dict, repeats: int) -> None:
+    """Medians over `repeats` rounds of ms per face and of the ratio to LiteRT's cost of the same work (the whole
+    stage against LiteRT's mesh plus blendshapes)."""
     references = {"mesh": ["mesh"], "blendshapes": ["blendshapes"], "Movement": ["mesh", "blendshapes"]}
     # Each torch case is timed right after its model's LiteRT run, so that a load change on a shared machine hits
     # both alike; ratios are taken within such a pair, and medians over the rounds are printed.
     times: dict[tuple, list[float]] = {k: [] for k in cases}
     ratios: dict[tuple, list[float]] = {k: [] for k in cases}
     with torch.inference_mode():
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for key, (fn, n) in cases.items():
                 refs = [cases.get((model, "LiteRT", 1)) for model in references[key[0]]]
                 ref_ms = sum(per_face_ms(r[0], 1, 0.5) for r in refs) if all(refs) else float("nan")
                 times[key].append(per_face_ms(fn, n, 0.5))
                 ratios[key].append(times[key][-1] / ref_ms)
-    print(f"\nmedians of {args.repeats} rounds\n"
+    print(f"\nmedians of {repeats} rounds\n"
           f"{'model':12s} {'runtime':22s} {'batch':>5s} {'ms/face':>8s} {'vs LiteRT':>9s}")
     for (model, runtime, batch), t in times.items():
         ratio = np.median(ratios[(model, runtime, batch)])
         shown = "" if np.isnan(ratio) else f"{ratio:8.2f}x"
         print(f"{model:12s} {runtime:22s} {batch:5d} {np.median(t):8.3f} {shown:>9s}")
-
-    warp = per_face_ms(lambda: mv.crop_faces(frames, ms, device), 64)
-    print(f"\ncrop_faces (512x512 frames), 64 faces: {warp:.3f} ms/face")
 
 
 if __name__ == "__main__":

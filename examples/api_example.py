@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     h5 = a.workdir / "features.h5"
 
     # 1. Extraction: the same as `affextract run VIDEOS/ features.h5 --fps 10`.
-    report = affextract.extract([a.videos], h5, affextract.ExtractOptions(weights=a.weights, fps=10.0, progress=False))
+    report = affextract.extract([a.videos], h5, affextract.ExtractOptions(weights=a.weights, fps=10.0))
     n = len(report.written)
     print(f"{n} video{'' if n == 1 else 's'} extracted, {len(report.failed)} failed, {report.frames} frames "
           f"in {report.seconds:.1f} s")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from affextract import align as al
 from affextract import movement as mv
 from affextract.align import warp_faces
 from affextract.detectors import get_detector
@@ -43,8 +44,8 @@ def faces() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     frames = decord.VideoReader(str(clip)).get_batch(list(range(8))).asnumpy()
     found = get_detector("mtcnn").detect(frames)
     points = np.stack([f.landmarks[int(np.argmax(f.areas))] for f in found])
-    roi = mv.roi_from_points(points)
-    return warp_faces(frames, points).numpy(), mv.crop_faces(frames, roi).numpy(), mv.invert_affine(roi)
+    roi = al.roi_from_points(points)
+    return warp_faces(frames, points).numpy(), al.crop_faces(frames, roi).numpy(), al.invert_affine(roi)
 
 
 def test_mma_in_onnx_runtime_matches_torch(bench, faces, tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from affextract import align as al
 from affextract import movement as mv
 from affextract.align import warp_faces
 from affextract.detectors import get_detector
@@ -58,10 +59,10 @@ def test_batched_warp_matches_cv2_on_real_faces(faces, monkeypatch):
     """The batched grid warp (the GPU's) against one cv2.warpAffine per face: within one grey level, for the MMA's
     112x112 faces and the face mesh's 192x192 crops. Measured: at most 1, on 0.01% of the pixels."""
     frames, points = faces
-    roi = mv.roi_from_points(points)
-    cpu = warp_faces(frames, points).int(), mv.crop_faces(frames, roi).int()
+    roi = al.roi_from_points(points)
+    cpu = warp_faces(frames, points).int(), al.crop_faces(frames, roi).int()
     monkeypatch.setenv(GPU_PATHS_ENV, "1")
-    gpu = warp_faces(frames, points).int(), mv.crop_faces(frames, roi).int()
+    gpu = warp_faces(frames, points).int(), al.crop_faces(frames, roi).int()
     assert torch.equal(gpu[0], warp_faces(frames, points, method="grid").int())  # "auto" took the GPU branch
     for a, b in zip(cpu, gpu):
         diff = (a - b).abs()
@@ -73,8 +74,8 @@ def test_whole_batch_mesh_matches_chunked_mesh_at_batch_256(faces, monkeypatch):
     batch (the GPU branch) against the CPU branch's cache-sized chunks on the seven faces. Measured: identical on
     this CPU; stated tolerance 0.01 px of mesh and 1e-4 of the other outputs (kernels may sum in another order)."""
     frames, points = faces
-    roi = mv.roi_from_points(points)
-    crops, to_image = mv.crop_faces(frames, roi), mv.invert_affine(roi)
+    roi = al.roi_from_points(points)
+    crops, to_image = al.crop_faces(frames, roi), al.invert_affine(roi)
     stage = mv.Movement("cpu", mv.MovementOptions(batch_size=256))
     calls = []
     stage.mesh.stem.register_forward_hook(lambda *_: calls.append(1))
@@ -148,7 +149,7 @@ def test_extract_with_gpu_branches_matches_cpu_branches(carphone, tmp_path, monk
 
     frames = decord.VideoReader(str(carphone)).get_batch(list(range(40))).asnumpy()
     clip = write_video(tmp_path / "carphone.avi", frames)
-    opts = ExtractOptions(device="cpu", workers=1, progress=False)
+    opts = ExtractOptions(device="cpu", workers=1)
     out = {}
     for on in ("0", "1"):
         monkeypatch.setenv(GPU_PATHS_ENV, on)

@@ -150,7 +150,8 @@ def carphone_measured(carphone):
 
     from affextract.align import align_faces
     from affextract.detectors import get_detector
-    from affextract.movement import Movement, crop_faces, invert_affine, roi_from_points
+    from affextract.align import crop_faces, invert_affine, roi_from_points
+    from affextract.movement import Movement
 
     vr = decord.VideoReader(str(carphone))
     frames = vr.get_batch(list(range(0, len(vr), 2))).asnumpy()

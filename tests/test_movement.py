@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from affextract import align as al
 from affextract import movement as mv
 from affextract.detectors import get_detector
 
@@ -59,8 +60,8 @@ def faces(detector) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         found = detector.detect(image[None])[0]
         order = np.argsort(-found.areas)[:keep]
         assert len(order) == keep, "MTCNN missed a face of the test images"
-        m = mv.roi_from_points(found.landmarks[order])
-        crops.append(mv.crop_faces(np.repeat(image[None], keep, 0), m))
+        m = al.roi_from_points(found.landmarks[order])
+        crops.append(al.crop_faces(np.repeat(image[None], keep, 0), m))
         mats.append(m)
         points.append(found.landmarks[order])
     return torch.cat(crops), np.concatenate(mats), np.concatenate(points)
@@ -120,13 +121,13 @@ def test_face_mesh_and_blendshapes_match_litert(faces, movement):
     x = crops.float() / 255
     with torch.inference_mode():
         lm, logit = mv.load_face_mesh()(x)
-    inverse = mv.invert_affine(m)
+    inverse = al.invert_affine(m)
     ref_lm, ref_logit, ref_bs = [], [], []
     for i in range(len(x)):
         out = _run(mesh_rt, x[i:i + 1].permute(0, 2, 3, 1).contiguous().numpy())
         ref_lm.append(out[(1, 1, 1, 3 * mv.N_LANDMARKS)].reshape(mv.N_LANDMARKS, 3))
         ref_logit.append(out[(1, 1, 1, 1)].item())
-        image = mv.mesh_to_image(torch.from_numpy(ref_lm[-1][None]), torch.from_numpy(inverse[i:i + 1]).float())
+        image = al.mesh_to_image(torch.from_numpy(ref_lm[-1][None]), torch.from_numpy(inverse[i:i + 1]).float())
         points = image[0, list(mv.BLENDSHAPE_LANDMARKS), :2].numpy()[None]
         ref_bs.append(_run(bs_rt, np.ascontiguousarray(points))[(52,)])
     err = np.abs(lm.numpy() - np.stack(ref_lm))
@@ -141,9 +142,9 @@ def test_face_mesh_and_blendshapes_match_litert(faces, movement):
 
 
 def _roi(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    inv = mv.invert_affine(m)
-    center = inv[:, :, :2] @ np.full(2, mv.CROP_SIZE / 2) + inv[:, :, 2]
-    return center, np.sqrt(np.abs(np.linalg.det(inv[:, :, :2]))) * mv.CROP_SIZE, np.arctan2(inv[:, 1, 0], inv[:, 0, 0])
+    inv = al.invert_affine(m)
+    center = inv[:, :, :2] @ np.full(2, al.MESH_CROP_SIZE / 2) + inv[:, :, 2]
+    return center, np.sqrt(np.abs(np.linalg.det(inv[:, :, :2]))) * al.MESH_CROP_SIZE, np.arctan2(inv[:, 1, 0], inv[:, 0, 0])
 
 
 def test_crop_from_five_points_is_mediapipes_crop(faces, movement, detector):
@@ -156,9 +157,9 @@ def test_crop_from_five_points_is_mediapipes_crop(faces, movement, detector):
     frames = [data.astronaut()] + [t1] * 6
     steps = [m]
     for _ in range(3):
-        c = torch.cat([mv.crop_faces(f[None], s[None]) for f, s in zip(frames, steps[-1])])
-        out = movement(c, mv.invert_affine(steps[-1]))
-        steps.append(mv.roi_from_mesh(out.mesh))
+        c = torch.cat([al.crop_faces(f[None], s[None]) for f, s in zip(frames, steps[-1])])
+        out = movement(c, al.invert_affine(steps[-1]))
+        steps.append(al.roi_from_mesh(out.mesh))
     moves = []
     for a, b in zip(steps, steps[1:]):
         (ca, sa, aa), (cb, sb, ab) = _roi(a), _roi(b)
@@ -174,10 +175,10 @@ def test_grid_warp_matches_cv2(faces):
 
     _, m, _ = faces
     image = data.astronaut()[None]
-    a = mv.crop_faces(image, m[:1], method="cv2").int()
-    b = mv.crop_faces(image, m[:1], method="grid").int()
+    a = al.crop_faces(image, m[:1], method="cv2").int()
+    b = al.crop_faces(image, m[:1], method="grid").int()
     assert (a - b).abs().max() <= 1
-    assert mv.crop_faces(image, np.full((1, 2, 3), np.nan)).sum() == 0  # no face: black
+    assert al.crop_faces(image, np.full((1, 2, 3), np.nan)).sum() == 0  # no face: black
 
 
 # ------------------------------------------------------------------------------------------ what the outputs mean
@@ -187,13 +188,13 @@ def test_astronaut_smiles_and_faces_are_present(faces, movement):
     from skimage import data
 
     crops, m, _ = faces
-    out = movement(crops, mv.invert_affine(m))
+    out = movement(crops, al.invert_affine(m))
     smile = out.blendshapes[0, [NAMES["mouthSmileLeft"], NAMES["mouthSmileRight"]]].mean()
     assert smile > 0.5, f"the astronaut smiles, mouthSmile {smile:.2f}"
     assert out.presence.min() > 0.5  # MediaPipe's own threshold (min_detection_confidence)
     coffee = data.coffee()  # a photograph without a face
-    box = mv.roi_matrices(np.array([[300.0, 200.0]]), np.array([200.0]), np.zeros(1))
-    assert movement(mv.crop_faces(coffee[None], box), mv.invert_affine(box)).presence[0] < 0.1
+    box = al.roi_matrices(np.array([[300.0, 200.0]]), np.array([200.0]), np.zeros(1))
+    assert movement(al.crop_faces(coffee[None], box), al.invert_affine(box)).presence[0] < 0.1
 
 
 def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
@@ -231,15 +232,15 @@ def test_roll_of_a_rotated_photograph(faces, movement, detector):
     h, w = image.shape[:2]
     turned = cv2.warpAffine(image, cv2.getRotationMatrix2D((w / 2, h / 2), 15, 1.0), (w, h))
     frames = np.stack([image, turned])
-    m = mv.roi_from_points(_largest_points(detector, frames))
-    pose = movement(mv.crop_faces(frames, m), mv.invert_affine(m)).pose
+    m = al.roi_from_points(_largest_points(detector, frames))
+    pose = movement(al.crop_faces(frames, m), al.invert_affine(m)).pose
     assert abs(pose[1, 2] - pose[0, 2] - 15) < 3 and abs(pose[1, 0] - pose[0, 0]) < 3
 
 
 def _movement_of_clip(movement, detector, frames):
     points = _largest_points(detector, frames)
-    m = mv.roi_from_points(points)
-    return movement(mv.crop_faces(frames, m), mv.invert_affine(m))
+    m = al.roi_from_points(points)
+    return movement(al.crop_faces(frames, m), al.invert_affine(m))
 
 
 @pytest.fixture(scope="module")

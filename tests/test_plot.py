@@ -40,7 +40,7 @@ def extracted(tmp_path_factory, weights):
     frames = np.concatenate([astronaut_frames(12), noface_frames(6), astronaut_frames(6)])
     write_video(d / "sub" / "clip.mp4", frames, fps=10)
     out = d / "out.h5"
-    report = extract([d], out, ExtractOptions(weights=weights, device="cpu", progress=False))
+    report = extract([d], out, ExtractOptions(weights=weights, device="cpu"))
     assert report.written == ["sub/clip.mp4"], report
     return d, out
 
@@ -156,8 +156,7 @@ def test_contact_sheet_of_a_video_without_any_face_shows_its_frames(weights, tmp
     from affextract.extract import ExtractOptions, extract
 
     write_video(tmp_path / "empty_room.mp4", noface_frames(10), fps=10)
-    extract([tmp_path / "empty_room.mp4"], tmp_path / "e.h5", ExtractOptions(weights=weights, progress=False,
-                                                                             movement=False))
+    extract([tmp_path / "empty_room.mp4"], tmp_path / "e.h5", ExtractOptions(weights=weights, movement=False))
     fig = timeline_figure(tmp_path / "e.h5", "empty_room.mp4", PlotOptions(crops=4))
     times, captions, markers, _ = _drawn(fig)
     plt.close(fig)

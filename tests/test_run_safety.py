@@ -136,6 +136,28 @@ def test_progress_lines_when_stderr_is_not_a_terminal(weights, tmp_path):
     assert progress[-1][0].startswith("progress: 3/3 videos") and "≥" not in progress[-1][0]
 
 
+def test_the_library_prints_nothing_its_progress_comes_as_events(weights, tmp_path, capfd):
+    """extract() reports to on_event and writes nothing to stdout or stderr (its workers' included): drawing is the
+    command line's."""
+    from affextract.extract import (ExtractOptions, FramesAnalysed, RunEnded, RunStarted, VideoEnded, VideoOpened,
+                                    extract)
+
+    d = tmp_path / "v"
+    d.mkdir()
+    write_video(d / "a.mp4", astronaut_frames(4))
+    write_video(d / "b.mp4", noface_frames(3))
+    events = []
+    report = extract([d], tmp_path / "out.h5", ExtractOptions(weights=weights, workers=1, movement=False),
+                     on_event=events.append)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", ""), (out, err)
+    assert events[0] == RunStarted(tuple((d / n).stat().st_size for n in ("a.mp4", "b.mp4")))
+    assert events[-1] == RunEnded(complete=True)
+    assert {e for e in events if isinstance(e, (VideoOpened, VideoEnded))} == {
+        VideoOpened(0, 4), VideoOpened(1, 3), VideoEnded(0), VideoEnded(1)}
+    assert sum(e.frames for e in events if isinstance(e, FramesAnalysed)) == report.frames == 7
+
+
 def test_rerun_with_nothing_to_do_starts_no_worker_and_loads_no_model(weights, tmp_path, monkeypatch):
     d = tmp_path / "v"
     d.mkdir()
@@ -168,7 +190,7 @@ def test_api_in_a_plain_script_without_main_guard(how, weights, tmp_path):
     code = textwrap.dedent(f"""\
         import affextract
         report = affextract.extract([{str(d)!r}], {str(tmp_path / 'out.h5')!r},
-                                    affextract.ExtractOptions(weights={str(weights)!r}, workers=2, progress=False))
+                                    affextract.ExtractOptions(weights={str(weights)!r}, workers=2))
         print("written", len(report.written), "failed", len(report.failed))
         """)
     script = tmp_path / "myscript.py"

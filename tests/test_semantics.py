@@ -100,7 +100,8 @@ def test_gaze_pitch_is_positive_upwards_on_a_real_face():
     from skimage.data import astronaut
 
     from affextract.detectors import get_detector
-    from affextract.movement import Movement, crop_faces, invert_affine, roi_from_points
+    from affextract.align import crop_faces, invert_affine, roi_from_points
+    from affextract.movement import Movement
 
     img = cv2.resize(astronaut()[0:250, 100:320], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)
     det, mv = get_detector("mtcnn"), Movement("cpu")

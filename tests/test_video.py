@@ -164,6 +164,29 @@ def test_still_image_is_one_frame_video(tmp_path):
         open_video(find_sources([bad])[0][0], None, 8)
 
 
+def test_every_image_extension_is_found_and_decoded_by_run_and_the_image_folders(tmp_path):
+    """One list of image suffixes serves `run` (find_sources, the image decoder) and the labelled image folders
+    (datasets.load_folder): every suffix on it must be found by both and decoded."""
+    import cv2
+    from skimage import data
+
+    from affextract.datasets import load_folder
+    from affextract.video import IMAGE_EXTENSIONS
+
+    face = data.astronaut()[::4, ::4]  # (128, 128, 3)
+    folder = tmp_path / "happiness"
+    folder.mkdir()
+    for ext in sorted(IMAGE_EXTENSIONS):
+        pixels = face.mean(2).astype(np.uint8) if ext == ".pgm" else face[:, :, ::-1]  # .pgm is grey only
+        assert cv2.imwrite(str(folder / f"a{ext}"), pixels), ext
+    sources, ignored = find_sources([folder])
+    assert sorted(s.path.suffix for s in sources) == sorted(IMAGE_EXTENSIONS) and not ignored
+    for s in sources:
+        _, chunks, broken = decode_all(s)
+        assert broken is None and chunks[0].frames.shape == (1, 128, 128, 3), s.path.name
+    assert sorted(p.suffix for p in load_folder(tmp_path).images) == sorted(IMAGE_EXTENSIONS)
+
+
 def test_decoder_errors_keep_their_first_line_not_the_stack_trace():
     from affextract.video import _first_line
 

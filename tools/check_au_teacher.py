@@ -37,7 +37,8 @@ def clip_measures(path: Path):
     """Frames of `path` with a face -> (aligned uint8 crops (n, 112, 112, 3), lip gap (n,))."""
     from affextract.align import warp_faces
     from affextract.detectors import get_detector
-    from affextract.movement import Movement, crop_faces, invert_affine, roi_from_points
+    from affextract.align import crop_faces, invert_affine, roi_from_points
+    from affextract.movement import Movement
     from affextract.teacher import lip_gap
 
     frames = _frames(path)

@@ -1,4 +1,4 @@
-"""Measure ``affextract.movement.POINTS_TEMPLATE``: where MTCNN's 5 points fall in MediaPipe's face crop.
+"""Measure ``affextract.align.POINTS_TEMPLATE``: where MTCNN's 5 points fall in MediaPipe's face crop.
 
     python tools/fit_mediapipe_crop.py CLIP... [--every 6]
 
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from affextract import align as al  # noqa: E402
 from affextract import movement as mv  # noqa: E402
 from affextract.detectors import get_detector  # noqa: E402
 from affextract.video import import_decord  # noqa: E402
@@ -29,19 +30,19 @@ def fixed_point_rois(frames: np.ndarray, first: np.ndarray, mesh: mv.FaceMesh, s
     """Iterate crop -> mesh -> roi_from_mesh from ``first`` (N, 2, 3); returns the last affines."""
     m = first
     for _ in range(steps):
-        crops = mv.crop_faces(frames, m).float() / 255
+        crops = al.crop_faces(frames, m).float() / 255
         with torch.inference_mode():
             lm, _ = mesh(crops)
-        img = mv.mesh_to_image(lm, torch.as_tensor(mv.invert_affine(m), dtype=torch.float32))
-        m = mv.roi_from_mesh(img.numpy())
+        img = al.mesh_to_image(lm, torch.as_tensor(al.invert_affine(m), dtype=torch.float32))
+        m = al.roi_from_mesh(img.numpy())
     return m
 
 
 def roi_params(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, 2, 3) image -> crop affines -> centres (N, 2), sides (N,), angles (N,) in the image."""
-    inv = mv.invert_affine(m)
-    center = inv[:, :, :2] @ np.full(2, mv.CROP_SIZE / 2) + inv[:, :, 2]
-    side = np.sqrt(np.abs(np.linalg.det(inv[:, :, :2]))) * mv.CROP_SIZE
+    inv = al.invert_affine(m)
+    center = inv[:, :, :2] @ np.full(2, al.MESH_CROP_SIZE / 2) + inv[:, :, 2]
+    side = np.sqrt(np.abs(np.linalg.det(inv[:, :, :2]))) * al.MESH_CROP_SIZE
     return center, side, np.arctan2(inv[:, 1, 0], inv[:, 0, 0])
 
 
@@ -63,20 +64,20 @@ def main() -> None:
         if found:
             frames, marks = np.stack([f for f, _ in found]), np.stack([p for _, p in found]).astype(np.float64)
             points.append(marks)
-            fixed.append(fixed_point_rois(frames, mv.roi_from_points(marks), mesh))
+            fixed.append(fixed_point_rois(frames, al.roi_from_points(marks), mesh))
         print(f"{clip.name}: {len(found)} faces in {len(batch)} frames")
     points, fixed = np.concatenate(points), np.concatenate(fixed)
     in_crop = np.einsum("nij,nkj->nki", fixed[:, :, :2], points) + fixed[:, None, :, 2]
     # Mirror-averaged (image-left and image-right points swapped, x reflected): a mirrored face gets the mirrored crop.
-    mirrored = in_crop[:, [1, 0, 2, 4, 3]] * [-1, 1] + [mv.CROP_SIZE, 0]
+    mirrored = in_crop[:, [1, 0, 2, 4, 3]] * [-1, 1] + [al.MESH_CROP_SIZE, 0]
     template = (in_crop.mean(0) + mirrored.mean(0)) / 2
     print("POINTS_TEMPLATE =", np.array2string(template.round(2), separator=", "))
     print("spread (std, crop px):", np.array2string(in_crop.std(0).round(2), separator=", "))
-    old = mv.POINTS_TEMPLATE
-    mv.POINTS_TEMPLATE = template
+    old = al.POINTS_TEMPLATE
+    al.POINTS_TEMPLATE = template
     c0, s0, a0 = roi_params(fixed)
-    c1, s1, a1 = roi_params(mv.roi_from_points(points))
-    mv.POINTS_TEMPLATE = old
+    c1, s1, a1 = roi_params(al.roi_from_points(points))
+    al.POINTS_TEMPLATE = old
     off = np.linalg.norm(c1 - c0, axis=1) / s0
     print(f"crop from 5 points vs fixed point over {len(points)} faces: centre offset median "
           f"{np.median(off):.3f}, 95% {np.quantile(off, 0.95):.3f} of the side; side ratio median "
