@@ -203,7 +203,7 @@ def _print_what_rows_are(out: CliConsole, au_source: str) -> None:
 
 def _train_fusion(data: list[str], cache: Path, out: Path, init: Optional[Path], rule: str) -> None:
     from affextract.datasets import DatasetError, load_spec
-    from affextract.fusion import FusionOptions, train_fusion
+    from affextract.training.fusion import FusionOptions, train_fusion
 
     try:
         fusion, sha = train_fusion([load_spec(s) for s in data],
@@ -375,13 +375,13 @@ def evaluate(
     from affextract.datasets import DatasetError, load_spec
     from affextract.evaluate import evaluate as run_evaluation
     from affextract.fusion import load_fusion
-    from affextract.model import load_weights
+    from affextract.model import load_mma
     from affextract.runtime import resolve_device
 
     try:
         where = resolve_device(device)
         fs = load_spec(data, derive_va)
-        model, info = load_weights(weights, where)
+        model, info = load_mma(weights, where)
         fusion = load_fusion(fusion_weights) if au_fusion else None
         report = run_evaluation(model, fs, batch_size, where, fusion)
     except (DatasetError, FileNotFoundError, ValueError) as e:

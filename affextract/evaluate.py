@@ -170,7 +170,7 @@ def evaluate(model, fs, batch_size: int = 512, device: str | torch.device = "cpu
     feats = predict_inputs(model, prepare_inputs(fs, model), batch_size, device)
     report = score_groups(feats, fs)
     if fusion is not None:
-        from affextract.fusion import measure_set
+        from affextract.teacher import measure_set
 
         report.fused = score_groups(fusion(feats, *measure_set(fs)), fs)
         report.fused.au_source = fusion.source

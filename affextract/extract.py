@@ -24,8 +24,9 @@ from affextract.fusion import au_source
 from affextract.pixels import to_unit
 from affextract.schema import DEFAULT_WEIGHTS, WEIGHTS_DIR
 from affextract.format import MOVEMENT_DATASETS, MOVEMENT_OFF, Provenance, dumps
-from affextract.store import FeatureStore, ShardWriter, StoredVideo, file_sha256
+from affextract.store import FeatureStore, ShardWriter, StoredVideo
 from affextract.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, VideoInfo, find_sources
+from affextract.weights import file_sha256, weights_path
 from affextract.workers import Broken, FaceChunk, Failed, Finished, Opened, WorkerSpec, analyse
 
 # The alignment in the files' provenance. affextract.align computes it without insightface (the same transform, to
@@ -278,12 +279,8 @@ def _stored_sha256(old: StoredVideo) -> str | None:
 
 def _weights_identity(weights: Path | str | None) -> tuple[str, str]:
     """Name and SHA-256 of the MMA weights for the file's provenance, found without importing torch, so a rerun with
-    nothing to do does not load the model. load_weights checks the file again (against its recorded checksum)."""
-    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: MMA weights must be a .safetensors file (pickled checkpoints are not loaded)")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weights file")
+    nothing to do does not load the model. load_mma checks the file again (against its recorded checksum)."""
+    path = weights_path(weights if weights is not None else DEFAULT_WEIGHTS, "MMA weights")
     return path.stem, file_sha256(path)
 
 
@@ -310,11 +307,11 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
     """Extract `sources` into `store` (this rank's share)."""
     import torch
 
-    from affextract.model import load_weights
+    from affextract.model import load_mma
     from affextract.runtime import resolve_device
 
     device = resolve_device(options.device)
-    model, winfo = load_weights(options.weights, device=device)
+    model, winfo = load_mma(options.weights, device=device)
     if winfo.sha256 != provenance.model_sha256:
         raise RuntimeError(f"the weights file {options.weights} changed while the run started; run again")
     workers = options.workers or default_workers()

@@ -8,7 +8,6 @@ preprocessing that the weights were trained with travels inside their config.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from torch import nn
 
 from affextract.pixels import LUMA
 from affextract.schema import AU, AUS, DEFAULT_WEIGHTS, EXPR, EXPRESSIONS, FEATURE_NAMES, VA, WEIGHTS_DIR
-from affextract.store import file_sha256
 
 ALIGNED_SIZE = 112  # side of the ArcFace-aligned crop that forward() takes
 WEIGHTS_FORMAT = "affextract-mma"
@@ -245,33 +243,24 @@ class WeightsInfo:
     metadata: dict = field(default_factory=dict)  # training data, version, feature names, preprocessing, scores
 
 
-def save_weights(model: MMA, path: str | Path, metadata: dict, half: bool = True) -> str:
+def save_mma(model: MMA, path: str | Path, metadata: dict, half: bool = True) -> str:
     """Write `path` (.safetensors) and its .json (config, metadata, sha256); return the sha256.
 
     `half` stores floating tensors as fp16 (halves the file; the loader casts back to fp32).
     """
-    from safetensors.torch import save_file
+    from affextract.weights import write_weights
 
-    path = Path(path).with_suffix(".safetensors")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().cpu().contiguous()
-        state[k] = v.half() if half and v.is_floating_point() else v
-    save_file(state, str(path), metadata={"format": WEIGHTS_FORMAT})
-    digest = file_sha256(path)
     meta = {"feature_names": list(FEATURE_NAMES), **metadata}
-    doc = {"format": WEIGHTS_FORMAT, "sha256": digest, "config": model.config.to_json(), "metadata": meta}
-    path.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    return digest
+    return write_weights(model.state_dict(), path, WEIGHTS_FORMAT, {"config": model.config.to_json(), "metadata": meta},
+                         half=half)
 
 
-def load_weights(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[MMA, WeightsInfo]:
+def load_mma(path: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[MMA, WeightsInfo]:
     """Load an MMA from `path` (.safetensors + .json beside it; None = the shipped default), in eval mode.
 
     Refuses a file whose SHA-256 differs from the one recorded in its json. Never unpickles.
     """
-    from safetensors.torch import load_file
+    from affextract.weights import read_weights
 
     if path is None:
         if not DEFAULT_WEIGHTS.exists():
@@ -281,30 +270,16 @@ def load_weights(path: str | Path | None = None, device: str | torch.device = "c
             )
         path = DEFAULT_WEIGHTS
     path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: MMA weights must be a .safetensors file (pickled checkpoints are not loaded)")
-    meta_path = path.with_suffix(".json")
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such weights file")
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path}: the json describing {path.name} (config, sha256) is missing")
-    doc = json.loads(meta_path.read_text())
-    if doc.get("format") != WEIGHTS_FORMAT or "sha256" not in doc or "config" not in doc:
-        raise ValueError(f"{meta_path}: not an affextract MMA weights description")
-    digest = file_sha256(path)
-    if digest != doc["sha256"]:
-        raise ValueError(
-            f"{path}: SHA-256 {digest} does not match {doc['sha256']} recorded in {meta_path.name}; "
-            "the file is corrupt or was replaced. Re-download or re-train it."
-        )
+    remake = "re-download or re-train it (`affextract train`)"
+    state, doc = read_weights(path, WEIGHTS_FORMAT, "MMA weights", remake, fields=("config",))
     config = MMAConfig.from_json(doc["config"])
     names = doc.get("metadata", {}).get("feature_names")
     if names is not None and tuple(names) != FEATURE_NAMES:
-        raise ValueError(f"{meta_path}: feature names {names} differ from this affextract's {FEATURE_NAMES}")
+        raise ValueError(f"{path.with_suffix('.json')}: feature names {names} differ from this affextract's "
+                         f"{FEATURE_NAMES}")
     model = MMA(config)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not fit the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.to(device).eval()
-    return model, WeightsInfo(name=path.stem, sha256=digest, config=config, metadata=doc.get("metadata", {}))
+    return model, WeightsInfo(name=path.stem, sha256=doc["sha256"], config=config, metadata=doc.get("metadata", {}))

@@ -17,7 +17,6 @@ same pixel scale as x.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,12 +29,12 @@ from affextract.align import warp_affine
 from affextract.runtime import gpu_paths
 # Names of the outputs, shared with the file format and seqhead (see there for their conventions).
 from affextract.schema import BLENDSHAPE_NAMES, GAZE_NAMES, MESH_POINTS, POSE_NAMES, WEIGHTS_DIR  # noqa: F401
-from affextract.store import file_sha256
+from affextract.weights import read_weights
 
 MESH_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_mesh_v2.safetensors"
 BLENDSHAPE_WEIGHTS = WEIGHTS_DIR / "mediapipe_blendshapes.safetensors"
 GEOMETRY_WEIGHTS = WEIGHTS_DIR / "mediapipe_face_geometry.safetensors"
-WEIGHTS_FORMAT = "affextract-mediapipe"
+MEDIAPIPE_FORMAT = "affextract-mediapipe"  # the format tag of the converted files' records
 
 CROP_SIZE = 192  # side of the face mesh input
 N_LANDMARKS = MESH_POINTS  # 468 face points + 2 x 5 iris points
@@ -189,44 +188,14 @@ class Blendshapes(nn.Module):
 # ------------------------------------------------------------------------------------------------------ weights
 
 
-def save_weights(state: dict[str, torch.Tensor], path: Path, doc: dict, half: bool,
-                 fmt: str = WEIGHTS_FORMAT) -> str:
-    """Write ``path`` (.safetensors, fp16 when ``half``) and its .json (``doc`` plus the file's format `fmt` and
-    SHA-256). Shared by the converted MediaPipe files and the AU fusion (affextract.fusion)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: (v.half() if half else v.float()).contiguous() for k, v in state.items()}
-    save_file(tensors, str(path), metadata={"format": fmt})
-    path.chmod(0o644)  # package data, readable by all
-    digest = file_sha256(path)
-    path.with_suffix(".json").write_text(json.dumps({"format": fmt, "sha256": digest, **doc}, indent=2) + "\n")
-    return digest
-
-
-def load_weights(path: str | Path, fmt: str = WEIGHTS_FORMAT,
-                 remake: str = "rerun tools/convert_mediapipe.py") -> tuple[dict[str, torch.Tensor], dict]:
-    """(fp32 tensors, description) of a file written by save_weights with format `fmt`; refuses one whose SHA-256
-    differs from its .json. `remake` says how the file is made again, for the error messages."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    meta = path.with_suffix(".json")
-    for p in (path, meta):
-        if not p.exists():
-            raise FileNotFoundError(f"{p}: missing; reinstall affextract or {remake}")
-    doc = json.loads(meta.read_text())
-    if doc.get("format") != fmt or "sha256" not in doc:
-        raise ValueError(f"{meta}: not a description of {fmt} weights")
-    digest = file_sha256(path)
-    if digest != doc["sha256"]:
-        raise ValueError(f"{path}: SHA-256 {digest} does not match {doc['sha256']} recorded in {meta.name}; the file "
-                         f"is corrupt or was replaced. Reinstall affextract or {remake}.")
-    return {k: v.float() for k, v in load_file(str(path)).items()}, doc
+def read_mediapipe(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(fp32 tensors, record) of a converted MediaPipe file, checked against the SHA-256 in its record."""
+    return read_weights(path, MEDIAPIPE_FORMAT, "converted MediaPipe weights",
+                        "reinstall affextract or rerun tools/convert_mediapipe.py")
 
 
 def _load(model: nn.Module, path: Path) -> tuple[nn.Module, dict]:
-    state, doc = load_weights(path)
+    state, doc = read_mediapipe(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not fit {type(model).__name__} (missing {missing[:3]}, "
@@ -250,7 +219,7 @@ def load_blendshapes(path: str | Path = BLENDSHAPE_WEIGHTS) -> Blendshapes:
 
 def load_geometry(path: str | Path = GEOMETRY_WEIGHTS) -> tuple[torch.Tensor, torch.Tensor]:
     """MediaPipe's canonical face: vertices (468, 3) in cm and Procrustes landmark weights (468,)."""
-    state, _ = load_weights(path)
+    state, _ = read_mediapipe(path)
     return state["canonical"], state["weights"]
 
 

@@ -14,7 +14,6 @@ that the next run merges first, so no video is lost or stored twice.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -34,15 +33,6 @@ from affextract.version import __version__
 
 if TYPE_CHECKING:
     from affextract.features import VideoFeatures
-
-
-def file_sha256(path: Path | str) -> str:
-    """SHA-256 of a file, read in 1 MiB pieces (weights files are checked against it before they are loaded)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LockedError(RuntimeError):

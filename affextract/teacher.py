@@ -181,6 +181,41 @@ def cached_measures(fs, path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     return blend[rows], presence[rows], names
 
 
+def measure_set(fs, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 52) blendshapes and (N,) mesh presence of every face of FaceSet `fs`, measured as `affextract run` does:
+    the mesh crop placed from the face's 5 points (raw photos: the dataset's points or MTCNN's, as for the MMA;
+    aligned crops: the ArcFace template's; FER+-framed images: upscaled x4 with FER+'s points, measure_native). What
+    evaluate scores the fused AU rows with (affextract.fusion)."""
+    import torch
+
+    from affextract.datasets import raw_points, read_image
+    from affextract.movement import Movement, crop_faces, invert_affine, roi_from_points
+
+    if fs.framing == "native":
+        m = measure_native(np.stack([read_image(fs, i) for i in range(len(fs))]))
+        return m.blendshapes, m.presence
+    from insightface.utils.face_align import arcface_dst
+
+    mv, detector = Movement("cpu"), None
+    blend, presence, crops, maps = [], [], [], []
+    for i in range(len(fs)):
+        img = read_image(fs, i)
+        img = np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img
+        if fs.framing == "raw":
+            pts, detector = raw_points(fs, i, img, detector)
+        else:
+            pts = np.asarray(arcface_dst, np.float32)
+        m = roi_from_points(pts[None])
+        crops.append(crop_faces(np.ascontiguousarray(img)[None], m))
+        maps.append(invert_affine(m))
+        if len(crops) == batch_size or i == len(fs) - 1:
+            out = mv(torch.cat(crops), np.concatenate(maps))
+            blend.append(out.blendshapes)
+            presence.append(out.presence)
+            crops, maps = [], []
+    return np.concatenate(blend), np.concatenate(presence)
+
+
 def load_cached(fs, path, opts: TeacherOptions = TeacherOptions(), min_presence: float = 0.5):
     """FaceSet `fs` of FER+ rows with teacher AUs from the blendshape cache `path` (cached_measures). Faces whose mesh
     presence is below `min_presence` (where MediaPipe would report no face) get no teacher, so L_DM covers them."""

@@ -27,8 +27,8 @@ from typing import ClassVar, Iterator
 
 import numpy as np
 
-from affextract.store import file_sha256
 from affextract.video import DecodeError, Source, StreamBroken, VideoInfo, read_video
+from affextract.weights import file_sha256
 
 
 @dataclass(frozen=True)

@@ -297,7 +297,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
 
-    from affextract.model import load_weights
+    from affextract.model import load_mma
     from affextract.video import find_sources
 
     clips = a.clips
@@ -318,7 +318,7 @@ def main() -> None:
                        "onnxruntime": onnxruntime.__version__}
     print(f"{os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}; {a.threads} thread(s) per runtime; clips {res['clips']}", flush=True)
-    model = load_weights(None)[0]
+    model = load_mma(None)[0]
     with tempfile.TemporaryDirectory(prefix="bench_backends_") as tmp:
         work = Path(tmp)
         onnx_path = export_mma_onnx(model, work / "mma.onnx")

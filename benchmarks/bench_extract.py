@@ -32,7 +32,7 @@ from affextract.detectors import get_detector
 from affextract.extract import ExtractOptions, _cpu_threads, extract
 from affextract.features import open_features
 from affextract.fusion import load_fusion
-from affextract.model import load_weights
+from affextract.model import load_mma
 from affextract.movement import Movement, MovementOptions, crop_faces, invert_affine, roi_from_points
 from affextract.runtime import gpu_paths, resolve_device
 from affextract.tracking import PrimaryFaceStream
@@ -248,7 +248,7 @@ def main() -> None:
         for c in range(a.copies):
             os.symlink(s.path, clips / f"{c:03d}_{Path(s.key).name}")
     sources = find_sources([clips])[0]
-    model, winfo = load_weights(a.weights, device=device)
+    model, winfo = load_mma(a.weights, device=device)
     detector = get_detector("mtcnn", device=str(device))
     movement = Movement(device, MovementOptions(batch_size=256 if gpu_paths(device) else 16))
     res: dict = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

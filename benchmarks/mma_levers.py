@@ -21,7 +21,7 @@ import torch
 
 from affextract.datasets import align_raw, load_ferplus, load_folder, prepare_inputs
 from affextract.evaluate import predict_inputs, score
-from affextract.model import MMA, load_weights
+from affextract.model import MMA, load_mma
 from affextract.pixels import to_pixels
 from affextract.training.train import expression_prior
 
@@ -60,7 +60,7 @@ def main() -> None:
         return row
 
     for w in args.weights:
-        base, info = load_weights(w)
+        base, info = load_mma(w)
         plain = replace(base.config, flip_tta=False, prior_tau=0.0)
 
         def variant(**kw) -> MMA:

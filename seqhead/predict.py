@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from affextract.store import file_sha256
+from affextract.weights import file_sha256
 
 from .config import ModelConfig
 from .data import DataError, provenance_mismatch, read_features, read_provenance, video_id

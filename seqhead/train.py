@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from affextract.schema import FEATURE_NAMES, FORMAT_VERSION
-from affextract.store import file_sha256
+from affextract.weights import file_sha256, replace_file as _replace_file
 from affextract.version import __version__
 
 from .config import HEADS, ModelConfig
@@ -270,21 +269,6 @@ def _options_json(opts: TrainOptions) -> dict:
 # uses at most this many training videos (a seeded sample): two numbers per target need no more, and the cost of
 # the extra forward pass stays small at Hume scale.
 CALIBRATION_VIDEOS = 1000
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder and rename it over `path` (atomic on POSIX). The file gets
-    the mode any new file gets here (0644 under the usual umask): safetensors writes its files 0600."""
-    tmp = path.with_name(f".{path.name}.partial")
-    write(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
 
 
 class _RunWriter:

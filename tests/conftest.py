@@ -110,10 +110,10 @@ def make_weights(path: Path, seed: int) -> Path:
     """Randomly initialised MMA weights: the pipeline tests check plumbing, not affect, so any weights do."""
     import torch
 
-    from affextract.model import MMA, save_weights
+    from affextract.model import MMA, save_mma
 
     torch.manual_seed(seed)
-    save_weights(MMA(), path, {"trained_on": "nothing (random init for tests)"})
+    save_mma(MMA(), path, {"trained_on": "nothing (random init for tests)"})
     return path.with_suffix(".safetensors")
 
 

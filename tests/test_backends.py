@@ -50,9 +50,9 @@ def faces() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_mma_in_onnx_runtime_matches_torch(bench, faces, tmp_path):
     """The shipped MMA exported with torch.onnx, in ONNX Runtime: every feature within 1e-4 (measured: 1.4e-6)."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    from affextract.model import load_weights
+    from affextract.model import load_mma
 
-    model = load_weights(None)[0]
+    model = load_mma(None)[0]
     x = torch.from_numpy(faces[0]).float() / 127.5 - 1.0
     with torch.inference_mode():
         ref = model.features(x).numpy()

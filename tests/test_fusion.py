@@ -8,8 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from affextract.fusion import CNN_SOURCE, FUSION_WEIGHTS, au_source, fit_logistic, load_fusion, save_fusion
+from affextract.fusion import CNN_SOURCE, FUSION_WEIGHTS, au_source, load_fusion, save_fusion
 from affextract.schema import AU, AUS, BLENDSHAPE_NAMES
+from affextract.training.fusion import fit_logistic
 
 
 def test_shipped_fusion_loads_and_a_changed_file_is_refused(tmp_path):
@@ -27,7 +28,7 @@ def test_shipped_fusion_loads_and_a_changed_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="SHA-256"):
         load_fusion(copy)
     shutil.copy(FUSION_WEIGHTS.with_suffix(".json"), tmp_path / "g.json")
-    with pytest.raises(FileNotFoundError, match="g.safetensors: missing"):
+    with pytest.raises(FileNotFoundError, match="g.safetensors: no such weights file"):
         load_fusion(tmp_path / "g.safetensors")
 
 

@@ -119,7 +119,7 @@ def test_bfloat16_features_match_float32(faces, monkeypatch):
     """The MMA under bfloat16 autocast (the extraction's GPU branch, `extract._Features`) against float32, with the
     shipped weights on real aligned faces: every feature within 0.03 (probabilities, tanh values). Measured: 0.0095."""
     from affextract.extract import _Features
-    from affextract.model import load_weights
+    from affextract.model import load_mma
     from affextract.workers import FaceChunk
 
     frames, points = faces
@@ -127,7 +127,7 @@ def test_bfloat16_features_match_float32(faces, monkeypatch):
     n = len(crops)
     chunk = FaceChunk(index=0, frame=np.arange(n), time=np.zeros(n), face=np.ones(n, bool), boxes=np.zeros((n, 4)),
                       scores=np.ones(n), landmarks=points, crops=crops)
-    model = load_weights(None)[0]
+    model = load_mma(None)[0]
     cpu = _Features(model, torch.device("cpu"))
     monkeypatch.setenv(GPU_PATHS_ENV, "1")
     gpu = _Features(model, torch.device("cpu"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from affextract import model as model_mod
-from affextract.model import ALIGNED_SIZE, MMA, VARIANTS, MMAConfig, crop_theta, load_weights, resample, save_weights
+from affextract.model import ALIGNED_SIZE, MMA, VARIANTS, MMAConfig, crop_theta, load_mma, resample, save_mma
 from affextract.schema import EXPRESSIONS, FEATURE_NAMES
 
 
@@ -69,8 +69,8 @@ def test_save_load_roundtrip_checksum_and_refusals(tmp_path):
     cfg = MMAConfig(input_size=16, source_size=None, stem_width=8, widths=(8, 16), blocks=(1, 1), embed_dim=16)
     m = MMA(cfg).eval()
     path = tmp_path / "w.safetensors"
-    digest = save_weights(m, path, {"training": "unit test"})
-    loaded, info = load_weights(path)
+    digest = save_mma(m, path, {"training": "unit test"})
+    loaded, info = load_mma(path)
     assert info.sha256 == digest and info.config == cfg and info.name == "w"
     assert info.metadata["training"] == "unit test" and info.metadata["feature_names"] == list(FEATURE_NAMES)
     assert not loaded.training
@@ -82,18 +82,18 @@ def test_save_load_roundtrip_checksum_and_refusals(tmp_path):
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="SHA-256"):
-        load_weights(path)
+        load_mma(path)
     with pytest.raises(ValueError, match="safetensors"):
-        load_weights(tmp_path / "w.pt")
+        load_mma(tmp_path / "w.pt")
     path.with_suffix(".json").unlink()
     with pytest.raises(FileNotFoundError, match="json"):
-        load_weights(path)
+        load_mma(path)
 
 
 def test_missing_default_weights_say_to_pass_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(model_mod, "DEFAULT_WEIGHTS", tmp_path / "none.safetensors")
     with pytest.raises(FileNotFoundError, match="--weights"):
-        load_weights(None)
+        load_mma(None)
 
 
 @pytest.mark.skipif(not model_mod.DEFAULT_WEIGHTS.exists(), reason="no shipped default weights in this checkout")
@@ -104,7 +104,7 @@ def test_shipped_weights_see_happiness_on_a_smiling_face():
     from affextract.align import align_faces
     from affextract.detectors import get_detector
 
-    m, info = load_weights()
+    m, info = load_mma()
     assert info.metadata["feature_names"] == list(FEATURE_NAMES)
     assert model_mod.DEFAULT_WEIGHTS.stat().st_size < 20e6
     img = astronaut()
@@ -160,7 +160,7 @@ def carphone_measured(carphone):
     frames = frames[keep]
     m = roi_from_points(pts)
     out = Movement("cpu")(crop_faces(frames, m), invert_affine(m))
-    model, _ = load_weights()
+    model, _ = load_mma()
     with torch.no_grad():
         f = model.features(align_faces(frames, pts)).numpy()
     return f, out.blendshapes, out.presence, out.mesh

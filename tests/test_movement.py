@@ -89,7 +89,7 @@ def test_shipped_files_carry_their_licence():
     notice = (mv.WEIGHTS_DIR / "NOTICE-mediapipe").read_text()
     assert "Apache License" in (mv.WEIGHTS_DIR / "LICENSE-mediapipe").read_text() and "MediaPipe" in notice
     for name in ("mediapipe_face_mesh_v2", "mediapipe_blendshapes", "mediapipe_face_geometry"):
-        doc = mv.load_weights(mv.WEIGHTS_DIR / f"{name}.safetensors")[1]
+        doc = mv.read_mediapipe(mv.WEIGHTS_DIR / f"{name}.safetensors")[1]
         assert doc["licence"] == "Apache-2.0" and len(doc["source_sha256"]) == 64
 
 

@@ -43,7 +43,7 @@ def ferplus_subset():
 
     fs = load_ferplus(_shared(FERPLUS), "test")
     fs = derive_va(fs.subset(np.arange(0, len(fs), FERPLUS_STEP)))
-    m, _ = model_mod.load_weights()
+    m, _ = model_mod.load_mma()
     return fs, predict_inputs(m, prepare_inputs(fs, m))
 
 
@@ -74,7 +74,7 @@ def test_posed_faces_macro_f1_matches_the_card():
 
     fs = load_folder(_shared(POSED))
     fs = fs.subset(np.arange(0, len(fs), POSED_STEP))
-    m, _ = model_mod.load_weights()
+    m, _ = model_mod.load_mma()
     r = evaluate(m, fs)
     assert r.n == 86 and set(fs.groups) == {"jaffe", "kdef", "yale"}
     assert r.f1_expr == pytest.approx(POSED_SUBSET_MACRO_F1, abs=0.02), r.to_json()

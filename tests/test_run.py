@@ -87,12 +87,12 @@ def test_run_folder_end_to_end(batch, tmp_path):
 
     from affextract.align import align_faces
     from affextract.fusion import load_fusion
-    from affextract.model import load_weights
+    from affextract.model import load_mma
 
     cap = cv2.VideoCapture(str(batch / "face.mp4"))
     decoded = np.stack([cap.read()[1][:, :, ::-1] for _ in range(30)])
     cap.release()
-    model, _ = load_weights()
+    model, _ = load_mma()
     picks = [0, 11, 29]
     with torch.no_grad():
         direct = model.features(align_faces(decoded[picks], face["landmarks"][picks])).numpy()

@@ -149,7 +149,7 @@ def test_rerun_with_nothing_to_do_starts_no_worker_and_loads_no_model(weights, t
     def refuse(*a, **k):
         raise AssertionError("nothing to do, yet this was called")
 
-    monkeypatch.setattr(affextract.model, "load_weights", refuse)
+    monkeypatch.setattr(affextract.model, "load_mma", refuse)
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
     r = run_cli("run", d, out, "--weights", weights, "-q")

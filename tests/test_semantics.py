@@ -67,7 +67,7 @@ def test_valence_row_is_valence_and_arousal_row_is_arousal_on_real_faces():
     must raise valence clearly above arousal."""
     from affextract.datasets import VA_CENTROIDS
 
-    m, _ = model_mod.load_weights()
+    m, _ = model_mod.load_mma()
     with torch.no_grad():
         f = m.features(real_faces()).numpy()
     assert len(f) >= 6

@@ -10,7 +10,7 @@ import torch
 
 from affextract.datasets import FaceSet
 from affextract.evaluate import ccc, score
-from affextract.model import MMAConfig, load_weights
+from affextract.model import MMAConfig, load_mma
 from affextract.schema import AUS, EXPRESSIONS
 from affextract.training.augment import AUGMENT_PRESETS, Augment, augment_batch
 from affextract.training.losses import ccc_loss, dm_loss, mma_losses
@@ -174,7 +174,7 @@ def test_tiny_end_to_end_training_and_resume(tmp_path):
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == list(range(8))
     assert lines[-1]["train"]["loss"] < lines[0]["train"]["loss"]
-    model, info = load_weights(result.best_path)
+    model, info = load_mma(result.best_path)
     assert info.config == TINY and info.metadata["training"]["datasets"][0]["name"] == "toy"
     from affextract.datasets import prepare_inputs
     from affextract.evaluate import predict_inputs
@@ -209,7 +209,7 @@ def test_teacher_aus_teach_movement_the_expression_does_not_explain(tmp_path):
                         augment=Augment(scale=0, shift=0, rotate=0, flip=False, contrast=0, erase=0), seed=0)
     result = train([tr], [va], opts)
     assert result.history[-1]["train"]["teacher"] > 0
-    model, _ = load_weights(tmp_path / "last.safetensors")
+    model, _ = load_mma(tmp_path / "last.safetensors")
     from affextract.datasets import prepare_inputs
     from affextract.evaluate import predict_inputs
 
@@ -242,7 +242,7 @@ def test_calibrate_picks_the_best_qualifying_setting_and_train_stores_it(tmp_pat
                         calibrate=CalibrateOptions(taus=(0.0, 1.0, 3.0), min_majority=0.0))
     events = []
     train([tr], [va], opts, events.append)
-    model, info = load_weights(tmp_path / "best.safetensors")
+    model, info = load_mma(tmp_path / "best.safetensors")
     cal = info.metadata["calibration"]
     assert len(cal["candidates"]) == 6 and any(e["event"] == "calibrated" for e in events)
     best = max(cal["candidates"], key=lambda r: r["f1_expr"])
@@ -271,7 +271,7 @@ def test_training_only_the_au_head_keeps_everything_else_and_learns_the_teacher(
 
     opts = replace(base, out_dir=tmp_path / "au", init=init, heads=("au",), epochs=8, lr=5e-2, select="teacher")
     result = train([with_teacher(tr)], [with_teacher(va)], opts)
-    before, after = load_weights(init)[0].state_dict(), load_weights(result.best_path)[0].state_dict()
+    before, after = load_mma(init)[0].state_dict(), load_mma(result.best_path)[0].state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"au_head.weight", "au_head.bias"}
     bce = [h["val"]["bce_teacher"] for h in result.history]
@@ -279,7 +279,7 @@ def test_training_only_the_au_head_keeps_everything_else_and_learns_the_teacher(
     from affextract.datasets import prepare_inputs
     from affextract.evaluate import predict_inputs
 
-    model = load_weights(result.best_path)[0]
+    model = load_mma(result.best_path)[0]
     au26 = predict_inputs(model, prepare_inputs(va, model))[:, 9 + AUS.index(26)]
     happy = va.expr[:, EXPRESSIONS.index("happiness")] == 1
     assert au26[happy].min() > 0.5 > au26[~happy].max(), au26

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from affextract.schema import WEIGHTS_DIR
-from affextract.store import file_sha256
+from affextract.weights import file_sha256
 
 # One row per release of a shipped file: (file stem, release, SHA-256 of the .safetensors, SHA-256 of the .json).
 # A release is the MMA's metadata.version, the AU fusion's version, or for MediaPipe's models the SHA-256 of the upstream file they were

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from affextract.datasets import load_ferplus, load_spec, prepare_inputs  # noqa: E402
 from affextract.evaluate import partial_correlation, predict_inputs  # noqa: E402
-from affextract.model import load_weights  # noqa: E402
+from affextract.model import load_mma  # noqa: E402
 from affextract.pixels import to_unit  # noqa: E402
 from affextract.schema import AU, AUS, EXPR, EXPRESSIONS  # noqa: E402
 from affextract.teacher import TeacherOptions, load_cached  # noqa: E402
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--clip", type=Path, action="append", default=[])
     args = ap.parse_args()
     torch.set_num_threads(1)
-    models = {w.stem if w.parent.name != "weights" else w.name: load_weights(w)[0] for w in args.weights}
+    models = {w.stem if w.parent.name != "weights" else w.name: load_mma(w)[0] for w in args.weights}
     names = list(models)
 
     print("## (a) obvious faces: share with p >= 0.5 (mean p)")

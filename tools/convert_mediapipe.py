@@ -36,8 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from affextract.movement import (  # noqa: E402
-    BLENDSHAPE_LANDMARKS, BLENDSHAPE_NAMES, N_FACE, N_LANDMARKS, Blendshapes, FaceMesh, save_weights,
+    BLENDSHAPE_LANDMARKS, BLENDSHAPE_NAMES, MEDIAPIPE_FORMAT, N_FACE, N_LANDMARKS, Blendshapes, FaceMesh,
 )
+from affextract.weights import write_weights  # noqa: E402
 
 MESH_FILE = "face_landmarks_detector.tflite"
 BLENDSHAPE_FILE = "face_blendshapes.tflite"
@@ -288,21 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     meta_data, meta_sha = src.read(GEOMETRY_FILE)
     canonical, weights = read_geometry_metadata(meta_data)
 
-    digest = save_weights(
-        mesh.state_dict(), args.out / "mediapipe_face_mesh_v2.safetensors", half=False,
-        doc={"model": "FaceMesh", "source": MESH_FILE, "source_sha256": mesh_sha, **licence,
+    digest = write_weights(
+        mesh.state_dict(), args.out / "mediapipe_face_mesh_v2.safetensors", MEDIAPIPE_FORMAT, half=False,
+        record={"model": "FaceMesh", "source": MESH_FILE, "source_sha256": mesh_sha, **licence,
              "input": "(B, 3, 192, 192) RGB in [0, 1]",
              "outputs": f"landmarks (B, {N_LANDMARKS}, 3) crop pixels; presence logit (B,)"})
     print(f"wrote mediapipe_face_mesh_v2.safetensors  sha256 {digest}")
-    digest = save_weights(
-        bs.state_dict(), args.out / "mediapipe_blendshapes.safetensors", half=True,
-        doc={"model": "Blendshapes", "source": BLENDSHAPE_FILE, "source_sha256": bs_sha, **licence,
+    digest = write_weights(
+        bs.state_dict(), args.out / "mediapipe_blendshapes.safetensors", MEDIAPIPE_FORMAT, half=True,
+        record={"model": "Blendshapes", "source": BLENDSHAPE_FILE, "source_sha256": bs_sha, **licence,
              "config": {"eps": eps}, "landmarks": list(BLENDSHAPE_LANDMARKS), "names": list(BLENDSHAPE_NAMES)})
     print(f"wrote mediapipe_blendshapes.safetensors   sha256 {digest}")
-    digest = save_weights(
+    digest = write_weights(
         {"canonical": torch.from_numpy(canonical), "weights": torch.from_numpy(weights)},
-        args.out / "mediapipe_face_geometry.safetensors", half=False,
-        doc={"model": "FaceGeometry", "source": GEOMETRY_FILE, "source_sha256": meta_sha, **licence,
+        args.out / "mediapipe_face_geometry.safetensors", MEDIAPIPE_FORMAT, half=False,
+        record={"model": "FaceGeometry", "source": GEOMETRY_FILE, "source_sha256": meta_sha, **licence,
              "tensors": "canonical (468, 3) vertices in cm, x to the subject's left, y up, z out of the face; "
                         "weights (468,) MediaPipe's Procrustes landmark weights (0 = unused)"})
     print(f"wrote mediapipe_face_geometry.safetensors sha256 {digest} "

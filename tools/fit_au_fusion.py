@@ -6,8 +6,8 @@
 
 1. the distrust list: per AU, AUROC of its raw blendshape evidence for each class where Table 1 lists it against
    neutral faces, on KDEF, JAFFE, Yale; an AU is fused when its mean over those classes on KDEF is >= 0.70;
-2. the candidates (fusion.RULES) fitted on FER+ train (faces the mesh finds), the CNN's AU probabilities of the
-   shipped weights computed once and cached beside the blendshape cache;
+2. the candidates (training.fusion.RULES) fitted on FER+ train (faces the mesh finds), the CNN's AU probabilities
+   of the shipped weights computed once and cached beside the blendshape cache;
 3. the choice (rule 2 of the card): the highest min(KDEF mean AUROC of the fused row over the fused (class, AU)
    pairs, FER+ valid within-expression AUROC against the teacher);
 4. the report on JAFFE + Yale (held out from the choice), KDEF and all: fused row, the CNN's row (version 3) and the
@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from affextract.fusion import RULES, fit_fusion, save_fusion  # noqa: E402
+from affextract.fusion import save_fusion  # noqa: E402
+from affextract.training.fusion import RULES, fit_fusion  # noqa: E402
 from affextract.schema import AU, AU_PRIOR, AUS, BLENDSHAPE_NAMES, EXPRESSIONS  # noqa: E402
 from affextract.teacher import NO_TEACHER, TeacherOptions, au_evidence, lip_gap, teacher_aus  # noqa: E402
 
@@ -50,7 +51,7 @@ def ferplus(h5: Path, cache: dict, split: str, cnn_cache: Path):
 
     from affextract.datasets import load_ferplus, prepare_inputs
     from affextract.evaluate import predict_inputs
-    from affextract.model import load_weights
+    from affextract.model import load_mma
 
     fs = load_ferplus(h5, split)
     rows = np.array([int(o.rpartition(":")[2]) for o in fs.origin])
@@ -59,7 +60,7 @@ def ferplus(h5: Path, cache: dict, split: str, cnn_cache: Path):
         cnn = np.load(path)
     else:
         torch.set_num_threads(1)
-        model, _ = load_weights()
+        model, _ = load_mma()
         cnn = predict_inputs(model, prepare_inputs(fs, model))[:, AU]
         np.save(path, cnn)
     names = tuple(str(n) for n in cache["names"])

@@ -4,10 +4,9 @@
 
 The rule, fixed before any figure was seen:
 - positives: faces whose FER+ majority label (> 50 % of the votes) is an expression where the AU is obvious
-  (affextract.fusion.OBVIOUS: surprise for the brow raise, eye widening and mouth opening, happiness for the smile
-  and cheek raise, disgust for the nose wrinkle and upper-lip raise, and Table 1's expressions for the others);
-  negatives:
-  neutral faces (majority label neutral). Faces whose mesh presence is below 0.5 are left out.
+  (affextract.training.fusion.OBVIOUS: surprise for the brow raise, eye widening and mouth opening, happiness for
+  the smile and cheek raise, disgust for the nose wrinkle and upper-lip raise, and Table 1's expressions for the
+  others); negatives: neutral faces (majority label neutral). Faces whose mesh presence is below 0.5 are left out.
 - check (FER+ valid): AUROC of the raw coefficient, positives against negatives. An AU with AUROC < 0.70 is
   distrusted: it gets no teacher and keeps the Table-1 prior.
 - calibration (FER+ train): p = sigmoid(slope * (coefficient - centre)) from a class-balanced, unregularised
@@ -27,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from affextract.datasets import load_ferplus  # noqa: E402
-from affextract.fusion import OBVIOUS  # noqa: E402
+from affextract.training.fusion import OBVIOUS  # noqa: E402
 from affextract.schema import AUS, EXPRESSIONS  # noqa: E402
 from affextract.teacher import NO_TEACHER, au_evidence  # noqa: E402
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from affextract.model import MMA, MMAConfig, activate, save_weights
+from affextract.model import MMA, MMAConfig, activate, save_mma
 from affextract.pixels import to_unit
 from affextract.schema import EXPR
 from affextract.training.validate import merge_metrics
@@ -71,15 +71,15 @@ def calibrate_weights(path: str | Path, val_sets, prior: np.ndarray, opts: Calib
     """Calibrate the weights file `path` on `val_sets` (see calibrate) and write them with the chosen settings to
     `out` (default: in place); the candidates' scores go into the metadata. Returns the chosen settings and their
     validation scores (None when no candidate met the floor)."""
-    from affextract.model import load_weights
+    from affextract.model import load_mma
 
-    model, info = load_weights(path, device)
+    model, info = load_mma(path, device)
     config, rows = calibrate(model, val_sets, prior, opts, device)
     calibrated = MMA(config)
     calibrated.load_state_dict(model.state_dict())
     chosen = {"flip_tta": config.flip_tta, "prior_tau": config.prior_tau}
     meta = {k: v for k, v in info.metadata.items() if k != "feature_names"}
-    save_weights(calibrated, out or path, meta | {"calibration": {"options": asdict(opts), "chosen": chosen,
+    save_mma(calibrated, out or path, meta | {"calibration": {"options": asdict(opts), "chosen": chosen,
                                                                  "candidates": rows}})
     row = next((r for r in rows if r["flip_tta"] == config.flip_tta and r["prior_tau"] == config.prior_tau
                 and r.get("f1_expr") is not None and (opts.min_majority is None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from affextract.model import MMA, VARIANTS, MMAConfig, save_weights
+from affextract.model import MMA, VARIANTS, MMAConfig, save_mma
 from affextract.pixels import to_unit
 from affextract.runtime import gpu_paths, ranks, resolve_device
 from affextract.schema import AUS
@@ -244,9 +244,9 @@ def _model(opts: TrainOptions, device: torch.device, frozen: bool) -> tuple[MMA,
     config = opts.config or VARIANTS[opts.variant]
     model = MMA(config).to(device)
     if opts.init is not None:
-        from affextract.model import load_weights
+        from affextract.model import load_mma
 
-        init, init_info = load_weights(opts.init)
+        init, init_info = load_mma(opts.init)
         if frozen:
             # The expression head stays as it is, so the inference-time settings chosen for it still hold.
             config = init_info.config
@@ -344,8 +344,8 @@ def _save(run: _Run, state: _State, record: dict, select: str, epochs: int, out_
     state.history.append(record)
     if sel > state.best:
         state.best, state.best_epoch, state.best_metrics = sel, epoch, flat
-        save_weights(run.model, out_dir / "best.safetensors", run_meta | {"epoch": epoch, "validation_metrics": flat})
-    save_weights(run.model, out_dir / "last.safetensors", run_meta | {"epoch": epoch, "validation_metrics": flat})
+        save_mma(run.model, out_dir / "best.safetensors", run_meta | {"epoch": epoch, "validation_metrics": flat})
+    save_mma(run.model, out_dir / "last.safetensors", run_meta | {"epoch": epoch, "validation_metrics": flat})
     with open(out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     torch.save({"model": run.model.state_dict(), "optim": run.optim.state_dict(), "epoch": epoch, "best": state.best,
