@@ -205,7 +205,7 @@ def _print_what_rows_are(out: CliConsole, au_source: str) -> None:
 
 
 def _train_fusion(data: list[str], cache: Path, out: Path, init: Optional[Path], rule: str) -> None:
-    from affextract.datasets import DatasetError, load_spec
+    from affextract.training.datasets import DatasetError, load_spec
     from affextract.training.fusion import FusionOptions, train_fusion
 
     try:
@@ -284,7 +284,7 @@ def train(
     import json
     import sys
 
-    from affextract.datasets import DatasetError
+    from affextract.training.datasets import DatasetError
     from affextract.training.augment import AUGMENT_PRESETS
     from affextract.training.calibrate import CalibrateOptions
     from affextract.training.sources import Sources, TeacherCache, train_from_sources
@@ -375,8 +375,8 @@ def evaluate(
     scores for both the CNN's rows and the rows fused with the measured movement."""
     import json as _json
 
-    from affextract.datasets import DatasetError, load_spec
-    from affextract.evaluate import evaluate as run_evaluation
+    from affextract.training.datasets import DatasetError, load_spec
+    from affextract.training.evaluate import evaluate as run_evaluation
     from affextract.fusion import load_fusion
     from affextract.model import load_mma
     from affextract.runtime import resolve_device

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from affextract.cli import app
-from affextract.datasets import FERPLUS_VOTES, DatasetError
+from affextract.training.datasets import FERPLUS_VOTES, DatasetError
 from affextract.model import MMAConfig
 from affextract.schema import AUS, BLENDSHAPE_NAMES
-from affextract.teacher import TeacherOptions
+from affextract.training.teacher import TeacherOptions
 from affextract.training.augment import Augment
 from affextract.training.sources import Sources, TeacherCache, load_sources, train_from_sources
 from affextract.training.train import TrainOptions

@@ -12,7 +12,7 @@ The rule, fixed before any figure was seen:
 - calibration (FER+ train): p = sigmoid(slope * (coefficient - centre)) from a class-balanced, unregularised
   logistic regression of positive vs negative on the coefficient: an obvious face and a neutral one are equally
   likely at the centre (p = 0.5), and the slope says how sharply the coefficient separates them.
-Prints the table and the TeacherOptions to paste into affextract/teacher.py.
+Prints the table and the TeacherOptions to paste into affextract/training/teacher.py.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from affextract.datasets import load_ferplus  # noqa: E402
+from affextract.training.datasets import load_ferplus  # noqa: E402
 from affextract.training.fusion import OBVIOUS  # noqa: E402
 from affextract.schema import AUS, EXPRESSIONS  # noqa: E402
-from affextract.teacher import NO_TEACHER, au_evidence  # noqa: E402
+from affextract.training.teacher import NO_TEACHER, au_evidence  # noqa: E402
 
 MIN_AUC = 0.70
 

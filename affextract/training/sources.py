@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from affextract.teacher import TeacherOptions
+from affextract.training.teacher import TeacherOptions
 from affextract.training.train import TrainOptions, TrainResult, train
 
 
@@ -34,14 +34,14 @@ class Sources:
 def load_sources(sources: Sources) -> tuple[list, list, dict]:
     """The training and validation FaceSets of `sources`, and the facts about them recorded with the weights.
     Raises DatasetError (or FileNotFoundError/ValueError) naming the dataset or cache that cannot be read."""
-    from affextract.datasets import load_spec
+    from affextract.training.datasets import load_spec
 
     train_sets = [load_spec(s, sources.derive_va) for s in sources.data]
     val_sets = [load_spec(s, sources.derive_va) for s in sources.val]
     meta: dict = {"derived_va": sources.derive_va}
     t = sources.teacher
     if t is not None:
-        from affextract.teacher import load_cached
+        from affextract.training.teacher import load_cached
 
         train_sets = [load_cached(s, t.path, t.options, t.min_presence) for s in train_sets]
         val_sets = [load_cached(s, t.path, t.options, t.min_presence) for s in val_sets]
