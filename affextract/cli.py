@@ -217,7 +217,7 @@ def _print_what_rows_are(out: CliConsole, au_source: str) -> None:
 
 
 def _train_fusion(data: list[str], cache: Path, out: Path, init: Optional[Path], rule: str) -> None:
-    from affextract.datasets import DatasetError, load_spec
+    from affextract.training.datasets import DatasetError, load_spec
     from affextract.training.fusion import FusionOptions, train_fusion
 
     try:
@@ -293,44 +293,47 @@ def train(
     if fusion is not None:
         _train_fusion(data, fusion, out, init, fusion_rule)
         return
-    import json as _json
+    import json
     import sys
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from affextract.datasets import DatasetError, load_spec
+    from affextract.training.datasets import DatasetError
     from affextract.training.augment import AUGMENT_PRESETS
     from affextract.training.calibrate import CalibrateOptions
-    from affextract.training.train import TrainOptions, train as run_training
+    from affextract.training.sources import Sources, TeacherCache, train_from_sources
+    from affextract.training.train import TrainOptions
 
+    if augment not in AUGMENT_PRESETS:
+        console.print(f"[red]error:[/red] --augment {augment!r} is not one of {sorted(AUGMENT_PRESETS)}")
+        raise typer.Exit(2)
+    sources = Sources(tuple(data), tuple(val), derive_va, None if teacher is None else TeacherCache(teacher))
+    opts = TrainOptions(out_dir=out, variant=variant, epochs=epochs, time_budget_s=time_budget, batch_size=batch_size,
+                        lr=lr, weight_decay=weight_decay, warmup_epochs=warmup, schedule=schedule, dm_form=dm_form,
+                        select=select, seed=seed, device=device, init=init,
+                        heads=tuple(h.strip() for h in heads.split(",") if h.strip()), logit_adjust=logit_adjust,
+                        augment=AUGMENT_PRESETS[augment],
+                        calibrate=CalibrateOptions(min_majority=min_majority) if calibrate else None,
+                        amp=not no_amp, resume=resume,
+                        metadata={"command": "affextract train " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else ""})
+    show = ranks().rank == 0
+    on_event, stop_display = _training_display(show)
     try:
-        if augment not in AUGMENT_PRESETS:
-            raise ValueError(f"--augment {augment!r} is not one of {sorted(AUGMENT_PRESETS)}")
-        train_sets = [load_spec(s, derive_va) for s in data]
-        val_sets = [load_spec(s, derive_va) for s in val]
-        teacher_meta = {}
-        if teacher is not None:
-            from dataclasses import asdict
-
-            from affextract.teacher import TeacherOptions, load_cached
-
-            train_sets = [load_cached(s, teacher) for s in train_sets]
-            val_sets = [load_cached(s, teacher) for s in val_sets]
-            teacher_meta = {"teacher": {"cache": str(teacher), "options": asdict(TeacherOptions()),
-                                        "min_presence": 0.5}}
-        opts = TrainOptions(out_dir=out, variant=variant, epochs=epochs, time_budget_s=time_budget,
-                            batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup,
-                            schedule=schedule, dm_form=dm_form, select=select, seed=seed, device=device,
-                            init=init, heads=tuple(h.strip() for h in heads.split(",") if h.strip()),
-                            logit_adjust=logit_adjust, augment=AUGMENT_PRESETS[augment],
-                            calibrate=CalibrateOptions(min_majority=min_majority) if calibrate else None,
-                            amp=not no_amp, resume=resume,
-                            metadata={"command": "affextract train " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
-                                      "derived_va": derive_va, **teacher_meta})
+        result = train_from_sources(sources, opts, on_event)
     except (DatasetError, FileNotFoundError, ValueError) as e:
+        stop_display()  # the error goes below the last progress line
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2)
-    show = ranks().rank == 0
+    finally:
+        stop_display()
+    if show:
+        console.print(f"best epoch {result.best_epoch + 1}: {result.best_path}")
+        console.print(json.dumps(result.best_metrics, indent=1))
+
+
+def _training_display(show: bool):
+    """The `on_event` callback of training that renders a progress bar (rank 0 only: `show`), and the function that
+    stops the bar. The bar starts with training, so an error in the data or the options is printed alone."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     progress = Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[losses]}"), TimeRemainingColumn(), console=console, disable=not show)
     task = None
@@ -340,6 +343,7 @@ def train(
         if e["event"] == "start":
             console.print(f"training on {e['n_train']:,} samples, {e['steps_per_epoch']} steps/epoch, "
                           f"device {e['device']} x {e['world_size']}")
+            progress.start()
         elif e["event"] == "step":
             losses = " ".join(f"{k} {e[k]:.3f}" for k in ("loss", "ccc", "cce", "bce", "dm", "teacher")) + f" lr {e['lr']:.1e}"
             if task is None:
@@ -355,15 +359,11 @@ def train(
             progress.console.print(f"epoch {e['epoch'] + 1}/{e['epochs']} ({e['seconds']:.1f} s) "
                                    f"loss {e['train']['loss']:.3f} | val {vals or '-'}{star}")
 
-    try:
-        with progress:
-            result = run_training(train_sets, val_sets, opts, on_event)
-    except (DatasetError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2)
-    if show:
-        console.print(f"best epoch {result.best_epoch + 1}: {result.best_path}")
-        console.print(_json.dumps(result.best_metrics, indent=1))
+    def stop() -> None:
+        if progress.live.is_started:  # Progress.stop also prints a blank line in a pipe, started or not
+            progress.stop()
+
+    return on_event, stop
 
 
 @app.command(epilog="""Examples:
@@ -387,8 +387,8 @@ def evaluate(
     scores for both the CNN's rows and the rows fused with the measured movement."""
     import json as _json
 
-    from affextract.datasets import DatasetError, load_spec
-    from affextract.evaluate import evaluate as run_evaluation
+    from affextract.training.datasets import DatasetError, load_spec
+    from affextract.training.evaluate import evaluate as run_evaluation
     from affextract.fusion import load_fusion
     from affextract.model import load_mma
     from affextract.runtime import resolve_device

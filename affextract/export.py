@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from affextract.detectors import LANDMARK_NAMES
+from affextract.faces.detectors import LANDMARK_NAMES
 from affextract.features import VideoFeatures, open_features
 from affextract.schema import BLENDSHAPE_NAMES, FEATURE_NAMES
 

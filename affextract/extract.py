@@ -30,7 +30,7 @@ from affextract.video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, VideoIn
 from affextract.weights import file_sha256, weights_path
 from affextract.workers import Broken, FaceChunk, Failed, Finished, Opened, WorkerSpec, analyse
 
-# The alignment and the mesh crop in the files' provenance. affextract.align computes the alignment without insightface
+# The alignment and the mesh crop in the files' provenance. affextract.faces.align computes the alignment without insightface
 # (the same transform, to float64 rounding) and now holds roi_from_points too; the texts are left as files made before
 # say them, so that those can still be continued.
 ALIGNMENT = "arcface-5pt similarity (insightface.utils.face_align.estimate_norm) to 112x112 RGB in [-1, 1]"
@@ -41,7 +41,7 @@ MESH_CROP = ("MediaPipe's face crop placed from the tracked face's 5 points (mov
 @dataclass(frozen=True)
 class ExtractOptions:
     weights: Path | None = None  # MMA weights (.safetensors); None = the weights shipped with the package
-    detector: str = "mtcnn"  # face detector name (see affextract.detectors.DETECTORS)
+    detector: str = "mtcnn"  # face detector name (see affextract.faces.detectors.DETECTORS)
     detector_model: Path | None = None  # local model file for detectors that need one (scrfd's .onnx)
     # Seconds of video between full face detections; the frames in between only re-fit the tracked face (one O-Net
     # pass) and a face lost there is detected again at once. In time, so --fps does not stretch the gaps. 0.4 s is
@@ -163,7 +163,7 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
     Under torchrun each rank takes every WORLD_SIZE-th video still to do and writes its own shard files; rank 0 merges
     them into `output`, so the result (and resuming it) is the same as a single-process run.
     """
-    from affextract.detectors import describe_detector
+    from affextract.faces.detectors import describe_detector
 
     t0 = time.perf_counter()
     interrupted = False

@@ -75,7 +75,7 @@ class AUFusion:
     def __call__(self, features: np.ndarray, blendshapes: np.ndarray, presence: np.ndarray) -> np.ndarray:
         """(N, 26) features, (N, 52) blendshapes (BLENDSHAPE_NAMES order) and (N,) mesh presence of the same frames ->
         the features with the AU rows fused on frames whose mesh found the face (presence >= MIN_PRESENCE)."""
-        from affextract.teacher import au_evidence
+        from affextract.training.teacher import au_evidence
 
         out = np.array(features, np.float32, copy=True)
         ok = np.nan_to_num(np.asarray(presence, np.float32), nan=0.0) >= MIN_PRESENCE

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from affextract.align import MESH_CROP_SIZE, mesh_to_image
+from affextract.faces.align import MESH_CROP_SIZE, mesh_to_image
 from affextract.runtime import gpu_paths
 # Names of the outputs, shared with the file format and seqhead (see there for their conventions).
 from affextract.schema import BLENDSHAPE_NAMES, GAZE_NAMES, MESH_POINTS, POSE_NAMES, WEIGHTS_DIR  # noqa: F401

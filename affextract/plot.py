@@ -320,7 +320,7 @@ def _colorbar_box(box):
 
 def _crops(src: Path, v: VideoFeatures, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(frames (n, H, W, 3), aligned faces (n, 112, 112, 3)) uint8 of the sampled rows."""
-    from affextract.align import align_faces
+    from affextract.faces.align import align_faces
     from affextract.pixels import to_pixels
 
     if len(rows) == 0:

@@ -65,10 +65,12 @@ class RunProgress:
         self.printed = -float("inf")
         self.last = ""
         if sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+            # On stderr, the stream the terminal test looked at: stdout stays free for what a command prints.
             self.live = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), transient=False)
+                                 TimeRemainingColumn(), transient=False, console=Console(stderr=True))
             self.task = self.live.add_task(self._summary(), total=self.total_bytes)
             self.live.__enter__()
 

@@ -17,7 +17,7 @@ VIDEO_EXTENSIONS = frozenset(
     ".mp4 .m4v .mov .avi .mkv .webm .flv .wmv .mpg .mpeg .ts .mts .m2ts .3gp .ogv .asf .vob .divx".split()
 )
 # Still images: every file type OpenCV's imread decodes in every build (the one image reader of `run`, `plot` and the
-# labelled image folders of `affextract.datasets`); .pgm/.ppm are the Netpbm files some face datasets ship.
+# labelled image folders of `affextract.training.datasets`); .pgm/.ppm are the Netpbm files some face datasets ship.
 IMAGE_EXTENSIONS = frozenset(".jpg .jpeg .png .bmp .tif .tiff .webp .pgm .ppm".split())
 # Inputs that list videos rather than hold one: a text file, one path a line, or a CSV file with a `path` column.
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv"})

@@ -33,7 +33,7 @@ from affextract.weights import file_sha256
 if TYPE_CHECKING:
     import torch
 
-    from affextract.tracking import PrimaryFaceStream
+    from affextract.faces.tracking import PrimaryFaceStream
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def face_chunk(index: int, chunk: Chunk, stream: PrimaryFaceStream, device: str 
     "align", "mesh crop"), so that a benchmark can time them."""
     import torch
 
-    from affextract.align import crop_faces, invert_affine, roi_from_points, warp_faces
+    from affextract.faces.align import crop_faces, invert_affine, roi_from_points, warp_faces
 
     p = stream(chunk.frames, chunk.time)
     lap("detect+track")
@@ -261,7 +261,7 @@ def setup(spec: WorkerSpec):
     """The face detector a worker (or a Ray task, affextract.cluster) analyses its videos with."""
     import torch
 
-    from affextract.detectors import get_detector
+    from affextract.faces.detectors import get_detector
 
     torch.set_num_threads(spec.threads)
     return get_detector(spec.detector, device=spec.device, **spec.detector_options)
@@ -269,7 +269,7 @@ def setup(spec: WorkerSpec):
 
 def video_events(i: int, source: Source, spec: WorkerSpec, detector) -> Iterator[VideoEvent]:
     """The events of video `i`: Opened, FaceChunks, then Finished, Broken or Failed (never an exception of the file's)."""
-    from affextract.tracking import PrimaryFaceStream
+    from affextract.faces.tracking import PrimaryFaceStream
 
     opened = False
     try:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from affextract import align as al
+from affextract.faces import align as al
 from affextract import movement as mv
 from affextract.pixels import to_unit
 from bench_extract import cpu_seconds  # this script's folder is on sys.path
@@ -154,8 +154,8 @@ def paired(torch_fn, backend_fn, rounds: int, min_seconds: float) -> dict:
 def real_faces(clips: list[Path], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Up to n frames with the largest face of each of the clips' first frames: aligned MMA faces (k, 3, 112, 112)
     uint8, face mesh crops (k, 3, 192, 192) uint8, crop -> image affines (k, 2, 3)."""
-    from affextract.align import warp_faces
-    from affextract.detectors import get_detector
+    from affextract.faces.align import warp_faces
+    from affextract.faces.detectors import get_detector
     from affextract.video import import_decord
 
     decord, detector = import_decord(), get_detector("mtcnn")

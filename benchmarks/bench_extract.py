@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from affextract.align import align_faces
-from affextract.detectors import get_detector
+from affextract.faces.align import align_faces
+from affextract.faces.detectors import get_detector
 from affextract.extract import ExtractOptions, _cpu_threads, _Features, extract
 from affextract.features import open_features
 from affextract.fusion import load_fusion
 from affextract.model import load_mma
 from affextract.movement import Movement, MovementOptions
 from affextract.runtime import gpu_paths, resolve_device
-from affextract.tracking import PrimaryFaceStream
+from affextract.faces.tracking import PrimaryFaceStream
 from affextract.video import find_sources, import_decord, open_video
 from affextract.workers import face_chunk
 

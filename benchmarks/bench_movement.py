@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from affextract import align as al
+from affextract.faces import align as al
 from affextract import movement as mv
 from affextract.runtime import resolve_device
 
@@ -44,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from skimage import data
 
-    from affextract.detectors import get_detector
+    from affextract.faces.detectors import get_detector
 
     image = data.astronaut()
     points = get_detector("mtcnn").detect(image[None])[0].landmarks[:1]

@@ -42,8 +42,10 @@ import torch
 from affextract.runtime import resolve_device
 from seqhead.model import ModelConfig, SeqHead
 from seqhead.simulate import SimulateOptions, simulate
-from seqhead.train import (RoutedAdam, TrainOptions, batches, cpu_threads, predict_raw, prepare,
-                           standardize, train, train_step)
+from seqhead.data import batches
+from seqhead.fit import RoutedAdam, train_step
+from seqhead.infer import cpu_threads, predict_raw, standardize
+from seqhead.train import TrainOptions, prepare, train
 
 # name → TrainOptions changes; the first is the baseline every ratio refers to.
 LEVERS = {

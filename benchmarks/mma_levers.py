@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from affextract.datasets import align_raw, load_ferplus, load_folder, prepare_inputs
-from affextract.evaluate import predict_inputs, score
+from affextract.training.datasets import align_raw, load_ferplus, load_folder, prepare_inputs
+from affextract.training.evaluate import predict_inputs, score
 from affextract.model import MMA, load_mma
 from affextract.pixels import to_pixels
 from affextract.training.train import expression_prior

@@ -51,8 +51,8 @@ def _h5(workdir: Path, setting: str) -> Path:
 def _test_score(run_dir: Path, h5: Path) -> float:
     """Mean test Pearson of a run directory (single or ensemble) on the file's Test split."""
     from seqhead.data import match, read_features, read_labels
-    from seqhead.predict import load_run
-    from seqhead.train import pearson
+    from seqhead.infer import load_run
+    from seqhead.metrics import pearson
 
     labels = read_labels(h5.with_name(h5.stem + ".csv"))
     videos, _ = read_features(h5)

@@ -173,7 +173,8 @@ def train(
                             targets=tuple(targets.split(",")) if targets else None, split_column=split_column,
                             group_column=group_column, val_fraction=val_fraction, allow_unmatched=allow_unmatched,
                             features=features, no_face=no_face, stride=stride, t=t, head=head, mask=mask, rnn=rnn,
-                            layers=layers, conv_blocks=conv_blocks, hidden=hidden, fc=fc, dropout=dropout, loss=loss, batch_size=batch_size, lr=lr,
+                            layers=layers, conv_blocks=conv_blocks, hidden=hidden, fc=fc, dropout=dropout, loss=loss,
+                            batch_size=batch_size, lr=lr,
                             weight_decay=weight_decay, clip=clip, epochs=epochs, patience=patience, seed=seed,
                             skip_padding=skip_padding, bucket=bucket, device=device, threads=threads,
                             max_batches=max_batches, members=seeds, ema=ema, overwrite=overwrite)
@@ -183,6 +184,11 @@ def train(
     except KeyboardInterrupt:
         console.print(f"interrupted before the first epoch ended: nothing kept in {out}", soft_wrap=True)
         raise typer.Exit(130)
+    _show_trained(res, head)
+
+
+def _show_trained(res, head: str) -> None:
+    """How the ids matched, warnings, the validation table and where the run is; exit 130 when Ctrl-C ended it."""
     console.print("ids matched by " + ", ".join(f"{f} ({n} rows)" for f, n in res.id_forms.items()), soft_wrap=True,
                   highlight=False)
     for w in res.warnings:
@@ -349,6 +355,8 @@ def simulate(
                                               "its own feature group).")]
     = "episode",
     label_noise: Annotated[float, typer.Option(help="Standard deviation of noise added to the written labels.")] = 0.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace OUT and its labels file if they exist (otherwise an "
+                                                 "existing one is refused).")] = False,
 ):
     """Write a Hume-Reaction-shaped simulated features file and labels CSV."""
     from .simulate import SimulateOptions, simulate as run_simulate
@@ -360,7 +368,7 @@ def simulate(
     try:
         res = run_simulate(SimulateOptions(out, labels, scale=scale, max_len=max_len, signal=signal,
                                            nuisance=nuisance, frame_noise=frame_noise, seed=seed, setting=setting,
-                                           label_noise=label_noise), plan=plan)
+                                           label_noise=label_noise, overwrite=overwrite), plan=plan)
     except ValueError as e:
         _fail(e)
     console.print(f"{plural(sum(res.n_videos), 'video')} (train/val/test {'/'.join(map(str, res.n_videos))}), "

@@ -1,5 +1,5 @@
-"""The model configuration and the names of heads, encoders and padding modes: importable without torch, so the
-command line can check its options before loading it."""
+"""The model configuration, the names of heads, encoders and padding modes, and the progress record training
+reports: importable without torch, so the command line can check its options before loading it."""
 
 from __future__ import annotations
 
@@ -37,3 +37,19 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What `train` reports to its `progress` callback: after every step, and once more when an epoch ends."""
+
+    epoch: int  # 1-based
+    epochs: int  # upper bound (early stopping may end sooner)
+    step: int  # steps done in this epoch
+    steps: int  # steps in this epoch
+    seconds: float  # since the epoch started
+    train_loss: float  # mean training loss over the steps done
+    val_mean_pearson: float | None = None  # set when the epoch ended (validation done)
+    best_epoch: int = 0  # best epoch so far (the one on disk), 0 before the first validation
+    member: int = 0  # ensemble member being trained (1-based; 0 = a single run)
+    members: int = 1  # ensemble size

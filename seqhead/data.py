@@ -1,12 +1,14 @@
 """Cached features (affextract HDF5 format v1), video-level labels, splits and padding.
 
 Everything a head needs from disk goes through here: `read_features` (one record per video, with the no-face policy
-applied), `read_labels` (validated id + numeric targets + split), `match` (labels ↔ videos) and `pad_batch`.
+applied), `read_labels` (validated id + numeric targets + split), `match` (labels ↔ videos); and what turns videos
+into batches: `batches` (an epoch's plan) and `pad_batch`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -210,6 +212,24 @@ def read_labels(path: Path, id_column: str | None = None, targets: tuple[str, ..
     every other mostly-numeric column. Errors name the file, the column and the rows.
     """
     path = Path(path)
+    df = _read_csv(path)
+    cols = list(df.columns)
+    id_col = id_column or _find(cols, _ID_COLUMNS) or cols[0]
+    split_col = split_column if split_column is not None else _find(cols, _SPLIT_COLUMNS)
+    for what, col in (("id", id_col), ("split", split_col), ("group", group_column)):
+        if col and col not in cols:
+            raise DataError(f"{path}: no {what} column {col!r} (columns: {cols})")
+    target_cols = _target_columns(path, df, targets, reserved={id_col, split_col, group_column,
+                                                                  _find(cols, _GROUP_COLUMNS)})
+    ids = _unique_ids(path, df, id_col)
+    split = _splits(path, df, split_col) if split_col else None
+    y = _target_values(path, df, target_cols, split)
+    groups = [g.strip() for g in df[group_column]] if group_column else None
+    return Labels(path, id_col, ids, target_cols, y, split, groups)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Every cell as text (nothing guessed: ids keep their leading zeros, an empty cell stays '')."""
     if not path.exists():
         raise DataError(f"{path}: no such label file")
     try:
@@ -218,34 +238,32 @@ def read_labels(path: Path, id_column: str | None = None, targets: tuple[str, ..
         raise DataError(f"{path}: cannot read as CSV ({e})") from e
     if df.empty:
         raise DataError(f"{path}: no rows")
-    cols = list(df.columns)
-    id_col = id_column or _find(cols, _ID_COLUMNS) or cols[0]
-    if id_col not in cols:
-        raise DataError(f"{path}: no id column {id_col!r} (columns: {cols})")
-    split_col = split_column if split_column is not None else _find(cols, _SPLIT_COLUMNS)
-    if split_col and split_col not in cols:
-        raise DataError(f"{path}: no split column {split_col!r} (columns: {cols})")
-    group_col = group_column
-    if group_col and group_col not in cols:
-        raise DataError(f"{path}: no group column {group_col!r} (columns: {cols})")
-    reserved = {id_col, split_col, group_col, _find(cols, _GROUP_COLUMNS)}
+    return df
 
+
+def _target_columns(path: Path, df: pd.DataFrame, targets: tuple[str, ...] | None, reserved: set) -> tuple[str, ...]:
+    """The columns given, else the 7 Hume columns when all are there, else every mostly-numeric column not
+    `reserved` (id, split, group)."""
+    cols = list(df.columns)
     if targets:
         missing = [t for t in targets if t not in cols]
         if missing:
             raise DataError(f"{path}: no target column(s) {missing} (columns: {cols})")
-        target_cols = tuple(targets)
-    elif all(t in cols for t in HUME_TARGETS):
-        target_cols = HUME_TARGETS
-    else:
-        target_cols = tuple(
-            c for c in cols if c not in reserved
-            and (df[c].str.strip() != "").any()
-            and pd.to_numeric(df[c].str.strip(), errors="coerce").notna().mean() >= 0.5
-        )
-    if not target_cols:
+        return tuple(targets)
+    if all(t in cols for t in HUME_TARGETS):
+        return HUME_TARGETS
+    found = tuple(
+        c for c in cols if c not in reserved
+        and (df[c].str.strip() != "").any()
+        and pd.to_numeric(df[c].str.strip(), errors="coerce").notna().mean() >= 0.5
+    )
+    if not found:
         raise DataError(f"{path}: no numeric target column found (columns: {cols}); name them with --targets")
+    return found
 
+
+def _unique_ids(path: Path, df: pd.DataFrame, id_col: str) -> list[str]:
+    """The normalised ids; an empty or repeated one is an error naming its lines (line 1 is the header)."""
     ids = [normalize_id(v) for v in df[id_col]]
     empty = [i + 2 for i, v in enumerate(ids) if not v]
     if empty:
@@ -259,16 +277,21 @@ def read_labels(path: Path, id_column: str | None = None, targets: tuple[str, ..
     if dups:
         raise DataError(f"{path}: {len(dups)} duplicate id(s) in column {id_col!r}: {_examples(dups, quote=False)}; "
                         "keep one row per video")
+    return ids
 
-    split = None
-    if split_col:
-        raw = [s.strip().lower() for s in df[split_col]]
-        bad = [(i + 2, s) for i, s in enumerate(raw) if s not in SPLIT_NAMES]
-        if bad:
-            raise DataError(f"{path}: split column {split_col!r} has values other than Train/Val/Test at "
-                            f"line(s) {_examples([f'{ln}: {s!r}' for ln, s in bad], quote=False)}")
-        split = [SPLIT_NAMES[s] for s in raw]
 
+def _splits(path: Path, df: pd.DataFrame, split_col: str) -> list[str]:
+    """'train' | 'val' | 'test' per row, from any of the names in SPLIT_NAMES."""
+    raw = [s.strip().lower() for s in df[split_col]]
+    bad = [(i + 2, s) for i, s in enumerate(raw) if s not in SPLIT_NAMES]
+    if bad:
+        raise DataError(f"{path}: split column {split_col!r} has values other than Train/Val/Test at "
+                        f"line(s) {_examples([f'{ln}: {s!r}' for ln, s in bad], quote=False)}")
+    return [SPLIT_NAMES[s] for s in raw]
+
+
+def _target_values(path: Path, df: pd.DataFrame, target_cols: tuple[str, ...], split: list[str] | None) -> np.ndarray:
+    """(N, n_targets) float32; NaN only where a test row has no value (every train/val row needs all targets)."""
     y = np.empty((len(df), len(target_cols)), dtype=np.float32)
     for j, c in enumerate(target_cols):
         text = df[c].str.strip()
@@ -283,8 +306,7 @@ def read_labels(path: Path, id_column: str | None = None, targets: tuple[str, ..
             raise DataError(f"{path}: missing value(s) in target column {c!r} at line(s) "
                             f"{_examples(missing, quote=False)}; every train/val row needs all targets")
         y[:, j] = vals.to_numpy(dtype=np.float32, na_value=np.nan)
-    groups = [g.strip() for g in df[group_col]] if group_col else None
-    return Labels(path, id_col, ids, target_cols, y, split, groups)
+    return y
 
 
 def find_labels(h5_path: Path, labels: Path | None) -> Path:
@@ -427,7 +449,24 @@ def split_indices(labels: Labels, rows: list[int], val_fraction: float, seed: in
     return np.sort(tr), np.sort(va)
 
 
-# ---------------------------------------------------------------------------------------------------------- padding
+# ---------------------------------------------------------------------------------------------------------- batches
+
+
+def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: bool) -> list[np.ndarray]:
+    """Index batches for one epoch; a final batch of one video joins the previous one (Pearson needs ≥ 2)."""
+    order = rng.permutation(len(lengths))
+    if bucket:  # sort by length inside chunks of 50 batches, then shuffle the batches
+        chunk = 50 * batch_size
+        order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                                for c in np.array_split(order, max(1, math.ceil(len(order) / chunk)))])
+    out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(out) > 1 and len(out[-1]) < 2:  # a batch of one has no Pearson correlation: join it to the one before
+        last = out.pop()
+        out[-1] = np.concatenate([out[-1], last])
+    if bucket:
+        out = [out[i] for i in rng.permutation(len(out))]
+    return out
+
 
 
 def pad_batch(seqs: list[np.ndarray], t: int | None = None) -> tuple[np.ndarray, np.ndarray]:

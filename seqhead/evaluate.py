@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .data import DataError, SPLIT_NAMES, _examples, id_forms, match_ids, normalize_id, read_labels
-from .train import pearson
+from .metrics import pearson
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The torch side of training: routed Adam, the Pearson loss, training steps, batched prediction and the epoch loop
-of a network head (early stopping, an optional exponential moving average of the weights, checkpoints).
+"""The torch side of training: routed Adam, training steps and the epoch loop of a network head (early stopping, an
+optional exponential moving average of the weights, calibration, checkpoints).
 
 `seqhead.train` imports this module only once its inputs have been read and checked, so a wrong path or option
 fails before torch loads.
@@ -7,7 +7,6 @@ fails before torch loads.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -16,9 +15,16 @@ import numpy as np
 import torch
 from safetensors.torch import save_file as save_torch
 
-from .data import pad_batch
+from .config import Progress
+from .data import batches, pad_batch
+from .infer import predict_raw
+from .metrics import calibrate, fit_calibration, pearson, pearson_loss
 from .model import SeqHead
-from .train import CALIBRATION_VIDEOS, Progress, batches, fit_calibration, pearson
+
+# Calibration is refitted whenever validation improves (the run directory always holds a usable best epoch), so it
+# uses at most this many training videos (a seeded sample): two numbers per target need no more, and the cost of
+# the extra forward pass stays small at Hume scale.
+CALIBRATION_VIDEOS = 1000
 
 
 # --------------------------------------------------------------------------------------------------- optimiser
@@ -67,46 +73,7 @@ class RoutedAdam(torch.optim.Optimizer):
                 w.addcdiv_(m / bc1, denom, value=-group["lr"])
 
 
-# --------------------------------------------------------------------------------------------------- maths
-
-
-def pearson_loss(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: 1 − mean over targets of Pearson's r over the batch. pred, y (B, n)."""
-    pm, ym = pred - pred.mean(0), y - y.mean(0)
-    # ε inside the square root: a batch of identical predictions (every ReLU of a small FC off) has a zero
-    # variance, where the root's gradient is infinite and would turn every weight into NaN.
-    r = (pm * ym).sum(0) / (pm.pow(2).sum(0) * ym.pow(2).sum(0) + 1e-12).sqrt()
-    return 1 - r.mean()
-
-
-@contextlib.contextmanager
-def cpu_threads(n: int):
-    """Torch intra-op threads for a block (0 = leave torch's default), restored afterwards."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-
-def predict_raw(model: SeqHead, seqs: list[np.ndarray], device: torch.device, batch_size: int = 128) -> np.ndarray:
-    """Uncalibrated predictions (N, n_targets) for sequences already standardised and cut to ≤ t."""
-    model.eval()
-    cfg = model.cfg
-    out = []
-    order = np.argsort([len(s) for s in seqs], kind="stable")  # similar lengths together: less padding
-    with torch.inference_mode():
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            x, lengths = pad_batch([seqs[j] for j in idx], None if cfg.mask else cfg.t)
-            out.append(model(torch.from_numpy(x).to(device), torch.from_numpy(lengths).to(device)).float().cpu())
-    pred = torch.cat(out).numpy()
-    res = np.empty_like(pred)
-    res[order] = pred
-    return res
+# --------------------------------------------------------------------------------------------------- step
 
 
 def train_step(model: SeqHead, optim: RoutedAdam, seqs: list[np.ndarray], y: torch.Tensor, loss: str,
@@ -125,8 +92,6 @@ def train_step(model: SeqHead, optim: RoutedAdam, seqs: list[np.ndarray], y: tor
     n = model.routed_columns(ln)
     optim.step({model.fc1.weight: n} if n is not None else None)
     return value.item()
-
-
 
 
 # --------------------------------------------------------------------------------------------------- epoch loop
@@ -176,7 +141,7 @@ def fit_network(opts, data, writer, model_cfg, train_seqs: list[np.ndarray], val
     def save(status: str) -> np.ndarray:
         state, slope, intercept, raw_val = saved
         return writer.write(lambda p: save_torch(state, str(p)), model_cfg.to_dict(), slope, intercept,
-                            raw_val * slope + intercept, status, best_epoch, epochs_run, time.time() - t0)
+                            calibrate(raw_val, slope, intercept), status, best_epoch, epochs_run, time.time() - t0)
 
     try:
         for epoch in range(1, opts.epochs + 1):
@@ -221,4 +186,4 @@ def fit_network(opts, data, writer, model_cfg, train_seqs: list[np.ndarray], val
     r_val = save("interrupted" if interrupted else "complete")
     writer.history(history, best_epoch, curve=True)
     state, slope, intercept, raw_val = saved
-    return r_val, best_epoch, epochs_run, history, interrupted, raw_val * slope + intercept
+    return r_val, best_epoch, epochs_run, history, interrupted, calibrate(raw_val, slope, intercept)

@@ -1,12 +1,8 @@
-"""Prediction from a run directory: rebuild the head from config.json + model.safetensors, one row per video.
+"""Prediction from a run directory: every video of a features file, one row per video (the run itself is rebuilt
+and applied by .infer, which also says how videos longer than t are handled and how an ensemble is averaged).
 
-Videos longer than t (kept frames): `long_videos="windows"` (default) cuts them into windows of t frames — the
-last window ends at the video's end, so every frame is seen — predicts each window and averages the windows'
-raw outputs before calibration; `"truncate"` keeps the first t frames. Either way no video is refused.
-
-An ensemble run (`train --seeds N`) is read as one: every member predicts and their calibrated predictions are
-averaged. A features file made otherwise than the run's training file (another model, detector, alignment, frame
-sampling, or movement stage for heads that read it) is refused unless `check_provenance=False`.
+A features file made otherwise than the run's training file (another model, detector, alignment, frame sampling,
+or movement stage for heads that read it) is refused unless `check_provenance=False`.
 """
 
 from __future__ import annotations
@@ -15,16 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from affextract.weights import file_sha256
-
-from .config import ModelConfig
 from .data import DataError, provenance_mismatch, read_features, read_provenance, video_id
-from .train import pooled_stats, standardize
-
-LONG_VIDEO_POLICIES = ("windows", "truncate")
+from .infer import Ensemble, cpu_threads, load_run, not_a_run
 
 
 @dataclass(frozen=True)
@@ -48,122 +38,16 @@ class PredictResult:
     members: int = 1  # runs averaged (an ensemble's members)
 
 
-def windows(seq: np.ndarray, t: int) -> list[np.ndarray]:
-    """Consecutive t-frame windows covering seq (l, F); the last one ends at the end (it may overlap)."""
-    if len(seq) <= t:
-        return [seq]
-    starts = list(range(0, len(seq) - t + 1, t))
-    if starts[-1] + t < len(seq):
-        starts.append(len(seq) - t)
-    return [seq[s:s + t] for s in starts]
-
-
-@dataclass(frozen=True)
-class Run:
-    """A trained head rebuilt from its run directory."""
-
-    config: dict
-    model: "SeqHead | None"  # None for the ridge baseline
-    ridge: dict | None  # scaler_mean, scaler_scale, coef, intercept
-
-    @property
-    def stride(self) -> int:
-        """Every stride-th kept frame is used (runs written before the option existed used them all)."""
-        return int(self.config["features"].get("stride", 1))
-
-    def predict_seqs(self, seqs: list[np.ndarray], long_videos: str, device=None,
-                     batch_size: int = 64) -> np.ndarray:
-        """Calibrated predictions (N, n_targets) for raw (unstandardised) kept-frame sequences."""
-        if long_videos not in LONG_VIDEO_POLICIES:
-            raise ValueError(f"long-video policy {long_videos!r}: use one of {LONG_VIDEO_POLICIES}")
-        f = self.config["features"]
-        t = int(self.config["t"])
-        seqs = standardize([s[::self.stride] for s in seqs], np.asarray(f["mean"], np.float32),
-                           np.asarray(f["std"], np.float32))
-        pieces, owner = [], []
-        for i, s in enumerate(seqs):
-            parts = windows(s, t) if long_videos == "windows" else [s[:t]]
-            pieces += parts
-            owner += [i] * len(parts)
-        if self.model is None:
-            r = self.ridge
-            x = (pooled_stats(pieces) - r["scaler_mean"]) / r["scaler_scale"]
-            raw = x @ r["coef"].T + r["intercept"]
-        else:
-            from .fit import predict_raw
-
-            raw = predict_raw(self.model, pieces, device or "cpu", batch_size)
-        owner = np.asarray(owner)
-        sums = np.zeros((len(seqs), raw.shape[1]), dtype=np.float64)
-        np.add.at(sums, owner, raw)
-        mean = sums / np.bincount(owner, minlength=len(seqs))[:, None]
-        cal = self.config["calibration"]
-        return (mean * np.asarray(cal["slope"]) + np.asarray(cal["intercept"])).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class Ensemble:
-    """An ensemble run: its members' calibrated predictions are averaged."""
-
-    config: dict  # the ensemble's config.json (targets, id column and form, features, provenance, members)
-    members: tuple[Run, ...]
-
-    @property
-    def stride(self) -> int:
-        return self.members[0].stride
-
-    def predict_seqs(self, seqs: list[np.ndarray], long_videos: str, device=None,
-                     batch_size: int = 64) -> np.ndarray:
-        return np.mean([m.predict_seqs(seqs, long_videos, device, batch_size) for m in self.members], axis=0)
-
-
-def load_run(run_dir: Path, device=None) -> Run | Ensemble:
-    """A run directory rebuilt: one head, or an ensemble (config.json naming `members`)."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if cfg_path.exists():
-        config = json.loads(cfg_path.read_text())
-        if "members" in config:
-            return Ensemble(config, tuple(_load_one(run_dir / m, device) for m in config["members"]))
-    return _load_one(run_dir, device)
-
-
-def _load_one(run_dir: Path, device=None) -> Run:
-    run_dir = Path(run_dir)
-    cfg_path, weights = run_dir / "config.json", run_dir / "model.safetensors"
-    if not cfg_path.exists() or not weights.exists():
-        raise DataError(f"{run_dir}: not a seqhead run directory (needs config.json and model.safetensors; "
-                        "make one with `seqhead train`)")
-    config = json.loads(cfg_path.read_text())
-    if config.get("weights_sha256") and file_sha256(weights) != config["weights_sha256"]:
-        raise DataError(f"{weights}: SHA-256 differs from the one config.json names (the files belong to different "
-                        "epochs or were edited); retrain with `seqhead train`")
-    if config["model"]["head"] == "ridge":
-        from safetensors.numpy import load_file as load_numpy
-
-        return Run(config, None, load_numpy(str(weights)))
-    from safetensors.torch import load_file as load_torch
-
-    from .model import SeqHead
-
-    model = SeqHead(ModelConfig(**config["model"]))
-    model.load_state_dict(load_torch(str(weights)))
-    return Run(config, model.to(device or "cpu").eval(), None)
-
-
 def predict(opts: PredictOptions) -> PredictResult:
     """Predict every video of a features file; the run directory and the file are checked before torch loads."""
     from affextract.runtime import resolve_device
 
     run_dir = Path(opts.run_dir)
     if not (run_dir / "config.json").exists():
-        raise DataError(f"{run_dir}: not a seqhead run directory (needs config.json and model.safetensors; "
-                        "make one with `seqhead train`)")
+        raise not_a_run(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     warnings = _check_provenance(config, opts)
     device = resolve_device(opts.device)
-    from .fit import cpu_threads
-
     with cpu_threads(opts.threads):
         return _predict(opts, device, warnings)
 

@@ -49,7 +49,7 @@ from affextract.format import MOVEMENT_OFF, Provenance, dumps
 from affextract.store import FeatureWriter
 from affextract.version import __version__
 
-from .data import HUME_ID, HUME_TARGETS
+from .data import HUME_ID, HUME_TARGETS, DataError
 
 HUME_SIZES = (15806, 4657, 4604)  # train, val, test videos of Hume-Reaction
 HUME_SUBJECTS = 2222
@@ -78,6 +78,7 @@ class SimulateOptions:
     movement: bool = True  # also simulate the measured movement (blendshapes, pose, gaze, presence)
     setting: str = "episode"  # how labels arise: episode | peak | late | subject | groups (module docstring)
     label_noise: float = 0.0  # standard deviation of Gaussian noise added to the written labels
+    overwrite: bool = False  # replace an existing `out` or labels file (otherwise either is an error)
 
     def __post_init__(self):
         if self.setting not in SETTINGS:
@@ -167,23 +168,39 @@ def _gaps(rng: np.random.Generator, K: int) -> np.ndarray:
     return face
 
 
-def simulate(opts: SimulateOptions, plan: Callable[[SimulatePlan], None] | None = None) -> SimulateResult:
-    """Write the simulated features file and labels; `plan` is called once, with the sizes, before anything is
-    written."""
-    from scipy.signal import lfilter  # only for the peak setting; scipy.signal takes a second to import
+class _Law:
+    """How reactions show in the 26 values: intensities (7,) → logits (26,), fixed whatever the seed, so simulated
+    sets of different seeds agree."""
 
-    rng = np.random.default_rng(opts.seed)
-    extra = np.random.default_rng([opts.seed, 3])  # the newer settings' own draws, so older ones stay as they were
-    # The feature "physics" (how reactions show on the face) is fixed, so simulated sets of different seeds agree.
-    law = np.random.default_rng(20240614)
-    mixing = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # intensities → logits of the 26 values
-    mixing_peak = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # the peak setting's own mixing
-    mixing_groups = np.zeros((7, 26), np.float32)
-    for k, g in enumerate(TARGET_GROUPS):  # each target moves its own group only, as strongly in total
-        width = g.stop - g.start
-        mixing_groups[k, g] = law.normal(0, 1, width) * 1.6 * np.sqrt(26 / width) / 2
-    setting = opts.setting
-    peak = setting == "peak"
+    def __init__(self):
+        law = np.random.default_rng(20240614)
+        self.mixing = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # intensities → logits of the 26 values
+        self.peak = law.normal(0, 1, (7, 26)).astype(np.float32) * 1.6  # the peak setting's own mixing
+        self.groups = np.zeros((7, 26), np.float32)
+        for k, g in enumerate(TARGET_GROUPS):  # each target moves its own group only, as strongly in total
+            width = g.stop - g.start
+            self.groups[k, g] = law.normal(0, 1, width) * 1.6 * np.sqrt(26 / width) / 2
+
+
+@dataclass(frozen=True)
+class _Population:
+    """The videos before any frame is drawn: split, subject, length and intensities of each."""
+
+    counts: tuple[int, int, int]  # train, val, test videos
+    split: np.ndarray  # (N,) Train | Val | Test
+    subject: np.ndarray  # (N,) int, subjects do not cross splits
+    subject_base: np.ndarray  # (subjects, 26) logit offsets of each subject
+    y: np.ndarray  # (N, 7) the intensities the features follow
+    y_written: np.ndarray  # (N, 7) the labels written (y plus the label noise)
+    lengths: np.ndarray  # (N,) frames K of each video
+    ids: list[str]
+
+    @property
+    def subjects(self) -> int:
+        return len(self.subject_base)
+
+
+def _population(opts: SimulateOptions, rng: np.random.Generator, extra: np.random.Generator) -> _Population:
     counts = tuple(max(2, int(round(n * opts.scale))) for n in HUME_SIZES)
     n = sum(counts)
     n_subj = max(4, int(round(HUME_SUBJECTS * n / sum(HUME_SIZES))))
@@ -197,110 +214,166 @@ def simulate(opts: SimulateOptions, plan: Callable[[SimulatePlan], None] | None 
         subj[bounds[s]:bounds[s + 1]] = first + rng.integers(0, k, counts[s])
         first += k
     subj_base = rng.normal(0, 0.6 * opts.nuisance, (first, 26)).astype(np.float32)
-    if setting == "subject":  # people differ: strong offsets of their features, and of how strongly they react
+    subject = opts.setting == "subject"
+    if subject:  # people differ: strong offsets of their features, and of how strongly they react
         subj_base *= 3
         subj_bias = extra.normal(0, 0.6, first)
     # Correlated intensities in [0, 1], many near zero as in Hume.
     corr = 0.35 * np.ones((7, 7)) + 0.65 * np.eye(7)
     z = rng.multivariate_normal(np.zeros(7), corr, n)
-    y = 1 / (1 + np.exp(-(1.4 * z - 0.8 + (subj_bias[subj][:, None] if setting == "subject" else 0))))
+    y = 1 / (1 + np.exp(-(1.4 * z - 0.8 + (subj_bias[subj][:, None] if subject else 0))))
     y = np.clip(y + rng.normal(0, 0.03, y.shape), 0, 1).astype(np.float32)
+    peak = opts.setting == "peak"
     lengths = np.clip(rng.normal(0.45, 0.3, n) if peak else rng.normal(0.62, 0.22, n), 0, 1) * opts.max_len
     lengths = np.clip(lengths, opts.min_len, opts.max_len).astype(int)
-    if setting == "subject":  # 2 s to 5 min at 4 sampled frames per second
+    if subject:  # 2 s to 5 min at 4 sampled frames per second
         lengths = np.exp(extra.uniform(np.log(8), np.log(1200), n)).astype(int)
     # The written labels: the intensities the features follow, plus the label noise (its own generator).
     y_written = np.clip(y + np.random.default_rng([opts.seed, 2]).normal(0, opts.label_noise, y.shape), 0, 1) \
         if opts.label_noise else y
-    ids = [f"{i:05d}" for i in range(n)]
-    if plan is not None:
-        size = int(lengths.sum()) * BYTES_PER_FRAME[opts.movement] + n * BYTES_PER_VIDEO[opts.movement]
-        plan(SimulatePlan(counts, int(lengths.sum()), size))
+    return _Population(counts, split, subj, subj_base, y, y_written, lengths, [f"{i:05d}" for i in range(n)])
 
+
+def _labelled_episodes(opts: SimulateOptions, law: _Law, y: np.ndarray, logits: np.ndarray,
+                       rng: np.random.Generator, extra: np.random.Generator) -> list:
+    """Add the episodes that carry the labels `y` (7,) to `logits` (K, 26), in place, as the setting says; returns
+    (start, frames, intensities (7,)) of each, for the movement."""
+    K, signal, episodes = len(logits), opts.signal, []
+    if opts.setting == "peak":
+        # Labelled episodes at intensities y·u; the labels are their peak (one episode has u = 1).
+        n_ep = int(rng.integers(2, 4))
+        u = rng.uniform(0.3, 1.0, n_ep)
+        u[rng.integers(n_ep)] = 1.0
+        for k in range(n_ep):
+            E = max(4, int(K * rng.uniform(0.08, 0.2)))
+            p = int(rng.integers(0, K - E + 1))
+            drive = 2.0 * np.tanh(0.8 * ((y * u[k] - 0.3) @ law.peak))
+            logits[p:p + E] += signal * _bump(E)[:, None] * drive[None].astype(np.float32)
+            episodes.append((p, E, y * u[k]))
+    elif opts.setting == "groups":
+        # One episode per target, each at its own time, moving its target's group only.
+        for k in range(7):
+            E = max(4, int(K * extra.uniform(0.08, 0.2)))
+            p = int(extra.integers(0, K - E + 1))
+            logits[p:p + E] += signal * _bump(E)[:, None] * ((y[k] - 0.3) * law.groups[k])[None]
+            episodes.append((p, E, 0.3 + (y[k] - 0.3) * np.eye(7, dtype=np.float32)[k]))
+    elif opts.setting == "late":
+        # The labelled episode in the last 30 %; an earlier one of the same kind carries nothing.
+        E = max(4, int(K * extra.uniform(0.1, 0.2)))
+        p = int(extra.integers(int(0.7 * K), max(int(0.7 * K), K - E) + 1))
+        E = min(E, K - p)
+        logits[p:p + E] += signal * _bump(E)[:, None] * ((y - 0.3) @ law.mixing)[None]
+        episodes.append((p, E, y))
+        E3 = max(4, int(K * extra.uniform(0.1, 0.2)))
+        p3 = int(extra.integers(0, max(1, int(0.5 * K) - E3 + 1)))
+        E3 = min(E3, K - p3)
+        decoy = (extra.uniform(0, 1, 7) - 0.3) @ law.mixing
+        logits[p3:p3 + E3] += signal * _bump(E3)[:, None] * decoy[None].astype(np.float32)
+    else:
+        # The labelled episode: intensity-weighted directions, one bump at a random position.
+        E = max(4, int(K * rng.uniform(0.1, 0.3)))
+        p = int(rng.integers(0, K - E + 1))
+        logits[p:p + E] += signal * _bump(E)[:, None] * ((y - 0.3) @ law.mixing)[None]
+        episodes.append((p, E, y))
+    return episodes
+
+
+def _label_free_episodes(mixing: np.ndarray, logits: np.ndarray, rng: np.random.Generator) -> None:
+    """Add, in place, the same kind of movement with random intensities, but split into two halves of the 26 values
+    shown at different times, so each value's own statistics look like the labelled episode's while the
+    co-occurrence (what a sequence model can see) does not."""
+    K = len(logits)
+    fake = (rng.uniform(0, 1, 7) - 0.3) @ mixing
+    half = rng.random(26) < 0.5
+    for part in (half, ~half):
+        E2 = max(4, int(K * rng.uniform(0.1, 0.3)))
+        p2 = int(rng.integers(0, K - E2 + 1))
+        logits[p2:p2 + E2] += _bump(E2)[:, None] * np.where(part, fake, 0).astype(np.float32)[None]
+
+
+def _values(logits: np.ndarray) -> np.ndarray:
+    """The 26 values (K, 26) from their logits, through MMA's non-linearities: tanh (VA), softmax, sigmoid (AUs)."""
+    feats = np.empty((len(logits), 26), dtype=np.float32)
+    feats[:, :2] = np.tanh(0.5 * logits[:, :2])
+    e = np.exp(logits[:, 2:9] - logits[:, 2:9].max(axis=1, keepdims=True))
+    feats[:, 2:9] = e / e.sum(axis=1, keepdims=True)
+    feats[:, 9:] = 1 / (1 + np.exp(-logits[:, 9:]))
+    return feats
+
+
+def _face_track(opts: SimulateOptions, K: int, rng: np.random.Generator, extra: np.random.Generator) -> np.ndarray:
+    """(K,) bool, True where a face was found: short gaps, a few videos without any face (`subject`: `_gaps`)."""
+    face = np.ones(K, dtype=bool)
+    if opts.setting == "subject":
+        face = _gaps(extra, K)
+    elif rng.random() < opts.no_face_videos:
+        face[:] = False
+    else:
+        n_gaps = rng.poisson(opts.no_face_rate * K / 12)
+        for _ in range(n_gaps):
+            g0 = int(rng.integers(0, K))
+            face[g0:g0 + int(rng.integers(3, 22))] = False
+    return face
+
+
+def _video(opts: SimulateOptions, law: _Law, pop: _Population, i: int, lfilter, rng: np.random.Generator,
+           extra: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list]:
+    """Video i's 26 values (K, 26; NaN where no face), its face track (K,) and its labelled episodes."""
+    K = int(pop.lengths[i])
+    peak = opts.setting == "peak"
+    logits = pop.subject_base[pop.subject[i]] + rng.normal(0, 0.4 * opts.nuisance, 26).astype(np.float32)  # (26,)
+    drift = np.cumsum(rng.normal(0, 0.06 * opts.nuisance, (K, 26)), axis=0).astype(np.float32)  # (K, 26)
+    noise = rng.normal(0, opts.frame_noise, (K, 26))
+    if peak:  # AR(1) noise with the same variance: slow wobbles that look like small episodes
+        noise = lfilter([np.sqrt(1 - 0.8 ** 2)], [1, -0.8], noise, axis=0)
+    logits = logits[None] + drift + noise.astype(np.float32)
+    episodes = _labelled_episodes(opts, law, pop.y[i], logits, rng, extra)
+    _label_free_episodes(law.peak if peak else law.mixing, logits, rng)
+    feats = _values(logits)
+    face = _face_track(opts, K, rng, extra)
+    feats[~face] = np.nan
+    return feats, face, episodes
+
+
+def _refuse_existing(out: Path, labels: Path, overwrite: bool) -> None:
+    """Nothing already on disk is replaced without `overwrite` (a second file in one folder would silently take
+    the first one's labels.csv)."""
+    there = [str(p) for p in (out, labels) if p.exists()]
+    if there and not overwrite:
+        one = len(there) == 1
+        raise DataError(f"{' and '.join(there)} already exist{'s' if one else ''}: pass --overwrite to replace "
+                        f"{'it' if one else 'them'}, or write elsewhere (another OUT, or --labels)")
+
+
+def simulate(opts: SimulateOptions, plan: Callable[[SimulatePlan], None] | None = None) -> SimulateResult:
+    """Write the simulated features file and labels; `plan` is called once, with the sizes, before anything is
+    written. An existing file (features or labels) is refused unless `opts.overwrite`."""
     out = Path(opts.out)
     labels_path = Path(opts.labels) if opts.labels else out.with_name("labels.csv")
+    _refuse_existing(out, labels_path, opts.overwrite)
+    from scipy.signal import lfilter  # only for the peak setting; scipy.signal takes a second to import
+
+    rng = np.random.default_rng(opts.seed)
+    extra = np.random.default_rng([opts.seed, 3])  # the newer settings' own draws, so older ones stay as they were
+    law = _Law()
+    pop = _population(opts, rng, extra)
+    if plan is not None:
+        size = int(pop.lengths.sum()) * BYTES_PER_FRAME[opts.movement] + len(pop.ids) * BYTES_PER_VIDEO[opts.movement]
+        plan(SimulatePlan(pop.counts, int(pop.lengths.sum()), size))
+
     out.parent.mkdir(parents=True, exist_ok=True)
     labels_path.parent.mkdir(parents=True, exist_ok=True)
-    total_frames = 0
     provenance = Provenance(model="simulated", model_sha256="", alignment="arcface-112", sampling=dumps({"fps": None}),
                             detector=dumps({"name": "simulated", "setting": opts.setting}),
                             movement=dumps({"enabled": True, "simulated": True}) if opts.movement else MOVEMENT_OFF)
     written_by = {"affextract_version": f"seqhead-simulate {__version__}"}
-    movement = _MovementLaw(opts, first) if opts.movement else None
+    movement = _MovementLaw(opts, pop.subjects) if opts.movement else None
     datasets = ("blendshapes", "pose", "gaze", "presence") if opts.movement else ()
     with FeatureWriter(out, provenance, written_by, overwrite=True, datasets=datasets) as h5:
-        for i in range(n):
-            K = int(lengths[i])
-            total_frames += K
-            logits = subj_base[subj[i]] + rng.normal(0, 0.4 * opts.nuisance, 26).astype(np.float32)  # (26,) baseline
-            drift = np.cumsum(rng.normal(0, 0.06 * opts.nuisance, (K, 26)), axis=0).astype(np.float32)  # (K, 26)
-            noise = rng.normal(0, opts.frame_noise, (K, 26))
-            if peak:  # AR(1) noise with the same variance: slow wobbles that look like small episodes
-                noise = lfilter([np.sqrt(1 - 0.8 ** 2)], [1, -0.8], noise, axis=0)
-            logits = logits[None] + drift + noise.astype(np.float32)
-            episodes = []  # (start, frames, intensities) of each labelled episode, for the movement too
-            if peak:
-                # Labelled episodes at intensities y·u; the labels are their peak (one episode has u = 1).
-                n_ep = int(rng.integers(2, 4))
-                u = rng.uniform(0.3, 1.0, n_ep)
-                u[rng.integers(n_ep)] = 1.0
-                for k in range(n_ep):
-                    E = max(4, int(K * rng.uniform(0.08, 0.2)))
-                    p = int(rng.integers(0, K - E + 1))
-                    drive = 2.0 * np.tanh(0.8 * ((y[i] * u[k] - 0.3) @ mixing_peak))
-                    logits[p:p + E] += opts.signal * _bump(E)[:, None] * drive[None].astype(np.float32)
-                    episodes.append((p, E, y[i] * u[k]))
-            elif setting == "groups":
-                # One episode per target, each at its own time, moving its target's group only.
-                for k in range(7):
-                    E = max(4, int(K * extra.uniform(0.08, 0.2)))
-                    p = int(extra.integers(0, K - E + 1))
-                    logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i, k] - 0.3) * mixing_groups[k])[None]
-                    episodes.append((p, E, 0.3 + (y[i, k] - 0.3) * np.eye(7, dtype=np.float32)[k]))
-            elif setting == "late":
-                # The labelled episode in the last 30 %; an earlier one of the same kind carries nothing.
-                E = max(4, int(K * extra.uniform(0.1, 0.2)))
-                p = int(extra.integers(int(0.7 * K), max(int(0.7 * K), K - E) + 1))
-                E = min(E, K - p)
-                logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i] - 0.3) @ mixing)[None]
-                episodes.append((p, E, y[i]))
-                E3 = max(4, int(K * extra.uniform(0.1, 0.2)))
-                p3 = int(extra.integers(0, max(1, int(0.5 * K) - E3 + 1)))
-                E3 = min(E3, K - p3)
-                decoy = (extra.uniform(0, 1, 7) - 0.3) @ mixing
-                logits[p3:p3 + E3] += opts.signal * _bump(E3)[:, None] * decoy[None].astype(np.float32)
-            else:
-                # The labelled episode: intensity-weighted directions, one bump at a random position.
-                E = max(4, int(K * rng.uniform(0.1, 0.3)))
-                p = int(rng.integers(0, K - E + 1))
-                logits[p:p + E] += opts.signal * _bump(E)[:, None] * ((y[i] - 0.3) @ mixing)[None]
-                episodes.append((p, E, y[i]))
-            # Label-free episodes: the same kind of movement with random intensities, but split into two halves of
-            # the 26 values shown at different times, so each value's own statistics look like the labelled
-            # episode's while the co-occurrence (what a sequence model can see) does not.
-            fake = (rng.uniform(0, 1, 7) - 0.3) @ (mixing_peak if peak else mixing)
-            half = rng.random(26) < 0.5
-            for part in (half, ~half):
-                E2 = max(4, int(K * rng.uniform(0.1, 0.3)))
-                p2 = int(rng.integers(0, K - E2 + 1))
-                logits[p2:p2 + E2] += _bump(E2)[:, None] * np.where(part, fake, 0).astype(np.float32)[None]
-            feats = np.empty((K, 26), dtype=np.float32)
-            feats[:, :2] = np.tanh(0.5 * logits[:, :2])
-            e = np.exp(logits[:, 2:9] - logits[:, 2:9].max(axis=1, keepdims=True))
-            feats[:, 2:9] = e / e.sum(axis=1, keepdims=True)
-            feats[:, 9:] = 1 / (1 + np.exp(-logits[:, 9:]))
-            face = np.ones(K, dtype=bool)
-            if setting == "subject":
-                face = _gaps(extra, K)
-            elif rng.random() < opts.no_face_videos:
-                face[:] = False
-            else:
-                n_gaps = rng.poisson(opts.no_face_rate * K / 12)
-                for _ in range(n_gaps):
-                    g0 = int(rng.integers(0, K))
-                    face[g0:g0 + int(rng.integers(3, 22))] = False
-            feats[~face] = np.nan
-            source = f"{split[i]}/{ids[i]}.mp4"
+        for i in range(len(pop.ids)):
+            feats, face, episodes = _video(opts, law, pop, i, lfilter, rng, extra)
+            K = len(feats)
+            source = f"{pop.split[i]}/{pop.ids[i]}.mp4"
             box = np.tile(np.array([200, 80, 330, 250], dtype=np.float32), (K, 1))
             box += rng.normal(0, 2, (K, 4)).astype(np.float32)
             box[~face] = np.nan
@@ -310,11 +383,11 @@ def simulate(opts: SimulateOptions, plan: Callable[[SimulatePlan], None] | None 
                                           width=640, height=360), frames=K)
             video.append(feats, face, np.arange(K, dtype=np.int32), np.arange(K, dtype=np.float64) / 30.0, box, lm,
                          np.where(face, 0.99, np.nan).astype(np.float32),
-                         **(movement(subj[i], episodes, face) if movement else {}))
+                         **(movement(pop.subject[i], episodes, face) if movement else {}))
             video.finish()
-    df = pd.DataFrame(y_written, columns=list(HUME_TARGETS)).round(4)
-    df.insert(0, HUME_ID, ids)
-    df["Split"] = split
-    df["Subject_ID"] = [f"S{s:04d}" for s in subj]
+    df = pd.DataFrame(pop.y_written, columns=list(HUME_TARGETS)).round(4)
+    df.insert(0, HUME_ID, pop.ids)
+    df["Split"] = pop.split
+    df["Subject_ID"] = [f"S{s:04d}" for s in pop.subject]
     df.to_csv(labels_path, index=False)
-    return SimulateResult(out, labels_path, counts, total_frames)
+    return SimulateResult(out, labels_path, pop.counts, int(pop.lengths.sum()))

@@ -1,5 +1,5 @@
-"""Training: options, data preparation, calibration, ensembles and the run directory (the torch side is in .fit,
-loaded once the inputs have been read and checked).
+"""Training: options, data preparation, the ridge baseline, ensembles and the run directory (a network's torch side
+is in .fit, loaded once the inputs have been read and checked).
 
 A run directory describes itself: model.safetensors (weights), config.json (every option, the model
 configuration, the feature schema and standardisation, t, label names, id column/forms, calibration, the features
@@ -14,7 +14,6 @@ epoch that improves validation), so Ctrl-C or a kill leaves a run directory that
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -27,9 +26,11 @@ from affextract.schema import FEATURE_NAMES, FORMAT_VERSION
 from affextract.weights import file_sha256, replace_file as _replace_file
 from affextract.version import __version__
 
-from .config import HEADS, ModelConfig
+from .config import HEADS, ModelConfig, Progress
 from .data import (DataError, Labels, Video, find_labels, match, read_features, read_labels, read_provenance,
                    split_indices)
+from .infer import cpu_threads, pooled_stats, standardize
+from .metrics import pearson
 
 ALL_HEADS = HEADS + ("ridge",)  # ridge: per-video mean/max/std pooling + ridge regression (scikit-learn)
 LOSSES = ("pearson", "mse")
@@ -38,17 +39,6 @@ LOSSES = ("pearson", "mse")
 MIN_VAL_VIDEOS = 10
 # What a run directory holds; `--overwrite` removes these (and member runs) before training, nothing else.
 RUN_FILES = ("model.safetensors", "config.json", "metrics.json", "history.csv", "learning_curve.png")
-
-# The torch side lives in .fit, imported on first use: `from seqhead.train import RoutedAdam` still works.
-_FIT_NAMES = ("RoutedAdam", "pearson_loss", "cpu_threads", "predict_raw", "train_step", "WeightAverage")
-
-
-def __getattr__(name: str):
-    if name in _FIT_NAMES:
-        from . import fit
-
-        return getattr(fit, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -129,75 +119,6 @@ class TrainResult:
     val_predictions: np.ndarray | None = field(default=None, repr=False)  # (n_val, n_targets), calibrated
 
 
-@dataclass(frozen=True)
-class Progress:
-    """What `train` reports to its `progress` callback: after every step, and once more when an epoch ends."""
-
-    epoch: int  # 1-based
-    epochs: int  # upper bound (early stopping may end sooner)
-    step: int  # steps done in this epoch
-    steps: int  # steps in this epoch
-    seconds: float  # since the epoch started
-    train_loss: float  # mean training loss over the steps done
-    val_mean_pearson: float | None = None  # set when the epoch ended (validation done)
-    best_epoch: int = 0  # best epoch so far (the one on disk), 0 before the first validation
-    member: int = 0  # ensemble member being trained (1-based; 0 = a single run)
-    members: int = 1  # ensemble size
-
-
-# --------------------------------------------------------------------------------------------------- maths
-
-
-
-def pearson(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson's r per column (n,); 0 where either side is constant."""
-    pm, ym = pred - pred.mean(0), y - y.mean(0)
-    den = np.sqrt((pm ** 2).sum(0) * (ym ** 2).sum(0))
-    return np.where(den > 0, (pm * ym).sum(0) / np.where(den > 0, den, 1), 0.0)
-
-
-def fit_calibration(pred: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-target affine map pred → labels' scale, least squares on the training videos: (slope, intercept)."""
-    pm = pred.mean(0)
-    var = ((pred - pm) ** 2).mean(0)
-    cov = ((pred - pm) * (y - y.mean(0))).mean(0)
-    slope = np.where(var > 1e-12, cov / np.where(var > 1e-12, var, 1), 0.0)
-    return slope.astype(np.float32), (y.mean(0) - slope * pm).astype(np.float32)
-
-
-def pooled_stats(seqs: list[np.ndarray]) -> np.ndarray:
-    """(N, 3F): per-video mean, max and std over the kept frames (zeros for a video without any face)."""
-    F = seqs[0].shape[1]
-    out = np.zeros((len(seqs), 3 * F), dtype=np.float32)
-    for i, s in enumerate(seqs):
-        if len(s):
-            out[i] = np.concatenate([s.mean(0), s.max(0), s.std(0)])
-    return out
-
-
-# --------------------------------------------------------------------------------------------------- helpers
-
-
-def standardize(seqs: list[np.ndarray], mean: np.ndarray, std: np.ndarray) -> list[np.ndarray]:
-    return [((s - mean) / std).astype(np.float32) for s in seqs]
-
-
-def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, bucket: bool) -> list[np.ndarray]:
-    """Index batches for one epoch; a final batch of one video joins the previous one (Pearson needs ≥ 2)."""
-    order = rng.permutation(len(lengths))
-    if bucket:  # sort by length inside chunks of 50 batches, then shuffle the batches
-        chunk = 50 * batch_size
-        order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
-                                for c in np.array_split(order, max(1, math.ceil(len(order) / chunk)))])
-    out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if len(out) > 1 and len(out[-1]) < 2:  # a batch of one has no Pearson correlation: join it to the one before
-        last = out.pop()
-        out[-1] = np.concatenate([out[-1], last])
-    if bucket:
-        out = [out[i] for i in rng.permutation(len(out))]
-    return out
-
-
 @dataclass
 class Prepared:
     """Matched, split training data (internal to a run and to sweeps, which reuse it across configurations)."""
@@ -264,11 +185,6 @@ def _options_json(opts: TrainOptions) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- run directory
-
-# Calibration is refitted whenever validation improves (the run directory always holds a usable best epoch), so it
-# uses at most this many training videos (a seeded sample): two numbers per target need no more, and the cost of
-# the extra forward pass stays small at Hume scale.
-CALIBRATION_VIDEOS = 1000
 
 
 class _RunWriter:
@@ -372,8 +288,6 @@ def train(opts: TrainOptions, prepared: Prepared | None = None,
         resolve_device(opts.device)  # a missing GPU is a one-line error before anything is read
     data = prepared or prepare(opts)
     device = resolve_device(opts.device)
-    from .fit import cpu_threads
-
     with cpu_threads(opts.threads):
         if opts.members > 1 and opts.head != "ridge":  # ridge does not depend on the seed
             return _ensemble(opts, data, progress, device)
@@ -429,12 +343,37 @@ def _ensemble(opts: TrainOptions, data: Prepared, progress: Callable[[Progress],
 
 
 def _train(opts: TrainOptions, data: Prepared, progress: Callable[[Progress], None] | None, device) -> TrainResult:
+    """One run (no ensemble): the ridge baseline or a network, its run directory written as it trains."""
     t0 = time.time()
     out = Path(opts.out)
     existed = out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(opts.seed)
+    train_seqs, val_seqs, t, mean, std = _standardised(opts, data)
+    writer = _RunWriter(out, opts, data, t, mean, std)
+    warnings = () if early_stopping(data) or opts.head == "ridge" else (
+        f"validation has only {len(data.val_seqs)} videos (< {MIN_VAL_VIDEOS}): its Pearson r is noise, so "
+        f"training ran all {opts.epochs} epochs without early stopping and kept the last; label more videos "
+        "for validation",)
+    if opts.head == "ridge":
+        fitted = _fit_ridge(data, writer, train_seqs, val_seqs, t0)
+    else:
+        try:
+            fitted = _fit_network(opts, data, writer, t, train_seqs, val_seqs, device, progress, t0)
+        except KeyboardInterrupt:  # before the first epoch ended: nothing to keep
+            if not existed and not any(out.iterdir()):
+                out.rmdir()
+            raise
+    r_val, best_epoch, epochs_run, history, interrupted, pred_val = fitted
+    targets = data.labels.targets
+    return TrainResult(out, targets, dict(zip(targets, map(float, r_val))), float(r_val.mean()), best_epoch,
+                       epochs_run, len(train_seqs), len(val_seqs), time.time() - t0, history, data.id_forms,
+                       interrupted, warnings, (), pred_val)
 
+
+def _standardised(opts: TrainOptions, data: Prepared) -> tuple[list[np.ndarray], list[np.ndarray], int, np.ndarray,
+                                                                   np.ndarray]:
+    """Training and validation videos after the stride, standardised with the training frames' mean and std and cut
+    to t: (train, val, t, mean (F,), std (F,))."""
     raw_train = [s[::opts.stride] for s in data.train_seqs]
     longest = max(max(len(s) for s in raw_train), 1)
     t = int(opts.t or longest)
@@ -444,50 +383,42 @@ def _train(opts: TrainOptions, data: Prepared, progress: Callable[[Progress], No
     # Training and validation videos longer than t keep their first t frames (predict has its own policy).
     train_seqs = [s[:t] for s in standardize(raw_train, mean, std)]
     val_seqs = [s[:t] for s in standardize([s[::opts.stride] for s in data.val_seqs], mean, std)]
-    targets = data.labels.targets
-    writer = _RunWriter(out, opts, data, t, mean, std)
-    stopping = early_stopping(data)
-    warnings = () if stopping or opts.head == "ridge" else (
-        f"validation has only {len(data.val_seqs)} videos (< {MIN_VAL_VIDEOS}): its Pearson r is noise, so "
-        f"training ran all {opts.epochs} epochs without early stopping and kept the last; label more videos "
-        "for validation",)
-    history: list[dict] = []
-    interrupted = False
+    return train_seqs, val_seqs, t, mean, std
 
-    if opts.head == "ridge":
-        from safetensors.numpy import save_file as save_numpy
-        from sklearn.linear_model import RidgeCV
-        from sklearn.preprocessing import StandardScaler
 
-        xs = pooled_stats(train_seqs)
-        scaler = StandardScaler().fit(xs)
-        ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(scaler.transform(xs), data.y_train)
-        # sklearn drops the target axis when there is one target: (N,) predictions, (F,) coefficients.
-        pred_val = ridge.predict(scaler.transform(pooled_stats(val_seqs))).astype(np.float32).reshape(len(val_seqs), -1)
-        arrays = {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_, "coef": np.atleast_2d(ridge.coef_),
-                  "intercept": np.atleast_1d(ridge.intercept_)}
-        extra = {"ridge_alpha": float(ridge.alpha_)}
-        # safetensors writes the raw buffer: sklearn's coef_ can be Fortran-ordered, so make every array C-ordered.
-        r_val = writer.write(
-            lambda p: save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(p)),
-            {"head": "ridge", **extra}, np.ones(len(targets), np.float32), np.zeros(len(targets), np.float32),
-            pred_val, "complete", 0, 0, time.time() - t0, extra)
-        best_epoch = epochs_run = 0
-    else:
-        from .fit import fit_network
+def _fit_ridge(data: Prepared, writer: _RunWriter, train_seqs: list[np.ndarray], val_seqs: list[np.ndarray],
+               t0: float) -> tuple:
+    """The ridge baseline on per-video mean/max/std, written once; returns what `fit.fit_network` returns (no
+    epochs, no history, no calibration: slope 1, intercept 0)."""
+    from safetensors.numpy import save_file as save_numpy
+    from sklearn.linear_model import RidgeCV
+    from sklearn.preprocessing import StandardScaler
 
-        model_cfg = ModelConfig(n_features=len(data.feature_names), n_targets=len(targets), t=t, head=opts.head,
-                                mask=opts.mask, rnn=opts.rnn, layers=opts.layers, conv_blocks=opts.conv_blocks,
-                                hidden=opts.hidden, fc=opts.fc, dropout=opts.dropout,
-                                skip_padding=opts.skip_padding)
-        try:
-            r_val, best_epoch, epochs_run, history, interrupted, pred_val = fit_network(
-                opts, data, writer, model_cfg, train_seqs, val_seqs, device, rng, stopping, progress, t0)
-        except KeyboardInterrupt:  # before the first epoch ended: nothing to keep
-            if not existed and not any(out.iterdir()):
-                out.rmdir()
-            raise
+    n_targets = len(data.labels.targets)
+    xs = pooled_stats(train_seqs)
+    scaler = StandardScaler().fit(xs)
+    ridge = RidgeCV(alphas=np.logspace(-2, 4, 13)).fit(scaler.transform(xs), data.y_train)
+    # sklearn drops the target axis when there is one target: (N,) predictions, (F,) coefficients.
+    pred_val = ridge.predict(scaler.transform(pooled_stats(val_seqs))).astype(np.float32).reshape(len(val_seqs), -1)
+    arrays = {"scaler_mean": scaler.mean_, "scaler_scale": scaler.scale_, "coef": np.atleast_2d(ridge.coef_),
+              "intercept": np.atleast_1d(ridge.intercept_)}
+    extra = {"ridge_alpha": float(ridge.alpha_)}
+    # safetensors writes the raw buffer: sklearn's coef_ can be Fortran-ordered, so make every array C-ordered.
+    r_val = writer.write(
+        lambda p: save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}, str(p)),
+        {"head": "ridge", **extra}, np.ones(n_targets, np.float32), np.zeros(n_targets, np.float32),
+        pred_val, "complete", 0, 0, time.time() - t0, extra)
+    return r_val, 0, 0, [], False, pred_val
 
-    return TrainResult(out, targets, dict(zip(targets, map(float, r_val))), float(r_val.mean()), best_epoch,
-                       epochs_run, len(train_seqs), len(val_seqs), time.time() - t0, history, data.id_forms,
-                       interrupted, warnings, (), pred_val)
+
+def _fit_network(opts: TrainOptions, data: Prepared, writer: _RunWriter, t: int, train_seqs: list[np.ndarray],
+                 val_seqs: list[np.ndarray], device, progress: Callable[[Progress], None] | None, t0: float) -> tuple:
+    """A network head for `opts` (torch loads here); returns what `fit.fit_network` returns."""
+    from .fit import fit_network
+
+    model_cfg = ModelConfig(n_features=len(data.feature_names), n_targets=len(data.labels.targets), t=t,
+                            head=opts.head, mask=opts.mask, rnn=opts.rnn, layers=opts.layers,
+                            conv_blocks=opts.conv_blocks, hidden=opts.hidden, fc=opts.fc, dropout=opts.dropout,
+                            skip_padding=opts.skip_padding)
+    return fit_network(opts, data, writer, model_cfg, train_seqs, val_seqs, device, np.random.default_rng(opts.seed),
+                       early_stopping(data), progress, t0)

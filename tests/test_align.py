@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from affextract.align import ARCFACE_TEMPLATE, alignment_matrices
+from affextract.faces.align import ARCFACE_TEMPLATE, alignment_matrices
 from conftest import astronaut_frames, write_video
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from affextract import align as al
+from affextract.faces import align as al
 from affextract import movement as mv
-from affextract.align import warp_faces
-from affextract.detectors import get_detector
+from affextract.faces.align import warp_faces
+from affextract.faces.detectors import get_detector
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 MEDIAPIPE = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "mediapipe"

@@ -118,3 +118,29 @@ def test_one_step_and_one_video_are_singular(capsys, tmp_path):
     write_features(tmp_path / "one.h5", {"a.mp4": synthetic_video(4, 0)})
     r = runner.invoke(app, ["export", str(tmp_path / "one.h5")])
     assert r.exit_code == 0 and "4 rows (1 video)," in " ".join(r.output.split()), r.output
+
+
+def test_run_draws_its_live_progress_on_the_terminal_stderr_and_leaves_stdout_empty(tmp_path):
+    """stderr a terminal, stdout a pipe (`affextract run ... > log`): the live bar belongs on stderr, where the
+    terminal test looked, and nothing of it may land in the piped stdout."""
+    import pty
+
+    from conftest import noface_frames, write_video
+
+    write_video(tmp_path / "clip.mp4", noface_frames(6))
+    leader, follower = pty.openpty()
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-m", "affextract", "run", tmp_path / "clip.mp4", tmp_path / "out.h5",
+                        "--no-movement", "--workers", "1"], stdout=subprocess.PIPE, stderr=follower, env=env,
+                       timeout=120)
+    os.close(follower)
+    drawn = b""
+    try:
+        while chunk := os.read(leader, 65536):
+            drawn += chunk
+    except OSError:  # the terminal is closed once everything is read
+        pass
+    os.close(leader)
+    assert p.returncode == 0, drawn.decode(errors="replace")
+    assert p.stdout == b""
+    assert b"1/1 videos" in drawn

@@ -10,7 +10,7 @@ import pytest
 import torch
 from skimage.data import astronaut
 
-from affextract.datasets import (
+from affextract.training.datasets import (
     VA_CENTROIDS, DatasetError, derive_va, five_from_68, load_affectnet, load_affwild2, load_emotionet,
     load_ferplus, load_manifest, load_spec, prepare_inputs,
 )

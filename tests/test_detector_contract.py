@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from affextract.detectors import DETECTORS, Detector, Faces, get_detector
+from affextract.faces.detectors import DETECTORS, Detector, Faces, get_detector
 
 # A SCRFD .onnx to test with, when one is on disk (nothing is ever downloaded by the tests).
 SCRFD_MODEL_ENV = "AFFEXTRACT_SCRFD_MODEL"

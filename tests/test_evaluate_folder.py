@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from affextract import model as model_mod
 from affextract.cli import app
-from affextract.datasets import DatasetError, load_folder, load_spec
+from affextract.training.datasets import DatasetError, load_folder, load_spec
 from affextract.schema import EXPRESSIONS
 
 H = EXPRESSIONS.index("happiness")

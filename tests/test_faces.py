@@ -11,10 +11,10 @@ import pytest
 import torch
 from skimage import data
 
-from affextract.mtcnn import pyramid_scales
-from affextract.align import align_faces, alignment_matrices, warp_faces
-from affextract.detectors import DETECTORS, Faces, get_detector
-from affextract.tracking import PrimaryFaceStream, PrimaryFaceTracker, box_iou
+from affextract.faces.mtcnn import pyramid_scales
+from affextract.faces.align import align_faces, alignment_matrices, warp_faces
+from affextract.faces.detectors import DETECTORS, Faces, get_detector
+from affextract.faces.tracking import PrimaryFaceStream, PrimaryFaceTracker, box_iou
 from conftest import group_frames
 
 INSIGHTFACE_IMAGES = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images"

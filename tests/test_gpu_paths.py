@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from affextract import align as al
+from affextract.faces import align as al
 from affextract import movement as mv
-from affextract.align import warp_faces
-from affextract.detectors import get_detector
+from affextract.faces.align import warp_faces
+from affextract.faces.detectors import get_detector
 from affextract.runtime import GPU_PATHS_ENV, gpu_paths
 from conftest import group_frames, write_video
 

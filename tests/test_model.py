@@ -101,8 +101,8 @@ def test_shipped_weights_see_happiness_on_a_smiling_face():
     """Full pipeline on a real photo: MTCNN -> ArcFace alignment -> shipped MMA. The astronaut smiles."""
     from skimage.data import astronaut
 
-    from affextract.align import align_faces
-    from affextract.detectors import get_detector
+    from affextract.faces.align import align_faces
+    from affextract.faces.detectors import get_detector
 
     m, info = load_mma()
     assert info.metadata["feature_names"] == list(FEATURE_NAMES)
@@ -148,9 +148,9 @@ def carphone_measured(carphone):
     frames (the full pipeline's parts: MTCNN -> ArcFace alignment -> MMA; the mesh crop from the same points)."""
     import decord
 
-    from affextract.align import align_faces
-    from affextract.detectors import get_detector
-    from affextract.align import crop_faces, invert_affine, roi_from_points
+    from affextract.faces.align import align_faces
+    from affextract.faces.detectors import get_detector
+    from affextract.faces.align import crop_faces, invert_affine, roi_from_points
     from affextract.movement import Movement
 
     vr = decord.VideoReader(str(carphone))
@@ -171,9 +171,9 @@ def test_shipped_au_rows_follow_the_mouth_beyond_what_the_expression_explains(ca
     """The shipped CNN's AU25 (lips part) and AU26 (jaw drop) rows follow the mouth opening that MediaPipe's mesh
     measures (inner-lip gap over eye-corner distance) even after the 7 expression probabilities are regressed out,
     which an AU head that restates the expression cannot do. See README, "AU teacher", clip check."""
-    from affextract.evaluate import partial_correlation
+    from affextract.training.evaluate import partial_correlation
     from affextract.schema import AU, AUS, EXPR
-    from affextract.teacher import lip_gap
+    from affextract.training.teacher import lip_gap
 
     f, _, _, mesh = carphone_measured
     gap = lip_gap(mesh)
@@ -192,7 +192,7 @@ def test_fused_au_rows_follow_brows_lip_corners_and_mouth_beyond_the_expression(
     corners), AU25/AU26 the inner-lip gap. The CNN's rows alone (version 3) measure, on these 60 frames: AU1 0.31,
     AU2 0.18, AU12 -0.08, AU25 0.83, AU26 0.77; the fused rows 0.55, 0.71, 0.36, 0.88, 0.93
     (weights/mma_ferplus_small.md, "AU fusion")."""
-    from affextract.evaluate import partial_correlation
+    from affextract.training.evaluate import partial_correlation
     from affextract.fusion import load_fusion
     from affextract.schema import AU, AUS, EXPR
 

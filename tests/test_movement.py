@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from affextract import align as al
+from affextract.faces import align as al
 from affextract import movement as mv
-from affextract.detectors import get_detector
+from affextract.faces.detectors import get_detector
 
 MEDIAPIPE = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "mediapipe"
 INSIGHTFACE_IMAGES = Path(importlib.util.find_spec("insightface").submodule_search_locations[0]) / "data" / "images"

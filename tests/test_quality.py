@@ -1,7 +1,7 @@
 """Model-quality regression of the shipped MMA against the model card, on ../shared (CI and development only).
 
 The card's figures (affextract/weights/mma_ferplus_small.md) come from `affextract evaluate`
-(affextract.evaluate.evaluate: the shipped flip and prior correction, the images prepared exactly as at inference).
+(affextract.training.evaluate.evaluate: the shipped flip and prior correction, the images prepared exactly as at inference).
 Here the same code path runs on fixed subsets sized to keep the suite short; each pinned figure is that command's
 figure restricted to the subset (computed once with the code below, shipped weights version 3), and the tolerances
 are the card's: FER+ majority accuracy within 0.01, posed macro F1 within 0.02.
@@ -38,8 +38,8 @@ def _shared(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def ferplus_subset():
     """The FER+ test subset with VA derived from the votes (as `--derive-va`), and the shipped MMA's features."""
-    from affextract.datasets import derive_va, load_ferplus, prepare_inputs
-    from affextract.evaluate import predict_inputs
+    from affextract.training.datasets import derive_va, load_ferplus, prepare_inputs
+    from affextract.training.evaluate import predict_inputs
 
     fs = load_ferplus(_shared(FERPLUS), "test")
     fs = derive_va(fs.subset(np.arange(0, len(fs), FERPLUS_STEP)))
@@ -49,7 +49,7 @@ def ferplus_subset():
 
 @needs_weights
 def test_ferplus_test_majority_accuracy_matches_the_card(ferplus_subset):
-    from affextract.evaluate import score_groups
+    from affextract.training.evaluate import score_groups
 
     fs, feats = ferplus_subset
     r = score_groups(feats, fs)
@@ -69,8 +69,8 @@ def test_valence_and_arousal_rows_follow_their_own_targets_on_ferplus(ferplus_su
 
 @needs_weights
 def test_posed_faces_macro_f1_matches_the_card():
-    from affextract.datasets import load_folder
-    from affextract.evaluate import evaluate
+    from affextract.training.datasets import load_folder
+    from affextract.training.evaluate import evaluate
 
     fs = load_folder(_shared(POSED))
     fs = fs.subset(np.arange(0, len(fs), POSED_STEP))

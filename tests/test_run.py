@@ -85,7 +85,7 @@ def test_run_folder_end_to_end(batch, tmp_path):
     import cv2
     import torch
 
-    from affextract.align import align_faces
+    from affextract.faces.align import align_faces
     from affextract.fusion import load_fusion
     from affextract.model import load_mma
 

@@ -235,8 +235,8 @@ def test_no_process_outlives_kill_9_of_the_run(weights, tmp_path):
 
 
 def test_fps_5_on_a_multi_person_clip_keeps_the_front_face(weights, tmp_path):
-    from affextract.detectors import get_detector
-    from affextract.tracking import box_iou
+    from affextract.faces.detectors import get_detector
+    from affextract.faces.tracking import box_iou
 
     frames = group_frames(100)  # 4 s at 25 fps, three people, a hand-held camera
     write_video(tmp_path / "group.mp4", frames)

@@ -45,8 +45,8 @@ def real_faces() -> np.ndarray:
     import insightface
     from skimage.data import astronaut
 
-    from affextract.align import align_faces
-    from affextract.detectors import get_detector
+    from affextract.faces.align import align_faces
+    from affextract.faces.detectors import get_detector
 
     folder = Path(insightface.__file__).parent / "data" / "images"
     group = cv2.imread(str(folder / "t1.jpg"))  # (886, 1280): half the size still leaves its faces 80+ pixels wide
@@ -65,7 +65,7 @@ def test_valence_row_is_valence_and_arousal_row_is_arousal_on_real_faces():
     """The shipped VA was learnt from expression centroids (datasets.VA_CENTROIDS; happiness (0.81, 0.51)): each
     row must follow its own coordinate of the centroid that the face's expression probabilities give, and a smile
     must raise valence clearly above arousal."""
-    from affextract.datasets import VA_CENTROIDS
+    from affextract.training.datasets import VA_CENTROIDS
 
     m, _ = model_mod.load_mma()
     with torch.no_grad():
@@ -99,8 +99,8 @@ def test_gaze_pitch_is_positive_upwards_on_a_real_face():
     measured gaze pitch the same way, and MediaPipe's eyeLookUp/eyeLookDown blendshapes agree."""
     from skimage.data import astronaut
 
-    from affextract.detectors import get_detector
-    from affextract.align import crop_faces, invert_affine, roi_from_points
+    from affextract.faces.detectors import get_detector
+    from affextract.faces.align import crop_faces, invert_affine, roi_from_points
     from affextract.movement import Movement
 
     img = cv2.resize(astronaut()[0:250, 100:320], None, fx=2, fy=2, interpolation=cv2.INTER_CUBIC)

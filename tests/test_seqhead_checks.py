@@ -16,9 +16,9 @@ import torch
 
 from seqhead import PredictOptions, SweepOptions, TrainOptions, predict, sweep, train
 from seqhead.data import DataError
-from seqhead.predict import load_run
+from seqhead.infer import load_run
+from seqhead.metrics import pearson, pearson_loss
 from seqhead.sweep import parse_grid
-from seqhead.train import pearson, pearson_loss
 from conftest import signal_after
 from test_features_api import synthetic_video, write_features
 

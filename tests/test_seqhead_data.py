@@ -218,8 +218,8 @@ def test_id_errors_name_rows_and_forms(sim, tmp_path):
 
 def test_peak_setting_differs_in_lengths_and_labels(tmp_path):
     kw = dict(scale=0.004, max_len=60, min_len=8, seed=2)
-    ep = simulate(SimulateOptions(tmp_path / "e.h5", **kw))
-    pk = simulate(SimulateOptions(tmp_path / "p.h5", setting="peak", **kw))
+    ep = simulate(SimulateOptions(tmp_path / "e.h5", tmp_path / "e.csv", **kw))
+    pk = simulate(SimulateOptions(tmp_path / "p.h5", tmp_path / "p.csv", setting="peak", **kw))
     assert pk.n_videos == ep.n_videos and pk.n_frames < 0.85 * ep.n_frames  # shorter videos on average
     with h5py.File(pk.h5) as h5:
         assert '"setting": "peak"' in h5.attrs["detector"]

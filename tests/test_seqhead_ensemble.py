@@ -13,7 +13,7 @@ from seqhead import EvaluateOptions, PredictOptions, SimulateOptions, TrainOptio
 from seqhead.cli import app
 from seqhead.data import read_features
 from seqhead.model import ModelConfig, SeqHead
-from seqhead.train import WeightAverage
+from seqhead.fit import WeightAverage
 
 from conftest import TINY
 
@@ -76,8 +76,8 @@ def _frames(h5, key):
 def test_simulator_families(tmp_path):
     kw = dict(scale=0.003, max_len=80, min_len=40, seed=3, movement=False)
     # late: the labelled episode lies in the last 30 %; the middle of the video carries nothing of the signal.
-    on = simulate(SimulateOptions(tmp_path / "on.h5", setting="late", **kw))
-    off = simulate(SimulateOptions(tmp_path / "off.h5", setting="late", signal=0.0, **kw))
+    on = simulate(SimulateOptions(tmp_path / "on.h5", tmp_path / "on.csv", setting="late", **kw))
+    off = simulate(SimulateOptions(tmp_path / "off.h5", tmp_path / "off.csv", setting="late", signal=0.0, **kw))
     with h5py.File(on.h5) as f:
         keys = list(f["videos"])
     late_moves = 0
@@ -89,7 +89,8 @@ def test_simulator_families(tmp_path):
         late_moves += diff[int(0.7 * K):].max() > 1e-3
     assert late_moves >= 8
     # subject: 2 s to 5 min at 4 frames per second, long missing-face gaps, labels that depend on the subject.
-    sub = simulate(SimulateOptions(tmp_path / "sub.h5", setting="subject", **{**kw, "scale": 0.01}))
+    sub = simulate(SimulateOptions(tmp_path / "sub.h5", tmp_path / "sub.csv", setting="subject",
+                                   **{**kw, "scale": 0.01}))
     videos, _ = read_features(sub.h5)
     lengths = np.array([v.n_total for v in videos])
     assert lengths.min() >= 8 and lengths.max() <= 1200 and lengths.max() > 400 and np.median(lengths) < 300
@@ -104,8 +105,10 @@ def test_simulator_families(tmp_path):
     # groups: each group of values moves in episodes of its own targets, at their own times (in the episode
     # setting one episode moves them all at once).
     def apart(setting):
-        on = simulate(SimulateOptions(tmp_path / f"{setting}1.h5", setting=setting, **kw))
-        off = simulate(SimulateOptions(tmp_path / f"{setting}0.h5", setting=setting, signal=0.0, **kw))
+        on = simulate(SimulateOptions(tmp_path / f"{setting}1.h5", tmp_path / f"{setting}1.csv", setting=setting,
+                                      **kw))
+        off = simulate(SimulateOptions(tmp_path / f"{setting}0.h5", tmp_path / f"{setting}0.csv", setting=setting,
+                                       signal=0.0, **kw))
         n = 0
         for key in keys[:10]:
             d = np.nan_to_num(np.abs(_frames(on.h5, key) - _frames(off.h5, key)))

@@ -5,8 +5,9 @@ import itertools
 import pytest
 import torch
 
+from seqhead.fit import RoutedAdam
+from seqhead.metrics import pearson_loss
 from seqhead.model import ModelConfig, SeqHead, valid_mask
-from seqhead.train import RoutedAdam, pearson_loss
 
 F, T, N = 5, 12, 3
 VARIANTS = [

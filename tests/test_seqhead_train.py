@@ -13,9 +13,9 @@ from seqhead import (EvaluateOptions, PredictOptions, SweepOptions, TrainOptions
                      train)
 from seqhead.cli import app
 from seqhead.data import read_features
-from seqhead.predict import load_run, windows
+from seqhead.infer import load_run, windows
+from seqhead.metrics import fit_calibration, pearson
 from seqhead.sweep import PRESETS, parse_grid
-from seqhead.train import fit_calibration, pearson
 
 from conftest import TINY, signal_after
 
@@ -146,7 +146,7 @@ def test_run_dir_reproduces_validation_metrics(sim, tmp_path, head, kw):
 
 @pytest.mark.parametrize("bucket", [False, True])
 def test_batches_cover_every_video_once_and_never_leave_one_alone(bucket):
-    from seqhead.train import batches
+    from seqhead.data import batches
 
     rng = np.random.default_rng(0)
     for n in range(2, 40):

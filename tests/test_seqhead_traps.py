@@ -115,6 +115,22 @@ def test_simulate_is_small_by_default_and_says_its_size_first(tmp_path):
     assert 0.7 < expected / (out.stat().st_size / 1e6) < 1.3, (expected, out.stat().st_size)
 
 
+def test_simulate_never_replaces_a_file_without_overwrite(tmp_path):
+    a, labels = tmp_path / "a.h5", tmp_path / "labels.csv"
+    small = ["--scale", "0.003", "--max-len", "20"]
+    assert CliRunner().invoke(app, ["simulate", str(a), *small]).exit_code == 0
+    before = {p: p.read_bytes() for p in (a, labels)}
+    again = CliRunner().invoke(app, ["simulate", str(a), *small, "--seed", "1"])
+    assert again.exit_code == 2 and len(again.output.strip().splitlines()) == 1, again.output
+    assert str(a) in again.output and "--overwrite" in again.output, again.output
+    # A second file in the same folder would take the first one's labels.csv: refused too, before writing anything.
+    b = CliRunner().invoke(app, ["simulate", str(tmp_path / "b.h5"), *small])
+    assert b.exit_code == 2 and str(labels) in b.output and not (tmp_path / "b.h5").exists(), b.output
+    assert {p: p.read_bytes() for p in (a, labels)} == before
+    replaced = CliRunner().invoke(app, ["simulate", str(a), *small, "--seed", "1", "--overwrite"])
+    assert replaced.exit_code == 0 and labels.read_bytes() != before[labels], replaced.output
+
+
 def _python(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
@@ -124,6 +140,7 @@ def test_the_command_line_checks_its_arguments_before_loading_torch(tmp_path):
     r = _python(f"""
 import sys
 import seqhead, seqhead.cli, seqhead.train, seqhead.predict, seqhead.sweep, seqhead.evaluate
+import seqhead.infer, seqhead.metrics
 assert 'torch' not in sys.modules, 'importing the command line loaded torch'
 try:
     seqhead.cli.app(['train', {str(tmp_path / 'x.h5')!r}, '--labels', {str(tmp_path / 'missing.csv')!r}])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from affextract.schema import AUS, BLENDSHAPE_NAMES as NAMES
-from affextract.teacher import BLENDSHAPE_AU, NO_TEACHER, TeacherOptions, teacher_aus, with_teacher
+from affextract.training.teacher import BLENDSHAPE_AU, NO_TEACHER, TeacherOptions, teacher_aus, with_teacher
 
 A = AUS.index
 RAW = TeacherOptions(calibration={}, distrust=())  # coefficients as they are, every AU with a counterpart
@@ -51,7 +51,7 @@ def test_default_calibration_separates_neutral_from_obvious_faces_and_distrusts_
 
 
 def test_with_teacher_attaches_checked_targets():
-    from affextract.datasets import FaceSet
+    from affextract.training.datasets import FaceSet
 
     nan = np.full((4, 17), np.nan, np.float32)
     fs = FaceSet("toy", "native", np.zeros((4, 24, 24), np.uint8), np.full((4, 2), np.nan, np.float32),
@@ -65,8 +65,8 @@ def test_with_teacher_attaches_checked_targets():
 def test_load_cached_maps_ferplus_rows_and_drops_faces_the_mesh_misses(tmp_path):
     import h5py
 
-    from affextract.datasets import DatasetError, load_ferplus
-    from affextract.teacher import load_cached
+    from affextract.training.datasets import DatasetError, load_ferplus
+    from affextract.training.teacher import load_cached
 
     votes = np.zeros((4, 10), np.float32)
     votes[:, 0], votes[1, 9] = 10, 10  # row 1: all votes "not a face", so load_ferplus skips it
@@ -96,8 +96,8 @@ def test_measure_native_reads_a_smile_on_a_48px_ferplus_framed_face():
     import cv2
     from skimage import data
 
-    from affextract.detectors import get_detector
-    from affextract.teacher import FERPLUS_POINTS, measure_native
+    from affextract.faces.detectors import get_detector
+    from affextract.training.teacher import FERPLUS_POINTS, measure_native
 
     image = data.astronaut()
     pts = get_detector("mtcnn").detect(image[None])[0].landmarks[0]

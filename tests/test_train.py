@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from affextract.datasets import FaceSet
-from affextract.evaluate import ccc, score
+from affextract.training.datasets import FaceSet
+from affextract.training.evaluate import ccc, score
 from affextract.model import MMAConfig, load_mma
 from affextract.schema import AUS, EXPRESSIONS
 from affextract.training.augment import AUGMENT_PRESETS, Augment, augment_batch
 from affextract.training.losses import ccc_loss, dm_loss, mma_losses
 from affextract.training.train import TrainOptions, expression_prior, train
-from affextract.datasets import DatasetError
+from affextract.training.datasets import DatasetError
 
 NAN = float("nan")
 
@@ -176,8 +176,8 @@ def test_tiny_end_to_end_training_and_resume(tmp_path):
     assert lines[-1]["train"]["loss"] < lines[0]["train"]["loss"]
     model, info = load_mma(result.best_path)
     assert info.config == TINY and info.metadata["training"]["datasets"][0]["name"] == "toy"
-    from affextract.datasets import prepare_inputs
-    from affextract.evaluate import predict_inputs
+    from affextract.training.datasets import prepare_inputs
+    from affextract.training.evaluate import predict_inputs
 
     r = score(predict_inputs(model, prepare_inputs(va, model)), va.va, va.expr, va.au)
     assert r.acc_expr >= 0.9, r  # the toy task is separable: training must have learnt it
@@ -210,8 +210,8 @@ def test_teacher_aus_teach_movement_the_expression_does_not_explain(tmp_path):
     result = train([tr], [va], opts)
     assert result.history[-1]["train"]["teacher"] > 0
     model, _ = load_mma(tmp_path / "last.safetensors")
-    from affextract.datasets import prepare_inputs
-    from affextract.evaluate import predict_inputs
+    from affextract.training.datasets import prepare_inputs
+    from affextract.training.evaluate import predict_inputs
 
     f = predict_inputs(model, prepare_inputs(va, model))
     au26, au11 = f[:, 9 + AUS.index(26)], f[:, 9 + AUS.index(11)]
@@ -276,8 +276,8 @@ def test_training_only_the_au_head_keeps_everything_else_and_learns_the_teacher(
     assert changed == {"au_head.weight", "au_head.bias"}
     bce = [h["val"]["bce_teacher"] for h in result.history]
     assert bce[-1] < 0.5 * bce[0] and result.best_metrics["bce_teacher"] == pytest.approx(min(bce))
-    from affextract.datasets import prepare_inputs
-    from affextract.evaluate import predict_inputs
+    from affextract.training.datasets import prepare_inputs
+    from affextract.training.evaluate import predict_inputs
 
     model = load_mma(result.best_path)[0]
     au26 = predict_inputs(model, prepare_inputs(va, model))[:, 9 + AUS.index(26)]

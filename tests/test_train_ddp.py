@@ -10,7 +10,7 @@ import sys
 import h5py
 import numpy as np
 
-from affextract.datasets import FERPLUS_VOTES
+from affextract.training.datasets import FERPLUS_VOTES
 
 
 def write_toy_ferplus(path, n_train: int, n_valid: int, seed: int = 0):

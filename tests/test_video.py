@@ -171,7 +171,7 @@ def test_every_image_extension_is_found_and_decoded_by_run_and_the_image_folders
     import cv2
     from skimage import data
 
-    from affextract.datasets import load_folder
+    from affextract.training.datasets import load_folder
     from affextract.video import IMAGE_EXTENSIONS
 
     face = data.astronaut()[::4, ::4]  # (128, 128, 3)

@@ -7,7 +7,7 @@
     with AU1/2/5/26 >= 0.5 and of happy faces with AU6/12 >= 0.5, and the mean probability;
 (b) agreement with the teacher on FER+ test (faces the mesh finds): Pearson r and F1 at 0.5 per AU; for the AUs
     whose teacher is distrusted (TeacherOptions.distrust), Pearson r with the raw blendshape coefficient;
-(c) clips: per frame, the AU25/AU26 rows against the mesh's inner-lip gap (affextract.teacher.lip_gap): Pearson r,
+(c) clips: per frame, the AU25/AU26 rows against the mesh's inner-lip gap (affextract.training.teacher.lip_gap): Pearson r,
     and partial r once the 7 expression probabilities are regressed out (movement the expression does not
     explain); and how constant the expression head is (share of frames with the most common top expression).
 """
@@ -23,23 +23,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from affextract.datasets import load_ferplus, load_spec, prepare_inputs  # noqa: E402
-from affextract.evaluate import partial_correlation, predict_inputs  # noqa: E402
+from affextract.training.datasets import load_ferplus, load_spec, prepare_inputs  # noqa: E402
+from affextract.training.evaluate import partial_correlation, predict_inputs  # noqa: E402
 from affextract.model import load_mma  # noqa: E402
 from affextract.pixels import to_unit  # noqa: E402
 from affextract.schema import AU, AUS, EXPR, EXPRESSIONS  # noqa: E402
-from affextract.teacher import TeacherOptions, load_cached  # noqa: E402
+from affextract.training.teacher import TeacherOptions, load_cached  # noqa: E402
 
 OBVIOUS = {"surprise": (1, 2, 5, 26), "happiness": (6, 12)}
 
 
 def clip_measures(path: Path):
     """Frames of `path` with a face -> (aligned uint8 crops (n, 112, 112, 3), lip gap (n,))."""
-    from affextract.align import warp_faces
-    from affextract.detectors import get_detector
-    from affextract.align import crop_faces, invert_affine, roi_from_points
+    from affextract.faces.align import warp_faces
+    from affextract.faces.detectors import get_detector
+    from affextract.faces.align import crop_faces, invert_affine, roi_from_points
     from affextract.movement import Movement
-    from affextract.teacher import lip_gap
+    from affextract.training.teacher import lip_gap
 
     frames = _frames(path)
     det = get_detector("mtcnn")

@@ -3,7 +3,7 @@
     python tools/ferplus_teacher.py ferplus.h5 scratch/ferplus_blendshapes.npz
 
 Each 48x48 image is upscaled x4 and its mesh crop placed from FER+'s median 5 points
-(affextract.teacher.measure_native). The .npz holds, per row of the .h5 (all splits): blendshapes (N, 52),
+(affextract.training.teacher.measure_native). The .npz holds, per row of the .h5 (all splits): blendshapes (N, 52),
 presence (N,), lip_gap (N,), split (N,), plus the blendshape names and the source file's size.
 """
 
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from affextract.movement import BLENDSHAPE_NAMES  # noqa: E402
-from affextract.teacher import measure_native  # noqa: E402
+from affextract.training.teacher import measure_native  # noqa: E402
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from affextract.fusion import save_fusion  # noqa: E402
 from affextract.training.fusion import RULES, fit_fusion  # noqa: E402
 from affextract.schema import AU, AU_PRIOR, AUS, BLENDSHAPE_NAMES, EXPRESSIONS  # noqa: E402
-from affextract.teacher import NO_TEACHER, TeacherOptions, au_evidence, lip_gap, teacher_aus  # noqa: E402
+from affextract.training.teacher import NO_TEACHER, TeacherOptions, au_evidence, lip_gap, teacher_aus  # noqa: E402
 
 MIN_AUC = 0.70
 LIPS_PARTED = 0.05  # inner-lip gap over the eye-corner distance
@@ -49,8 +49,8 @@ def ferplus(h5: Path, cache: dict, split: str, cnn_cache: Path):
     """FER+ `split` faces the mesh finds: CNN AU probabilities (N, 17), evidence, teacher (N, 17), votes (N, 7)."""
     import torch
 
-    from affextract.datasets import load_ferplus, prepare_inputs
-    from affextract.evaluate import predict_inputs
+    from affextract.training.datasets import load_ferplus, prepare_inputs
+    from affextract.training.evaluate import predict_inputs
     from affextract.model import load_mma
 
     fs = load_ferplus(h5, split)

@@ -1,4 +1,4 @@
-"""Measure ``affextract.align.POINTS_TEMPLATE``: where MTCNN's 5 points fall in MediaPipe's face crop.
+"""Measure ``affextract.faces.align.POINTS_TEMPLATE``: where MTCNN's 5 points fall in MediaPipe's face crop.
 
     python tools/fit_mediapipe_crop.py CLIP... [--every 6]
 
@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from affextract import align as al  # noqa: E402
+from affextract.faces import align as al  # noqa: E402
 from affextract import movement as mv  # noqa: E402
-from affextract.detectors import get_detector  # noqa: E402
+from affextract.faces.detectors import get_detector  # noqa: E402
 from affextract.video import import_decord  # noqa: E402
 
 

@@ -12,7 +12,7 @@ The rule, fixed before any figure was seen:
 - calibration (FER+ train): p = sigmoid(slope * (coefficient - centre)) from a class-balanced, unregularised
   logistic regression of positive vs negative on the coefficient: an obvious face and a neutral one are equally
   likely at the centre (p = 0.5), and the slope says how sharply the coefficient separates them.
-Prints the table and the TeacherOptions to paste into affextract/teacher.py.
+Prints the table and the TeacherOptions to paste into affextract/training/teacher.py.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from affextract.datasets import load_ferplus  # noqa: E402
+from affextract.training.datasets import load_ferplus  # noqa: E402
 from affextract.training.fusion import OBVIOUS  # noqa: E402
 from affextract.schema import AUS, EXPRESSIONS  # noqa: E402
-from affextract.teacher import NO_TEACHER, teacher_aus  # noqa: E402
+from affextract.training.teacher import NO_TEACHER, au_evidence  # noqa: E402
 
 MIN_AUC = 0.70
 
@@ -36,7 +36,8 @@ MIN_AUC = 0.70
 def labelled(h5: Path, cache, split: str):
     fs = load_ferplus(h5, split)
     rows = np.array([int(o.rpartition(":")[2]) for o in fs.origin])
-    raw = teacher_aus(cache["blendshapes"][rows], tuple(str(n) for n in cache["names"]))
+    # The raw coefficients: the calibration is fitted on them (and the AUROC check must see the distrusted AUs too).
+    raw = au_evidence(cache["blendshapes"][rows], tuple(str(n) for n in cache["names"]))
     major = np.where(fs.expr.max(1) > 0.5, fs.expr.argmax(1), -1)
     ok = cache["presence"][rows] >= 0.5
     return raw[ok], major[ok]

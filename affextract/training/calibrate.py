@@ -35,8 +35,8 @@ def calibrate(model: MMA, val_sets, prior: np.ndarray, opts: CalibrateOptions = 
 
     Returns the model's config with the chosen settings (expr_prior = `prior`) and one row per candidate.
     """
-    from affextract.datasets import prepare_inputs
-    from affextract.evaluate import score
+    from affextract.training.datasets import prepare_inputs
+    from affextract.training.evaluate import score
 
     if not val_sets:
         raise ValueError("calibration needs validation data with expression labels")

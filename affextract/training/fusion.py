@@ -94,10 +94,10 @@ def train_fusion(sets: list, options: FusionOptions) -> tuple[AUFusion, str]:
     """Fit the AU fusion on FER+ FaceSets `sets` (faces whose mesh presence >= MIN_PRESENCE) and write it; return it
     and its SHA-256. The CNN's AU rows of the faces are computed once per weights file and kept beside the output
     (cnn_au_<sha>_<set>.npy), so a refit with other options takes seconds."""
-    from affextract.datasets import prepare_inputs
-    from affextract.evaluate import predict_inputs
+    from affextract.training.datasets import prepare_inputs
+    from affextract.training.evaluate import predict_inputs
     from affextract.model import load_mma
-    from affextract.teacher import TeacherOptions, au_evidence, cached_measures, teacher_aus
+    from affextract.training.teacher import TeacherOptions, au_evidence, cached_measures, teacher_aus
 
     if options.rule not in RULES:
         raise ValueError(f"unknown fusion rule {options.rule!r}; one of {sorted(RULES)}")

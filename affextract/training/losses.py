@@ -21,7 +21,7 @@ DM_FORMS = ("full", "printed")
 
 def ccc_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L_CCC = 1 - (CCC_valence + CCC_arousal) / 2 over the batch; (B, 2) tanh outputs and labels."""
-    from affextract.evaluate import ccc
+    from affextract.training.evaluate import ccc
 
     return 1.0 - ccc(pred, target).mean()
 

@@ -200,7 +200,7 @@ class _State:
 def _build(train_sets, val_sets, opts: TrainOptions, device: torch.device, rank: int, world: int,
            frozen: bool) -> _Run:
     """The model (from `opts.init` where given), its inputs and labels on the device, and the optimiser."""
-    from affextract.datasets import prepare_inputs
+    from affextract.training.datasets import prepare_inputs
 
     model, config = _model(opts, device, frozen)
     # Inputs and labels of every set, prepared once with the model's own preprocessing, kept on the device.

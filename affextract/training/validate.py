@@ -20,7 +20,7 @@ def validate(model: MMA, vals: list, frozen: bool, device: torch.device) -> dict
     `vals` pairs each FaceSet with its prepared inputs: uint8 (N, C, S, S) images, or, when only the heads train,
     (embeddings, embeddings of the mirror images or None).
     """
-    from affextract.evaluate import predict_inputs, score
+    from affextract.training.evaluate import predict_inputs, score
 
     model.eval()
     metrics = {}

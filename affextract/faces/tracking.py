@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from affextract.detectors import Detector, Faces, check_frames
+from affextract.faces.detectors import Detector, Faces, check_frames
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -518,7 +518,7 @@ def raw_points(fs: FaceSet, i: int, img: np.ndarray, detector=None):
     most confident MTCNN face; and the detector (made on first need, for reuse)."""
     lm = None if fs.landmarks is None else fs.landmarks[i]
     if lm is None or not np.isfinite(lm).all():
-        from affextract.detectors import get_detector
+        from affextract.faces.detectors import get_detector
 
         detector = detector or get_detector("mtcnn")
         found = detector.detect(img[None])[0]
@@ -533,7 +533,7 @@ def align_raw(fs: FaceSet, idx: list[int]) -> torch.Tensor:
 
     The dataset's own landmarks are used where it has them; otherwise the most confident MTCNN face.
     """
-    from affextract.align import align_faces  # lazy: the detector stack is only needed for unaligned images
+    from affextract.faces.align import align_faces  # lazy: the detector stack is only needed for unaligned images
 
     crops = []
     detector = None

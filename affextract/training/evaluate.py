@@ -164,13 +164,13 @@ def evaluate(model, fs, batch_size: int = 512, device: str | torch.device = "cpu
     """Scores of `model` on FaceSet `fs`, its images preprocessed exactly as at inference; with an AU `fusion`
     (affextract.fusion.AUFusion) also the scores with the AU rows fused with each face's measured movement
     (report.fused)."""
-    from affextract.datasets import prepare_inputs
+    from affextract.training.datasets import prepare_inputs
 
     model.to(device)
     feats = predict_inputs(model, prepare_inputs(fs, model), batch_size, device)
     report = score_groups(feats, fs)
     if fusion is not None:
-        from affextract.teacher import measure_set
+        from affextract.training.teacher import measure_set
 
         report.fused = score_groups(fusion(feats, *measure_set(fs)), fs)
         report.fused.au_source = fusion.source

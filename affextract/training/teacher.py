@@ -134,7 +134,7 @@ def measure_native(images: np.ndarray, points: np.ndarray = FERPLUS_POINTS, upsc
     import cv2
     import torch
 
-    from affextract.align import crop_faces, invert_affine, roi_from_points
+    from affextract.faces.align import crop_faces, invert_affine, roi_from_points
     from affextract.movement import Movement
 
     mv = movement or Movement("cpu")
@@ -162,7 +162,7 @@ def measure_native(images: np.ndarray, points: np.ndarray = FERPLUS_POINTS, upsc
 def cached_measures(fs, path) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Blendshapes (N, 52), mesh presence (N,) and blendshape names of the FER+ rows of FaceSet `fs` (origin
     "file.h5:row") from the cache `path` written by tools/ferplus_teacher.py (one row per row of the .h5)."""
-    from affextract.datasets import DatasetError
+    from affextract.training.datasets import DatasetError
 
     path = Path(path)
     if not path.is_file():
@@ -189,8 +189,8 @@ def measure_set(fs, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     evaluate scores the fused AU rows with (affextract.fusion)."""
     import torch
 
-    from affextract.align import crop_faces, invert_affine, roi_from_points
-    from affextract.datasets import raw_points, read_image
+    from affextract.faces.align import crop_faces, invert_affine, roi_from_points
+    from affextract.training.datasets import raw_points, read_image
     from affextract.movement import Movement
 
     if fs.framing == "native":

@@ -1,7 +1,7 @@
 """Face detectors: MTCNN (default, offline) and SCRFD (optional), behind one registry.
 
 Detectors take batches of same-size uint8 RGB frames (N, H, W, 3) and return one ``Faces`` per frame. Which face is
-the video's subject is decided in ``affextract.tracking``; the crops are cut in ``affextract.align``.
+the video's subject is decided in ``affextract.faces.tracking``; the crops are cut in ``affextract.faces.align``.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ class MTCNNDetector:
     def __init__(self, device: str | torch.device = "cpu", **options):
         import torch
 
-        from affextract.mtcnn import MTCNN
+        from affextract.faces.mtcnn import MTCNN
 
         self.options = _options(MTCNNOptions, self.name, options)
         self.device = torch.device(device)
