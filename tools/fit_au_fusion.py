@@ -113,22 +113,8 @@ def within_teacher(rows: np.ndarray, teacher: np.ndarray, expr: np.ndarray, aus)
     return float(np.mean(out)) if out else float("nan")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("ferplus", type=Path)
-    ap.add_argument("cache", type=Path)
-    ap.add_argument("posed", type=Path)
-    ap.add_argument("--save", type=Path)
-    args = ap.parse_args()
-    cache = dict(np.load(args.cache))
-    cnn_cache = args.cache.with_name(args.cache.stem + "_cnn")
-    tr = ferplus(args.ferplus, cache, "train", cnn_cache)
-    va = ferplus(args.ferplus, cache, "valid", cnn_cache)
-    src, cls, p_cnn, p_ev, gap = posed(args.posed)
-    choose, report = np.isin(src, CHOOSE), np.isin(src, REPORT)
-    sets = {"JAFFE+Yale": report, "KDEF (choice)": choose, "all": np.ones(len(src), bool)}
-    print(f"posed faces the mesh found: {len(src)} (KDEF {choose.sum()}, JAFFE+Yale {report.sum()})")
-
+def distrust_list(p_ev: np.ndarray, cls: np.ndarray, src: np.ndarray) -> list[int]:
+    """Step 1: the AUs whose raw evidence separates their Table-1 classes from neutral on KDEF (mean >= MIN_AUC)."""
     print("\n## 1. raw evidence, class against neutral (AUROC): KDEF / JAFFE / Yale")
     ev = {s: pair_aucs(p_ev, cls, src == s) for s in ("kdef", "jaffe", "yale")}
     fused = []
@@ -146,30 +132,37 @@ def main() -> None:
               + " | ".join(f"{np.nanmean([v for (e, a), v in ev[s].items() if a == au]):.3f}" for s in ("jaffe", "yale"))
               + f" | {'fused' if keep else 'CNN row'} |")
     print(f"fused AUs: {fused}")
+    return fused
 
+
+def choose(tr, va, p_cnn, p_ev, cls, on_kdef, fused):
+    """Steps 2-3: every candidate fitted on FER+ train; rule 2 keeps the one whose worse figure is best."""
     print("\n## 2-3. candidates (fitted on FER+ train), chosen on KDEF")
+    calibrated = [a for a in fused if a in TeacherOptions().calibration]
     fits, scores = {}, {}
     for rule in RULES:
         fz = fit_fusion(*tr, fused=tuple(fused), rule=rule)
         fits[rule] = fz
-        rows = fz.fuse(p_cnn, p_ev)
-        k = pair_aucs(rows, cls, choose)
+        k = pair_aucs(fz.fuse(p_cnn, p_ev), cls, on_kdef)
         kd = float(np.nanmean([v for (e, a), v in k.items() if a in fused]))
-        wt = within_teacher(fz.fuse(va[0], va[1]), va[2], va[3], [a for a in fused if a in TeacherOptions().calibration])
+        wt = within_teacher(fz.fuse(va[0], va[1]), va[2], va[3], calibrated)
         scores[rule] = (kd, wt)
         print(f"| {rule} | KDEF mean AUROC {kd:.4f} | FER+ valid within-expression AUROC vs teacher {wt:.4f} |")
     chosen = max(RULES, key=lambda r: min(scores[r]))  # rule 2: the worse of across and within decides
     fz = fits[chosen]
     print(f"chosen: {chosen}")
-    wt_cnn = within_teacher(va[0], va[2], va[3], [a for a in fused if a in TeacherOptions().calibration])
-    print(f"FER+ valid within-expression AUROC vs teacher, CNN rows: {wt_cnn:.4f}")
+    print(f"FER+ valid within-expression AUROC vs teacher, CNN rows: {within_teacher(va[0], va[2], va[3], calibrated):.4f}")
     print("| AU | a (CNN) | b (evidence) | c |\n|---|---|---|---|")
     for au in fused:
         a, b, c = fz.coef[AUS.index(au)]
         print(f"| AU{au} | {a:.3f} | {b:.3f} | {c:.3f} |")
+    return chosen, fz, scores
 
+
+def report_pairs(rows, p_cnn, p_ev, cls, sets, fused) -> dict:
+    """Step 4: per (class, AU) AUROC against neutral, fused / CNN / raw, on each face set; and each AU against all
+    other faces. Returns the per-set tables."""
     print("\n## 4. per (class, AU): AUROC against neutral, fused / CNN (version 3) / raw evidence")
-    rows = fz.fuse(p_cnn, p_ev)
     tab = {name: [pair_aucs(x, cls, sel) for x in (rows, p_cnn, p_ev)] for name, sel in sets.items()}
     print("| AU | class | " + " | ".join(f"{n}: fused / CNN / raw" for n in sets) + " |\n|---|---|---|---|---|")
     for e, au in PAIRS:
@@ -189,13 +182,15 @@ def main() -> None:
             for au in AUS:
                 j = AUS.index(au)
                 pos = AU_PRIOR[cls, j] > 0
-                if au not in NO_TEACHER:
-                    v.append(auroc(x[sel & pos, j], x[sel & ~pos, j]))
-                else:
-                    v.append(auroc(rows[sel & pos, j], rows[sel & ~pos, j]))
+                y = x if au not in NO_TEACHER else rows  # AU11/23 have no evidence: their row is the CNN's
+                v.append(auroc(y[sel & pos, j], y[sel & ~pos, j]))
             out.append(np.nanmean(v))
         print(f"| {name} | fused {out[0]:.3f} | CNN {out[1]:.3f} | raw (CNN for AU11/23) {out[2]:.3f} |")
+    return tab
 
+
+def report_lips(rows, p_cnn, p_ev, cls, gap, sets) -> None:
+    """Within each class: AU25/AU26 against lips parted by the mesh (the only AUs checkable within an expression)."""
     print("\n## within class: AU25/AU26 against lips parted (lip gap >= 0.05)")
     for au in (25, 26):
         j = AUS.index(au)
@@ -210,6 +205,29 @@ def main() -> None:
                         v.append(auroc(x[m][y, j], x[m][~y, j]))
                 cells.append(f"{np.mean(v):.3f} ({len(v)} classes)" if v else "-")
             print(f"| AU{au} | {name} | fused {cells[0]} | CNN {cells[1]} | raw {cells[2]} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("ferplus", type=Path)
+    ap.add_argument("cache", type=Path)
+    ap.add_argument("posed", type=Path)
+    ap.add_argument("--save", type=Path)
+    args = ap.parse_args()
+    cache = dict(np.load(args.cache))
+    cnn_cache = args.cache.with_name(args.cache.stem + "_cnn")
+    tr = ferplus(args.ferplus, cache, "train", cnn_cache)
+    va = ferplus(args.ferplus, cache, "valid", cnn_cache)
+    src, cls, p_cnn, p_ev, gap = posed(args.posed)
+    on_kdef, report = np.isin(src, CHOOSE), np.isin(src, REPORT)
+    sets = {"JAFFE+Yale": report, "KDEF (choice)": on_kdef, "all": np.ones(len(src), bool)}
+    print(f"posed faces the mesh found: {len(src)} (KDEF {on_kdef.sum()}, JAFFE+Yale {report.sum()})")
+
+    fused = distrust_list(p_ev, cls, src)
+    chosen, fz, scores = choose(tr, va, p_cnn, p_ev, cls, on_kdef, fused)
+    rows = fz.fuse(p_cnn, p_ev)
+    tab = report_pairs(rows, p_cnn, p_ev, cls, sets, fused)
+    report_lips(rows, p_cnn, p_ev, cls, gap, sets)
 
     if args.save:
         sha = save_fusion(fz, args.save, {
