@@ -11,12 +11,15 @@ without loading torch, the model or a worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -206,7 +209,9 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
             todo = _plan(sources, store.stored(), report, options.replace)
             mine = todo[dist.rank::dist.world]
             if mine:
-                (runner or _run)(mine, store, provenance, options, dist.rank == 0, report, on_event or _ignore)
+                with _ctrl_c_latch() as hit:
+                    (runner or _run)(mine, store, provenance, options, dist.rank == 0, report,
+                                     _checking(on_event or _ignore, hit))
         except KeyboardInterrupt:
             interrupted = True  # the finished videos are merged below, before the interrupt goes on
         finally:
@@ -224,6 +229,37 @@ def extract(inputs: Path | str | list[Path | str], output: Path | str,
     _combine(report, reports, dist.rank)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@contextlib.contextmanager
+def _ctrl_c_latch() -> Iterator[list[int]]:
+    """Ctrl-C that cannot be lost. Python raises KeyboardInterrupt wherever the main thread is when the signal is
+    handled; inside a weakref callback or a __del__ the exception is printed and dropped, and the run would go on.
+    This handler also latches the signal (the list it yields), which the run checks at every event."""
+    hit: list[int] = []
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield hit  # not ours to change (a host application's handler, or not the main thread)
+        return
+
+    def handler(sig: int, frame) -> None:
+        hit.append(sig)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield hit
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _checking(on_event: Callable[[ExtractEvent], None], hit: list[int]) -> Callable[[ExtractEvent], None]:
+    """`on_event` that raises KeyboardInterrupt after any event but the last once Ctrl-C is latched in `hit`."""
+    def emit(event: ExtractEvent) -> None:
+        on_event(event)
+        if hit and not isinstance(event, RunEnded):
+            raise KeyboardInterrupt
+    return emit
 
 
 def _combine(report: ExtractReport, reports: list[ExtractReport], rank: int) -> None:

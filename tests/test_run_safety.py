@@ -158,6 +158,35 @@ def test_the_library_prints_nothing_its_progress_comes_as_events(weights, tmp_pa
     assert sum(e.frames for e in events if isinstance(e, FramesAnalysed)) == report.frames == 7
 
 
+def test_ctrl_c_dropped_where_it_landed_still_stops_the_run(weights, tmp_path):
+    """Ctrl-C handled while the main thread runs a weakref callback or a __del__ raises KeyboardInterrupt there, and
+    Python prints and drops it. Modelled here by calling the SIGINT handler and dropping its exception, as such a
+    callback does, after the first video: the run must still stop, with that video safe."""
+    import signal
+
+    import pytest
+
+    from affextract.extract import ExtractOptions, Interrupted, VideoEnded, extract
+
+    d = tmp_path / "v"
+    d.mkdir()
+    write_video(d / "a.mp4", noface_frames(3))
+    write_video(d / "b.mp4", noface_frames(40))
+
+    def on_event(event) -> None:
+        if isinstance(event, VideoEnded):
+            try:
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                pass  # what Python does with an exception raised inside a weakref callback
+
+    with pytest.raises(Interrupted) as stop:
+        extract([d], tmp_path / "out.h5", ExtractOptions(weights=weights, workers=1, movement=False),
+                on_event=on_event)
+    assert stop.value.report.stored == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run gives Ctrl-C back
+
+
 def test_rerun_with_nothing_to_do_starts_no_worker_and_loads_no_model(weights, tmp_path, monkeypatch):
     d = tmp_path / "v"
     d.mkdir()
