@@ -37,8 +37,17 @@ if TYPE_CHECKING:
 INSTALL = 'pip install -e ".[ray]"'
 
 
+MISSING = f"--ray needs the ray extra, which is not installed: {INSTALL}"
+
+
 class RayMissing(RuntimeError):
     """--ray was asked for, but the ray extra is not installed."""
+
+
+def require_ray() -> None:
+    """RayMissing naming the extra unless ray is installed (found without importing it)."""
+    if importlib.util.find_spec("ray") is None:
+        raise RayMissing(MISSING)
 
 
 @dataclass(frozen=True)
@@ -54,8 +63,7 @@ class RayOptions:
     attempts: int = 3  # starts of a video whose task process dies, before it is recorded as failed
 
     def __post_init__(self):
-        if importlib.util.find_spec("ray") is None:
-            raise RayMissing(f"--ray needs the ray extra, which is not installed: {INSTALL}")
+        require_ray()
         for name, low in (("actors", 1), ("cpus_per_task", 0.01), ("tasks", 0), ("batch_frames", 1),
                           ("attempts", 1)):
             if getattr(self, name) < low:
@@ -128,12 +136,11 @@ class _Analyser:
 
     def analyse(self, *chunks: FaceChunk):
         """One _Analysed per chunk (a single one for a single chunk, as Ray's num_returns=1 wants)."""
+        from affextract.extract import analyse_chunk
+
         out = []
         for batch in [chunks] if self.merge else [[c] for c in chunks]:
-            merged = _concat(batch)
-            rows, moved = self.features(merged), self.movement(merged) if self.movement else {}
-            if self.fusion is not None:
-                rows = self.fusion(rows, moved["blendshapes"], moved["presence"])
+            rows, moved = analyse_chunk(_concat(batch), self.features, self.movement, self.fusion)
             start = 0
             for c in batch:
                 s = slice(start, start + len(c.frame))
@@ -201,7 +208,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise RayMissing(f"--ray needs the ray extra, which is not installed: {INSTALL}") from None
+        raise RayMissing(MISSING) from None
     return ray
 
 

@@ -381,9 +381,7 @@ def _run(sources: list[Source], store: FeatureStore, provenance: Provenance, opt
                     writers[event.index] = store.begin_video(src.key, attrs, info.frames_analysed)
                     emit(VideoOpened(event.index, info.frames_analysed))
                 case FaceChunk():
-                    rows, moved = features(event), movement(event) if movement else {}
-                    if fusion is not None:
-                        rows = fusion(rows, moved["blendshapes"], moved["presence"])
+                    rows, moved = analyse_chunk(event, features, movement, fusion)
                     writers[event.index].append(rows, event.face, event.frame, event.time,
                                                 event.boxes, event.landmarks,
                                                 np.where(event.face, event.scores, np.nan), **moved)
@@ -435,6 +433,16 @@ def _fusion(source: str, path: Path | None):
     if fusion.source != source:
         raise RuntimeError(f"the AU fusion file {path or 'au_fusion'} changed while the run started; run again")
     return fusion
+
+
+def analyse_chunk(chunk: FaceChunk, features: _Features, movement: _Movement | None, fusion
+                  ) -> tuple[np.ndarray, dict]:
+    """A chunk's (N, 26) rows and movement datasets: the MMA, the movement stage, then the AU rows fused with the
+    movement when `fusion` (the run's AUFusion, or None for the CNN's rows)."""
+    rows, moved = features(chunk), movement(chunk) if movement else {}
+    if fusion is not None:
+        rows = fusion(rows, moved["blendshapes"], moved["presence"])
+    return rows, moved
 
 
 class _Features:

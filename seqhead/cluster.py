@@ -8,7 +8,6 @@ sweep with that error.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -25,10 +24,9 @@ class RaySweep:
     cpus_per_run: float = 1.0  # CPUs each run reserves (its torch threads are the configuration's --threads)
 
     def __post_init__(self):
-        from affextract.cluster import INSTALL, RayMissing
+        from affextract.cluster import require_ray
 
-        if importlib.util.find_spec("ray") is None:
-            raise RayMissing(f"--ray needs the ray extra, which is not installed: {INSTALL}")
+        require_ray()
         if self.cpus_per_run <= 0 or (self.gpus_per_run is not None and self.gpus_per_run < 0):
             raise ValueError("RaySweep: cpus_per_run must be > 0 and gpus_per_run >= 0")
 
